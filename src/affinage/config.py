@@ -1,0 +1,274 @@
+"""The declarative config: one YAML file describes a whole fine-tuning run.
+
+It reads like Ludwig's LLM config (seed 000): ``base_model``, ``quantization``, ``adapter``,
+``prompt``, ``input_features``/``output_features`` and ``trainer``. Every default of the
+project lives here and nowhere else; each field's description doubles as documentation
+(``affinage config --help`` prints them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from affinage.errors import ConfigError
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo such as `learnig_rate` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+
+class QuantizationConfig(_Section):
+    bits: Literal[4, 8] = Field(4, description="Load the frozen base model in 4-bit (NF4) or 8-bit.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bitsandbytes).")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype the dequantized weights are multiplied in."
+    )
+
+
+class AdapterConfig(_Section):
+    type: Literal["lora"] = Field("lora", description="Adapter kind. Only LoRA for now.")
+    r: int = Field(16, ge=1, description="LoRA rank: size of the low-rank update.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names (suffixes) to adapt, e.g. [q_proj, v_proj], or 'all-linear' for every "
+        "linear layer except the output head.",
+    )
+
+    layers_to_transform: int | list[int] | None = Field(
+        None,
+        description="Blocks to adapt: None for all, N for the last N blocks (backward stops below them: faster), or a list of indices.",
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_string(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "all-linear":
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+class PromptConfig(_Section):
+    template: str | None = Field(
+        None,
+        description="Literal prompt with {field} placeholders filled from each data row. "
+        "Empty: the model's own chat template wraps the input feature as the user message.",
+    )
+    system: str | None = Field(None, description="System message for chat templates (None: the template's own default).")
+
+
+class FeatureConfig(_Section):
+    name: str = Field(description="Column of the data row (input: the prompt; output: the completion).")
+    type: Literal["text", "category"] = Field("text", description="'category' marks a label task (classification).")
+    preprocessing: dict[str, Any] = Field(default_factory=dict, description="Ludwig compatibility; unused.")
+
+
+class SplitConfig(_Section):
+    ratios: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/valid/test fractions.")
+    seed: int = Field(42, description="Shuffling seed of the split.")
+
+
+class DataConfig(_Section):
+    dataset: str | None = Field(None, description="One file to split into train/valid/test (stratified by label).")
+    train: str | None = Field(None, description="Training file (JSONL), or a directory with train/valid/test.jsonl.")
+    valid: str | None = Field(None, description="Validation file.")
+    test: str | None = Field(None, description="Test file, never trained on.")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+
+class SchedulerConfig(_Section):
+    """Ludwig's `learning_rate_scheduler` block."""
+
+    warmup_fraction: float | None = Field(None, ge=0, lt=1, description="Share of steps spent warming up.")
+    decay: Literal["cosine", "linear", "constant", None] = Field(None, description="Decay after warm-up.")
+
+
+class TrainerConfig(_Section):
+    type: Literal["finetune"] = "finetune"
+    epochs: float = Field(3, gt=0, description="Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapter weights.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    gradient_accumulation: int = Field(
+        1, ge=1, alias="gradient_accumulation_steps", description="Micro-batches per optimizer step."
+    )
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent in linear warm-up.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    learning_rate_scheduler: SchedulerConfig | None = Field(None, description="Ludwig form of warmup/decay.")
+    max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm (None: no clipping).")
+    max_seq_len: int = Field(512, ge=8, description="Longer examples are truncated (and counted).")
+    eval_every: int | None = Field(None, ge=1, description="Validate every N steps (None: once per epoch).")
+    seed: int = Field(42, description="Seed for shuffling, dropout and initialisation.")
+    precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
+        "auto", description="auto: bf16 where the hardware runs it fast, else fp32."
+    )
+    logits_only_on_labels: bool = Field(True, description="Apply the vocabulary head only where a label exists.")
+
+    @model_validator(mode="after")
+    def _apply_ludwig_scheduler(self) -> "TrainerConfig":
+        if self.learning_rate_scheduler is not None:
+            if self.learning_rate_scheduler.warmup_fraction is not None:
+                self.warmup_ratio = self.learning_rate_scheduler.warmup_fraction
+            if self.learning_rate_scheduler.decay is not None:
+                self.lr_scheduler = self.learning_rate_scheduler.decay
+        return self
+
+
+class EvalConfig(_Section):
+    task: Literal["auto", "classification", "generation"] = Field(
+        "auto", description="auto: classification when the output feature is a category or has few distinct values."
+    )
+    method: Literal["score", "generate"] = Field(
+        "score", description="classification: score every label (restricted to the label set) or generate freely."
+    )
+    labels: list[str] | None = Field(None, description="Label set (None: the distinct completions of the train split).")
+    max_new_tokens: int = Field(64, ge=1, description="Generation length for free generation.")
+    max_examples: int | None = Field(None, ge=1, description="Evaluate on at most this many test rows.")
+
+
+class GenerationConfig(_Section):
+    """Ludwig's `generation` block: defaults for predict."""
+
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0: greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class Config(_Section):
+    model_type: Literal["llm"] = "llm"
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL,
+        description="'smollm2-135m-instruct' (embedded), 'gemma3-270m', a .gguf path, a local HF directory or a Hub id.",
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the Hub. Off unless you trust it.")
+    quantization: QuantizationConfig | None = Field(None, description="Load the base model quantized (QLoRA).")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    input_features: list[FeatureConfig] | None = Field(None, description="None: detected from the data format.")
+    output_features: list[FeatureConfig] | None = Field(None, description="None: detected from the data format.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    preprocessing: dict[str, Any] = Field(default_factory=dict, description="Ludwig compatibility (sample_ratio).")
+    backend: dict[str, Any] | None = Field(None, description="Ludwig compatibility; ignored.")
+    ludwig_version: str | None = Field(None, description="Ludwig compatibility; ignored.")
+
+    # Directory the config file lives in: relative data paths are resolved against it.
+    base_dir: str = Field(".", exclude=True)
+
+    def resolve_path(self, path: str) -> Path:
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else (Path(self.base_dir) / candidate)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one ``--set key.sub=value`` into a key path and a YAML-typed value."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' has no '='", fix="write --set key.subkey=value, e.g. --set trainer.epochs=2")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return [part for part in key.strip().split(".") if part], value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item}: '{part}' is not a section", fix="check the key path")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _format_validation_error(error: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for issue in error.errors():
+        key = ".".join(str(part) for part in issue["loc"]) or "(top level)"
+        if issue["type"] == "extra_forbidden":
+            parent = issue["loc"][:-1]
+            allowed = _allowed_keys(parent)
+            lines.append(f"unknown key '{key}'; allowed here: {', '.join(allowed)}")
+        else:
+            lines.append(f"'{key}': {issue['msg']} (got {issue.get('input')!r})")
+    return ConfigError("; ".join(lines), where=source, fix="correct the key or value (see docs/config.md)")
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        inner = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            for arg in getattr(annotation, "__args__", ()):
+                inner += [a for a in getattr(arg, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            break
+        model = inner[0]
+    return sorted(name for name in model.model_fields if name != "base_dir")
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "config", base_dir: str | Path = ".") -> Config:
+    try:
+        config = Config.model_validate({**raw, "base_dir": str(base_dir)})
+    except ValidationError as error:
+        raise _format_validation_error(error, source) from None
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", fix="pass the path of a YAML config, e.g. examples/email-router/config.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"invalid YAML: {getattr(error, 'problem', error)}", where=where, fix="fix the indentation or quoting") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a mapping of keys to values", where=str(path))
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source=str(path), base_dir=path.parent)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return config.model_dump(mode="json", by_alias=False, exclude={"base_dir"})
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per config key with its default and description (for ``--help``)."""
+    lines = []
+    for name, field in model.model_fields.items():
+        if name == "base_dir":
+            continue
+        annotation = field.annotation
+        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested and nested[0] is not SchedulerConfig:
+            lines += describe_fields(nested[0], f"{prefix}{name}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"{prefix}{name} (default {default!r}): {field.description or ''}")
+    return lines

@@ -1,0 +1,82 @@
+"""Data pipeline: files -> examples -> splits -> tokens -> batches."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from affinage.config import Config
+from affinage.data.formats import Example, load_examples
+from affinage.data.split import stratified_split
+from affinage.data.template import render_prompt
+from affinage.errors import DataError
+
+__all__ = ["Example", "DataSplits", "load_splits", "load_file", "feature_fields"]
+
+
+@dataclass
+class DataSplits:
+    train: list[Example]
+    valid: list[Example]
+    test: list[Example]
+    notes: list[str] = field(default_factory=list)
+
+
+def feature_fields(config: Config) -> tuple[str | None, str | None]:
+    """Column names of the prompt and completion (None: detected from the row format)."""
+    inputs = config.input_features or []
+    outputs = config.output_features or []
+    input_field = inputs[0].name if inputs and config.prompt.template is None else None
+    output_field = outputs[0].name if outputs else None
+    return input_field, output_field
+
+
+def load_file(config: Config, path: str | Path) -> list[Example]:
+    input_field, output_field = feature_fields(config)
+    return load_examples(
+        Path(path), input_field=input_field, output_field=output_field, templated=config.prompt.template is not None
+    )
+
+
+def _split_text(example: Example) -> str:
+    """What counts as 'the same example' for leakage: the prompt side (the email itself)."""
+    if example.prompt is not None:
+        return example.prompt
+    if example.messages:
+        return " ".join(m["content"] for m in example.messages)
+    return " ".join(str(v) for k, v in sorted(example.row.items()) if isinstance(v, str) and v != example.completion)
+
+
+def load_splits(config: Config) -> DataSplits:
+    """Train/valid/test examples as the config's data section describes them."""
+    data = config.data
+    notes: list[str] = []
+    if data.dataset:
+        examples = load_file(config, config.resolve_path(data.dataset))
+        labels = [e.completion.strip() for e in examples]
+        train, valid, test = stratified_split(examples, labels, [_split_text(e) for e in examples], data.split.ratios, data.split.seed)
+        notes.append(f"split {len(examples)} rows of {data.dataset} into {len(train)}/{len(valid)}/{len(test)} (stratified, duplicates grouped)")
+    elif data.train:
+        root = config.resolve_path(data.train)
+        if root.is_dir():  # mlx-lm layout: a folder with train/valid/test.jsonl
+            paths = {name: root / f"{name}.jsonl" for name in ("train", "valid", "test")}
+        else:
+            paths = {"train": root, "valid": data.valid and config.resolve_path(data.valid), "test": data.test and config.resolve_path(data.test)}
+        train = load_file(config, paths["train"])
+        valid = load_file(config, paths["valid"]) if paths["valid"] and Path(paths["valid"]).exists() else []
+        test = load_file(config, paths["test"]) if paths["test"] and Path(paths["test"]).exists() else []
+    else:
+        raise DataError("no data: the config names neither data.dataset nor data.train", where="config", fix="add data: {dataset: emails.jsonl} or data: {train: ..., valid: ..., test: ...}")
+    ratio = float(config.preprocessing.get("sample_ratio", 1.0) or 1.0)
+    if ratio < 1.0:
+        rng = random.Random(config.trainer.seed)
+        train = rng.sample(train, max(1, int(len(train) * ratio)))
+        notes.append(f"sample_ratio {ratio}: training on {len(train)} rows")
+    if not train:
+        raise DataError("the training split is empty", where="config data", fix="add training rows")
+    return DataSplits(train=train, valid=valid, test=test, notes=notes)
+
+
+def preview(tokenizer, example: Example, config: Config) -> str:
+    return render_prompt(tokenizer, example, config.prompt.template, config.prompt.system) + example.completion

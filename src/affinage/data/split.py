@@ -1,0 +1,75 @@
+"""Stratified train/valid/test split without leakage.
+
+Seed 003's rules: shuffle first, keep every class in every split in its proportion, and never
+let the same email appear in two splits. Near-duplicates (same text up to case, accents,
+spacing and punctuation) are grouped and always land in the same split.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import unicodedata
+from collections import defaultdict
+from typing import Sequence, TypeVar
+
+T = TypeVar("T")
+
+_NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def normalise_text(text: str) -> str:
+    """Key for duplicate detection: lower case, no accents, words only."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    no_accents = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return _NON_WORD.sub(" ", no_accents).strip()
+
+
+def _allocate(count: int, ratios: Sequence[float]) -> list[int]:
+    """Split ``count`` items by ``ratios`` (largest remainder), at least one per non-zero ratio when possible."""
+    total = sum(ratios)
+    exact = [count * r / total for r in ratios]
+    sizes = [int(x) for x in exact]
+    for index in sorted(range(len(ratios)), key=lambda i: exact[i] - sizes[i], reverse=True)[: count - sum(sizes)]:
+        sizes[index] += 1
+    # A class with enough members appears in every split (valid/test must cover all classes).
+    for index, ratio in enumerate(ratios):
+        if ratio > 0 and sizes[index] == 0 and count >= len([r for r in ratios if r > 0]):
+            donor = max(range(len(sizes)), key=lambda i: sizes[i])
+            sizes[donor] -= 1
+            sizes[index] += 1
+    return sizes
+
+
+def stratified_split(
+    items: Sequence[T],
+    labels: Sequence[str],
+    texts: Sequence[str],
+    ratios: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 42,
+) -> list[list[T]]:
+    """Partition ``items`` into ``len(ratios)`` lists, stratified by label, duplicates kept together.
+
+    Groups of near-duplicate texts are the unit of assignment; a group's label is its first
+    member's. The result is deterministic for a given seed.
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, text in enumerate(texts):
+        groups[normalise_text(text)].append(index)
+    by_label: dict[str, list[list[int]]] = defaultdict(list)
+    for members in groups.values():
+        by_label[labels[members[0]]].append(members)
+    rng = random.Random(seed)
+    splits: list[list[int]] = [[] for _ in ratios]
+    for label in sorted(by_label):
+        label_groups = by_label[label]
+        rng.shuffle(label_groups)
+        sizes = _allocate(len(label_groups), ratios)
+        start = 0
+        for split_index, size in enumerate(sizes):
+            for members in label_groups[start : start + size]:
+                splits[split_index].extend(members)
+            start += size
+    for split in splits:
+        rng.shuffle(split)
+    return [[items[i] for i in split] for split in splits]

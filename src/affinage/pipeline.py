@@ -1,0 +1,165 @@
+"""The whole job, config to measured result: data -> base eval -> LoRA -> train -> eval -> save.
+
+This is the recipe layer; the library pieces it calls (data, lora, train, evaluate) know
+nothing of each other.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from affinage.config import Config
+from affinage.data import DataSplits, load_splits
+from affinage.data.formats import Example
+from affinage.data.template import encode_example, render_prompt
+from affinage.evaluate import Prompting, evaluate_classification, evaluate_generation
+from affinage.lora.inject import inject_lora
+from affinage.lora.peft_format import load_adapter
+from affinage.models import load_base_model, resolve_dtype
+from affinage.run import prompting_for, save_run_config, save_split, write_json
+from affinage.train import train
+
+MAX_LABELS = 20  # more distinct completions than this is a generation task, not a label task
+
+
+def set_threads() -> None:
+    """Use every core: PyTorch's default can leave one idle inside containers."""
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+
+
+def detect_task(config: Config, train_examples: Sequence[Example]) -> dict[str, Any]:
+    labels = config.eval.labels or sorted({e.completion.strip() for e in train_examples})
+    output_type = config.output_features[0].type if config.output_features else None
+    if config.eval.task == "classification" or output_type == "category":
+        kind = "classification"
+    elif config.eval.task == "generation":
+        kind = "generation"
+    else:
+        kind = "classification" if len(labels) <= MAX_LABELS and len(labels) < len(train_examples) / 2 else "generation"
+    return {"task": kind, "labels": labels if kind == "classification" else None}
+
+
+def evaluate_examples(model: Any, tokenizer: Any, examples: Sequence[Example], task: dict[str, Any], config: Config, prompting: Prompting) -> dict[str, Any]:
+    if config.eval.max_examples:
+        examples = list(examples)[: config.eval.max_examples]
+    if task["task"] == "classification":
+        return evaluate_classification(model, tokenizer, examples, task["labels"], prompting, method=config.eval.method)
+    return evaluate_generation(model, tokenizer, examples, prompting, max_new_tokens=config.eval.max_new_tokens)
+
+
+def _headline(metrics: dict[str, Any] | None) -> str:
+    if not metrics:
+        return "-"
+    key = "accuracy" if metrics["task"] == "classification" else "exact_match"
+    return f"{metrics[key]:.1%}"
+
+
+def comparison_table(base: dict[str, Any] | None, tuned: dict[str, Any]) -> str:
+    """Before/after table for the terminal."""
+    rows = [("metric", "base", "fine-tuned")]
+    if tuned["task"] == "classification":
+        rows.append(("accuracy", f"{base['accuracy']:.1%}" if base else "-", f"{tuned['accuracy']:.1%}"))
+        rows.append(("macro F1", f"{base['macro_f1']:.3f}" if base else "-", f"{tuned['macro_f1']:.3f}"))
+        for label, stats in tuned["per_class"].items():
+            before = base["per_class"][label]["f1"] if base else None
+            rows.append((f"F1 {label}", f"{before:.3f}" if before is not None else "-", f"{stats['f1']:.3f}"))
+    else:
+        rows.append(("exact match", _headline(base), _headline(tuned)))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in width))
+    lines.append(f"({tuned['n']} test examples; {tuned['method']})")
+    return "\n".join(lines)
+
+
+def _encode_all(tokenizer: Any, examples: Sequence[Example], config: Config) -> tuple[list, int]:
+    encoded = [encode_example(tokenizer, e, config.trainer.max_seq_len, config.prompt.template, config.prompt.system) for e in examples]
+    return encoded, sum(e.truncated for e in encoded)
+
+
+def run_training(config: Config, output_dir: str | Path, *, compare_base: bool = True, progress: bool = True, log=print) -> dict[str, Any]:
+    """Fine-tune as ``config`` says, evaluate before and after on the test split, write the run."""
+    set_threads()
+    started = time.perf_counter()
+    run_dir = Path(output_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(config.trainer.precision, device)
+    splits: DataSplits = load_splits(config)
+    for note in splits.notes:
+        log(note)
+    task = detect_task(config, splits.train)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else None
+    save_run_config(run_dir, config)
+    if previous != (run_dir / "config.yaml").read_text(encoding="utf-8"):
+        shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # resume only the very same run
+    elif (run_dir / "checkpoint").is_dir():
+        log(f"resuming the interrupted run in {run_dir}")
+    write_json(run_dir / "task.json", task)
+    for name in ("train", "valid", "test"):
+        save_split(run_dir, name, getattr(splits, name))
+
+    log(f"loading {config.base_model} ({dtype}, {device})")
+    loaded = load_base_model(config.base_model, dtype=dtype, device=device, quantization=config.quantization, trust_remote_code=config.trust_remote_code)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompting = prompting_for(config)
+    train_encoded, truncated = _encode_all(tokenizer, splits.train, config)
+    valid_encoded, valid_truncated = _encode_all(tokenizer, splits.valid, config)
+    n_tokens = sum(len(e.input_ids) for e in train_encoded)
+    log(f"data: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test; "
+        f"{n_tokens} train tokens; {truncated + valid_truncated} examples truncated to {config.trainer.max_seq_len} tokens; task {task['task']}"
+        + (f" ({', '.join(task['labels'])})" if task["labels"] else ""))
+    log("example as the model sees it:\n" + render_prompt(tokenizer, splits.train[0], config.prompt.template, config.prompt.system) + splits.train[0].completion)
+
+    base_metrics = None
+    if compare_base and splits.test:
+        log("evaluating the base model on the test split...")
+        base_metrics = evaluate_examples(model, tokenizer, splits.test, task, config, prompting)
+        log(f"base model: {_headline(base_metrics)}")
+
+    adapter = config.adapter
+    torch.manual_seed(config.trainer.seed)
+    targets = inject_lora(model, adapter.target_modules, r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout, layers=adapter.layers_to_transform)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    log(f"LoRA r={adapter.r} alpha={adapter.alpha} on {len(targets)} layers: {trainable:,} trainable parameters")
+    result = train(model, train_encoded, valid_encoded, config.trainer, pad_id=tokenizer.pad_token_id, run_dir=run_dir,
+                   base_model_name=config.base_model, adapter_dropout=adapter.dropout, device=device, progress=progress)
+    load_adapter(model, run_dir / "adapter")  # the best validation checkpoint, not the last step
+
+    tuned_metrics = None
+    if splits.test:
+        log("evaluating the fine-tuned model on the test split...")
+        tuned_metrics = evaluate_examples(model, tokenizer, splits.test, task, config, prompting)
+        write_json(run_dir / "eval.json", {"base": base_metrics, "fine_tuned": tuned_metrics})
+    summary = {
+        "base_model": config.base_model,
+        "task": task["task"],
+        "steps": result.steps,
+        "train_examples": len(splits.train),
+        "train_tokens": result.train_tokens,
+        "truncated_examples": truncated,
+        "train_seconds": result.train_seconds,
+        "train_tokens_per_second": result.train_tokens_per_second,
+        "peak_memory_mb": result.peak_memory_mb,
+        "final_train_loss": result.final_train_loss,
+        "best_valid_loss": result.best_valid_loss,
+        "best_step": result.best_step,
+        "precision": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    for name, metrics in (("base", base_metrics), ("fine_tuned", tuned_metrics)):
+        if metrics:
+            summary[f"{name}_test"] = {k: v for k, v in metrics.items() if k not in ("predictions", "per_class", "confusion_matrix")}
+    write_json(run_dir / "summary.json", summary)
+    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # complete: nothing left to resume
+    if tuned_metrics:
+        log("\n" + comparison_table(base_metrics, tuned_metrics))
+    log(f"\ntrained {result.steps} steps in {result.train_seconds:.0f}s ({result.train_tokens_per_second:.0f} tokens/s, peak {result.peak_memory_mb:.0f} MB); run written to {run_dir}")
+    return summary

@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny random models of real architectures and a tiny real tokenizer.
+
+Unit tests never download anything: the tokenizer is a byte-level BPE trained here on a few
+sentences, with a ChatML chat template like SmolLM2's, and models are built from configs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "Bonjour, je souhaiterais savoir où en est ma candidature pour le poste de développeur.",
+    "J'ai un problème avec le logiciel que j'ai acheté. Il se bloque à chaque fois.",
+    "Nous serions intéressés par une commande en gros de vos produits. Vos tarifs ?",
+    "Nous avons constaté des erreurs dans la dernière facture que vous nous avez envoyée.",
+    "Gagnez des millions avec notre nouveau programme de marketing d'affiliation !",
+    "RH Support Commercial Finance SPAM rediriger l'email suivant vers le bon service",
+    "Below is an instruction that describes a task. Write a response. What is an egg?",
+]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(CORPUS * 3, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return _tokenizer()
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=2, bos_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gemma3(vocab_size: int, seed: int = 0):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=512, sliding_window=16,
+        pad_token_id=0, eos_token_id=2, bos_token_id=0,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.fixture
+def llama(tokenizer):
+    return tiny_llama(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama saved as a real HF model directory (what base_model can point at)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(len(tokenizer))
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+EMAILS = {
+    "RH": ["Candidature spontanée pour un stage", "Je postule au poste de développeur", "Demande de congés en août", "Relance de ma candidature"],
+    "Support": ["Le logiciel se bloque au démarrage", "Mon imprimante ne marche plus", "Colis reçu abîmé", "Impossible de me connecter"],
+    "Finance": ["Veuillez trouver ci-joint votre facture", "Erreur sur la facture 42", "Relance de paiement", "Changement de RIB"],
+}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def email_rows() -> list[dict]:
+    rows = []
+    for label, texts in EMAILS.items():
+        for index, text in enumerate(texts):
+            for variant in range(3):
+                rows.append({"prompt": f"[INST] rediriger l'email suivant : \"{text} ({variant}{index})\"[/INST]", "completion": label})
+    return rows

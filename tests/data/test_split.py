@@ -1,0 +1,40 @@
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from affinage.data.split import normalise_text, stratified_split
+
+
+def test_normalise_groups_near_duplicates():
+    assert normalise_text("Candidature  spontanée !") == normalise_text("candidature spontanee")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["RH", "Support", "SPAM"]), st.integers(0, 40)), min_size=3, max_size=120),
+    st.integers(0, 1000),
+)
+def test_split_invariants(rows, seed):
+    texts = [f"email {n}" for _, n in rows]  # equal n = duplicate text
+    labels = [label for label, _ in rows]
+    items = list(range(len(rows)))
+    splits = stratified_split(items, labels, texts, (0.8, 0.1, 0.1), seed)
+    flat = [i for split in splits for i in split]
+    assert sorted(flat) == items  # a partition
+    owner = {}
+    for index, split in enumerate(splits):
+        for i in split:
+            key = normalise_text(texts[i])
+            assert owner.setdefault(key, index) == index  # no duplicate group across splits
+    assert splits == stratified_split(items, labels, texts, (0.8, 0.1, 0.1), seed)  # deterministic
+
+
+def test_stratified_within_one_example_per_class():
+    labels = ["A"] * 50 + ["B"] * 30 + ["C"] * 20
+    texts = [f"t{i}" for i in range(100)]
+    train, valid, test = stratified_split(list(range(100)), labels, texts, (0.8, 0.1, 0.1), 1)
+    for split, ratio in ((train, 0.8), (valid, 0.1), (test, 0.1)):
+        counts = Counter(labels[i] for i in split)
+        for label, total in Counter(labels).items():
+            assert abs(counts[label] - total * ratio) <= 1

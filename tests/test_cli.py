@@ -1,0 +1,69 @@
+"""The CLI contract, end to end on a tiny model directory."""
+
+import json
+
+import pytest
+import yaml
+
+from affinage.cli import main
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture
+def config_path(tmp_path, model_dir, email_rows):
+    write_jsonl(tmp_path / "emails.jsonl", email_rows)
+    config = {
+        "base_model": str(model_dir),
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "output_features": [{"name": "completion", "type": "category"}],
+        "data": {"dataset": "emails.jsonl"},
+        "trainer": {"max_steps": 6, "batch_size": 4, "learning_rate": 0.01, "eval_every": 3, "max_seq_len": 96},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_train_eval_predict(tmp_path, config_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(config_path), "--output", str(run), "--quiet", "--set", "trainer.max_steps=5"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 5 and summary["train_tokens_per_second"] > 0 and summary["peak_memory_mb"] > 0
+    assert "accuracy" in summary["fine_tuned_test"] and "accuracy" in summary["base_test"]
+    assert (run / "adapter" / "adapter_config.json").is_file() and not (run / "checkpoint").exists()
+    capsys.readouterr()
+
+    assert main(["eval", str(run), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["task"] == "classification" and 0 <= metrics["accuracy"] <= 1
+
+    rows = tmp_path / "ask.jsonl"
+    write_jsonl(rows, [{"prompt": "Candidature spontanée"}, {"instruction": "Classe", "input": "Facture"}, {"messages": [{"role": "user", "content": "Salut"}]}])
+    assert main(["predict", str(run), "--file", str(rows), "--json", "--max-new-tokens", "4"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prompt"] for line in lines] == ["Candidature spontanée", "Classe\n\nFacture", "Salut"]
+    assert all(isinstance(line["output"], str) for line in lines)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"trainer": {"learnig_rate": 1}}, "trainer.learnig_rate"),
+        ({"base_model": "no-such-org/no-such-model"}, "no-such-org/no-such-model"),
+        ({"data": {"dataset": "missing.jsonl"}}, "missing.jsonl"),
+    ],
+)
+def test_bad_input_fails_fast_with_a_clear_message(tmp_path, config_path, capsys, change, expected):
+    config = yaml.safe_load(config_path.read_text())
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
+    config_path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(config_path), "--output", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "fix:" in err and "Traceback" not in err
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, config_path, capsys):
+    (tmp_path / "emails.jsonl").write_text('{"prompt": "a", "completion": "RH"}\n{"prompt": "b" "completion": "RH"}\n')
+    assert main(["train", str(config_path), "--output", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "emails.jsonl:2" in capsys.readouterr().err

@@ -1,0 +1,57 @@
+import torch
+import torch.nn.functional as F
+
+from affinage.data.formats import Example
+from affinage.data.template import encode_completion, encode_prompt
+from affinage.evaluate import Prompting, classification_metrics, evaluate_classification, generate, score_labels
+from tests.conftest import tiny_gemma3, tiny_llama
+
+LABELS = ["RH", "Support", "Finance", "SPAM"]
+
+
+def _brute_force(model, tokenizer, example, label):
+    prompt = encode_prompt(tokenizer, example)
+    answer = encode_completion(tokenizer, label)
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logp = F.log_softmax(model(ids).logits[0].float(), dim=-1)
+    return sum(float(logp[len(prompt) - 1 + i, token]) for i, token in enumerate(answer))
+
+
+def test_kv_cached_label_scores_equal_full_sequence_scores(tokenizer):
+    for build in (tiny_llama, tiny_gemma3):
+        model = build(len(tokenizer))
+        examples = [Example(prompt="Relance de paiement facture 42", completion="Finance"), Example(prompt="Candidature", completion="RH")]
+        scores = score_labels(model, tokenizer, examples, LABELS, Prompting())
+        for row, example in enumerate(examples):
+            for column, label in enumerate(LABELS):
+                assert abs(scores[row, column].item() - _brute_force(model, tokenizer, example, label)) < 1e-3
+
+
+def test_metrics_on_a_known_confusion():
+    gold = ["A", "A", "B", "B", "C"]
+    predicted = ["A", "B", "B", "B", "unsure"]
+    metrics = classification_metrics(gold, predicted, ["A", "B", "C"])
+    assert metrics["accuracy"] == 0.6
+    assert metrics["per_class"]["A"] == {"precision": 1.0, "recall": 0.5, "f1": 0.6667, "support": 2}
+    assert metrics["per_class"]["B"]["precision"] == 0.6667 and metrics["per_class"]["B"]["recall"] == 1.0
+    assert metrics["confusion_matrix"]["columns"] == ["A", "B", "C", "unsure"]
+    assert metrics["confusion_matrix"]["matrix"] == [[1, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 1]]
+
+
+def test_classification_reports_its_method(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    examples = [Example(prompt="Colis abîmé", completion="Support")]
+    scored = evaluate_classification(model, tokenizer, examples, LABELS, Prompting())
+    assert "restricted to the label set" in scored["method"]
+    assert abs(sum(scored["predictions"][0][label] for label in LABELS) - 1) < 1e-3
+    generated = evaluate_classification(model, tokenizer, examples, LABELS, Prompting(), method="generate", max_new_tokens=3)
+    assert generated["method"] == "free generation"
+
+
+def test_batched_generation_equals_one_by_one(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    examples = [Example(prompt="Bonjour", completion=""), Example(prompt="Nous avons constaté des erreurs dans la facture", completion="")]
+    batched = generate(model, tokenizer, examples, Prompting(), max_new_tokens=6)
+    single = [generate(model, tokenizer, [e], Prompting(), max_new_tokens=6)[0] for e in examples]
+    assert batched == single
