@@ -41,30 +41,50 @@ def _output_cache(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
+def left_pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids, attention mask and position ids that ignore the padding."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
 @torch.no_grad()
-def score_labels(model: Any, tokenizer: Any, examples: Sequence[Example], labels: Sequence[str], prompting: Prompting) -> torch.Tensor:
-    """Log-probability of each label for each example: a (len(examples), len(labels)) tensor."""
+def score_labels(model: Any, tokenizer: Any, examples: Sequence[Example], labels: Sequence[str], prompting: Prompting, batch_size: int = 8) -> torch.Tensor:
+    """Log-probability of each label for each example: a (len(examples), len(labels)) tensor.
+
+    Prompts run in left-padded batches; their KV cache is then repeated once per label and
+    only the label tokens are run on top of it.
+    """
     device = next(model.parameters()).device
     label_ids = [encode_completion(tokenizer, label) for label in labels]
-    width = max(len(ids) for ids in label_ids)
+    n_labels, width = len(labels), max(len(ids) for ids in label_ids)
     pad = tokenizer.pad_token_id
     label_tokens = torch.tensor([ids + [pad] * (width - len(ids)) for ids in label_ids], device=device)
     label_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in label_ids], device=device)
     model.eval()
-    scores = torch.empty(len(examples), len(labels))
-    for row, example in enumerate(examples):
-        prompt = torch.tensor([prompting.prompt_ids(tokenizer, example, reserve=width)], device=device)
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        first = F.log_softmax(out.logits[0, -1].float(), dim=-1)[label_tokens[:, 0]]  # (labels,)
-        total = first.clone()
+    prompts = [prompting.prompt_ids(tokenizer, e, reserve=width) for e in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
+    scores = torch.empty(len(examples), n_labels)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids, mask, positions = (t.to(device) for t in left_pad([prompts[i] for i in chunk], pad))
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        total = F.log_softmax(out.logits[:, -1].float(), dim=-1)[:, label_tokens[:, 0]]  # (batch, labels)
         if width > 1:
             cache = _output_cache(out)
-            cache.batch_repeat_interleave(len(labels))
-            attention = torch.cat([torch.ones(len(labels), prompt.shape[1], dtype=torch.long, device=device), label_mask], dim=1)
-            rest = model(input_ids=label_tokens, attention_mask=attention, **{_cache_argument(model): cache}).logits[:, :-1].float()
-            logp = F.log_softmax(rest, dim=-1).gather(-1, label_tokens[:, 1:, None])[..., 0]
-            total += (logp * label_mask[:, 1:]).sum(dim=1)
-        scores[row] = total.cpu()
+            cache.batch_repeat_interleave(n_labels)  # row b*n_labels + k: prompt b followed by label k
+            attention = torch.cat([mask.repeat_interleave(n_labels, dim=0), label_mask.repeat(len(chunk), 1)], dim=1)
+            label_positions = mask.sum(dim=1).repeat_interleave(n_labels)[:, None] + torch.arange(width, device=device)
+            rest = model(input_ids=label_tokens.repeat(len(chunk), 1), attention_mask=attention, position_ids=label_positions,
+                         **{_cache_argument(model): cache}).logits[:, :-1].float()
+            logp = F.log_softmax(rest, dim=-1).gather(-1, label_tokens[:, 1:].repeat(len(chunk), 1)[..., None])[..., 0]
+            total += (logp * label_mask[:, 1:].repeat(len(chunk), 1)).sum(dim=1).view(len(chunk), n_labels)
+        scores[chunk] = total.cpu()
     return scores
 
 
@@ -78,13 +98,8 @@ def generate(model: Any, tokenizer: Any, examples: Sequence[Example], prompting:
     order = sorted(range(len(examples)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, index in enumerate(chunk):
-            seq = encoded[index]
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
+        ids, mask, _ = left_pad([encoded[i] for i in chunk], tokenizer.pad_token_id)
+        width = ids.shape[1]
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         generated = model.generate(
             input_ids=ids.to(device),

@@ -121,7 +121,7 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
     if compare_base and splits.test:
         log("evaluating the base model on the test split...")
         base_metrics = evaluate_examples(model, tokenizer, splits.test, task, config, prompting)
-        log(f"base model: {_headline(base_metrics)}")
+        log(f"base model: {_headline(base_metrics)} ({base_metrics['examples_per_second']} examples/s)")
 
     adapter = config.adapter
     torch.manual_seed(config.trainer.seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from affinage.data.formats import Example
+from affinage.data.formats import Example, alpaca_prompt
 from affinage.evaluate import Prompting, generate
 
 
@@ -53,9 +53,7 @@ def to_example(item: str | dict[str, Any], where: str = "") -> Example:
             messages = messages[:-1]  # predict the final answer, not the one already given
         return Example(prompt=None, completion="", messages=messages, row=item, source=where)
     if "instruction" in item:
-        extra = str(item.get("input") or "").strip()
-        text = f"{item['instruction']}\n\n{extra}" if extra else str(item["instruction"])
-        return Example(prompt=text, completion="", row=item, source=where)
+        return Example(prompt=alpaca_prompt(str(item["instruction"]), item.get("input")), completion="", row=item, source=where)
     if "prompt" in item:
         return Example(prompt=str(item["prompt"]), completion="", row=item, source=where)
     from affinage.errors import DataError

@@ -30,6 +30,12 @@ class Example:
     source: str = ""  # "file:line", for error messages
 
 
+def alpaca_prompt(instruction: str, extra: Any) -> str:
+    """Alpaca's instruction and optional input as one user message."""
+    extra = str(extra or "").strip()
+    return f"{instruction}\n\n{extra}" if extra else instruction
+
+
 def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """Rows of a JSONL (or JSON array) file with their 1-based line numbers."""
     if not path.is_file():
@@ -131,9 +137,7 @@ def row_to_example(row: dict[str, Any], where: str, *, input_field: str | None, 
         return Example(prompt=None, completion=completion, row=row, source=where)
     if input_field is None:
         if kind == "alpaca":
-            instruction = _text_field(row, "instruction", where)
-            extra = str(row.get("input") or "").strip()
-            prompt = f"{instruction}\n\n{extra}" if extra else instruction
+            prompt = alpaca_prompt(_text_field(row, "instruction", where), row.get("input"))
             return Example(prompt=prompt, completion=completion, row=row, source=where)
         input_field = "prompt"
     return Example(prompt=_text_field(row, input_field, where), completion=completion, row=row, source=where)
