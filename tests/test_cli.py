@@ -67,3 +67,22 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, config_path, capsys):
     (tmp_path / "emails.jsonl").write_text('{"prompt": "a", "completion": "RH"}\n{"prompt": "b" "completion": "RH"}\n')
     assert main(["train", str(config_path), "--output", str(tmp_path / "run"), "--quiet"]) == 2
     assert "emails.jsonl:2" in capsys.readouterr().err
+
+
+def test_merge_gives_a_plain_transformers_model_with_the_same_generations(tmp_path, config_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from affinage.runner import BasicModelRunner
+
+    run = tmp_path / "run"
+    assert main(["train", str(config_path), "--output", str(run), "--quiet", "--no-base-eval", "--set", "trainer.max_steps=4"]) == 0
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    prompts = ["Candidature spontanée", "Erreur sur la facture 42"]
+    runner = BasicModelRunner(run)
+    expected = runner.predict_many(prompts, max_new_tokens=5)
+    for prompt, want in zip(prompts, expected):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+        assert tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() == want

@@ -33,6 +33,7 @@ def _eval_examples(run, data: str | None):
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from affinage.pipeline import evaluate_examples, set_threads
+    from affinage.report import metrics_text
     from affinage.run import load_run
 
     set_threads()
@@ -43,18 +44,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_examples(run.model, run.tokenizer, examples, run.task, run.config, run.prompting)
     if args.json:
         print(json.dumps(metrics, ensure_ascii=False))
-        return 0
-    if metrics["task"] == "classification":
-        print(f"accuracy {metrics['accuracy']:.1%}  macro-F1 {metrics['macro_f1']:.3f}  ({metrics['n']} examples, {metrics['method']}, {metrics['examples_per_second']} examples/s)")
-        for label, stats in metrics["per_class"].items():
-            print(f"  {label:<12} precision {stats['precision']:.3f}  recall {stats['recall']:.3f}  F1 {stats['f1']:.3f}  n={stats['support']}")
-        matrix = metrics["confusion_matrix"]
-        print("confusion matrix (rows: gold, columns: predicted)")
-        print(" " * 12 + " ".join(f"{c[:10]:>10}" for c in matrix["columns"]))
-        for label, row in zip(matrix["labels"], matrix["matrix"]):
-            print(f"{label[:12]:<12}" + " ".join(f"{v:>10}" for v in row))
     else:
-        print(f"exact match {metrics['exact_match']:.1%}  ({metrics['n']} examples, {metrics['method']})")
+        print(metrics_text(metrics))
     return 0
 
 
@@ -78,6 +69,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps({"prompt": prompt, "output": output}, ensure_ascii=False))
         else:
             print(output)
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from affinage.export.merge import merge_run
+
+    info = merge_run(args.run, args.output)
+    print(f"merged {args.run} into {args.output} ({info['dtype']}): loads with AutoModelForCausalLM.from_pretrained")
     return 0
 
 
@@ -117,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per input: {prompt, output}")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("merge", help="fold the adapter into the base weights: a standard transformers model directory")
+    p.add_argument("run", help="run directory written by `affinage train`")
+    p.add_argument("--output", "-o", required=True, help="directory to write")
+    p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("config", help="list every config key with its default, or print a resolved config")
     p.add_argument("config", nargs="?", help="YAML config to validate and print")

@@ -113,6 +113,9 @@ class TrainerConfig(_Section):
         "auto", description="auto: bf16 where the hardware runs it fast, else fp32."
     )
     logits_only_on_labels: bool = Field(True, description="Apply the vocabulary head only where a label exists.")
+    cache_frozen_blocks: bool = Field(
+        True, description="With adapter.layers_to_transform, run the frozen lower blocks once per example, not once per epoch."
+    )
 
     @model_validator(mode="after")
     def _apply_ludwig_scheduler(self) -> "TrainerConfig":

@@ -22,6 +22,7 @@ from affinage.evaluate import Prompting, evaluate_classification, evaluate_gener
 from affinage.lora.inject import inject_lora
 from affinage.lora.peft_format import load_adapter
 from affinage.models import load_base_model, resolve_dtype
+from affinage.report import comparison_table, headline
 from affinage.run import prompting_for, save_run_config, save_split, write_json
 from affinage.train import train
 
@@ -51,31 +52,6 @@ def evaluate_examples(model: Any, tokenizer: Any, examples: Sequence[Example], t
     if task["task"] == "classification":
         return evaluate_classification(model, tokenizer, examples, task["labels"], prompting, method=config.eval.method)
     return evaluate_generation(model, tokenizer, examples, prompting, max_new_tokens=config.eval.max_new_tokens)
-
-
-def _headline(metrics: dict[str, Any] | None) -> str:
-    if not metrics:
-        return "-"
-    key = "accuracy" if metrics["task"] == "classification" else "exact_match"
-    return f"{metrics[key]:.1%}"
-
-
-def comparison_table(base: dict[str, Any] | None, tuned: dict[str, Any]) -> str:
-    """Before/after table for the terminal."""
-    rows = [("metric", "base", "fine-tuned")]
-    if tuned["task"] == "classification":
-        rows.append(("accuracy", f"{base['accuracy']:.1%}" if base else "-", f"{tuned['accuracy']:.1%}"))
-        rows.append(("macro F1", f"{base['macro_f1']:.3f}" if base else "-", f"{tuned['macro_f1']:.3f}"))
-        for label, stats in tuned["per_class"].items():
-            before = base["per_class"][label]["f1"] if base else None
-            rows.append((f"F1 {label}", f"{before:.3f}" if before is not None else "-", f"{stats['f1']:.3f}"))
-    else:
-        rows.append(("exact match", _headline(base), _headline(tuned)))
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in width))
-    lines.append(f"({tuned['n']} test examples; {tuned['method']})")
-    return "\n".join(lines)
 
 
 def _encode_all(tokenizer: Any, examples: Sequence[Example], config: Config) -> tuple[list, int]:
@@ -121,7 +97,7 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
     if compare_base and splits.test:
         log("evaluating the base model on the test split...")
         base_metrics = evaluate_examples(model, tokenizer, splits.test, task, config, prompting)
-        log(f"base model: {_headline(base_metrics)} ({base_metrics['examples_per_second']} examples/s)")
+        log(f"base model: {headline(base_metrics)} ({base_metrics['examples_per_second']} examples/s)")
 
     adapter = config.adapter
     torch.manual_seed(config.trainer.seed)

@@ -31,6 +31,7 @@ from affinage.data.batching import bucketed_batches, collate
 from affinage.data.template import Encoded
 from affinage.lora.layers import mark_only_lora_as_trainable
 from affinage.lora.peft_format import adapter_state, save_adapter
+from affinage.prefix_cache import FrozenPrefix, cache_fits, frozen_boundary
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int]]
 
@@ -55,7 +56,7 @@ def _softcap(logits: torch.Tensor, model: nn.Module) -> torch.Tensor:
 
 def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, head applied only there."""
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     selected = hidden[:, :-1][mask]  # (n_labelled, hidden): the head never sees prompt tokens
@@ -65,7 +66,7 @@ def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
 
 def full_logits_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Reference path: full logits at every position (what HF's loss does); for equivalence tests."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     return F.cross_entropy(logits[mask], targets[mask], reduction="sum"), int(mask.sum())
@@ -101,7 +102,7 @@ def _micro_batches(data: Sequence[Encoded], batch_size: int, seed: int, pad_id: 
     epoch = start_epoch
     while True:
         for indices in bucketed_batches(lengths, batch_size, seed + epoch):
-            yield epoch, collate([data[i] for i in indices], pad_id)
+            yield epoch, collate([data[i] for i in indices], pad_id, indices)
         epoch += 1
 
 
@@ -113,7 +114,8 @@ def evaluate_loss(model: nn.Module, data: Sequence[Encoded], batch_size: int, pa
     total, count = 0.0, 0
     order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
     for start in range(0, len(order), batch_size):
-        batch = _to_device(collate([data[i] for i in order[start : start + batch_size]], pad_id), device)
+        chunk = order[start : start + batch_size]
+        batch = _to_device(collate([data[i] for i in chunk], pad_id, chunk), device)
         loss, n = loss_fn(model, batch)
         total += float(loss)
         count += n
@@ -191,6 +193,15 @@ def train(
     for _ in range(step * cfg.gradient_accumulation):  # resume at the exact batch the run stopped at
         next(stream)
 
+    train_loss_fn = valid_loss_fn = loss_fn
+    boundary = frozen_boundary(model) if cfg.cache_frozen_blocks else None
+    if boundary and cache_fits(list(train_data) + list(valid_data), model):
+        started = time.perf_counter()
+        prefix = FrozenPrefix(model, boundary)
+        train_loss_fn = prefix.wrap(loss_fn, prefix.compute(train_data, cfg.batch_size, pad_id, device))
+        valid_loss_fn = prefix.wrap(loss_fn, prefix.compute(valid_data, cfg.batch_size, pad_id, device))
+        seconds_done += time.perf_counter() - started  # honest speed: the one-off pass counts as training time
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -212,7 +223,7 @@ def train(
             step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             step_loss = 0.0
             for batch in batches:
-                loss_sum, _ = loss_fn(model, batch)
+                loss_sum, _ = train_loss_fn(model, batch)
                 (loss_sum / max(step_tokens, 1)).backward()
                 step_loss += float(loss_sum.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
@@ -228,7 +239,7 @@ def train(
             if grad_norm is not None:
                 record["grad_norm"] = round(float(grad_norm), 4)
             if valid_data and (step % eval_every == 0 or step == total_steps):
-                valid_loss = evaluate_loss(model, valid_data, cfg.batch_size, pad_id, device, loss_fn)
+                valid_loss = evaluate_loss(model, valid_data, cfg.batch_size, pad_id, device, valid_loss_fn)
                 record["valid_loss"] = round(valid_loss, 5)
                 if best["loss"] is None or valid_loss < best["loss"]:
                     best = {"loss": valid_loss, "step": step}

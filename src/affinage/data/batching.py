@@ -29,8 +29,12 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, bucket_
     return batches
 
 
-def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padded positions carry no loss and no attention."""
+def collate(examples: Sequence[Encoded], pad_id: int, indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padded positions carry no loss and no attention.
+
+    ``indices`` (the examples' positions in their data set) travel with the batch for
+    per-example caches (see ``affinage.prefix_cache``).
+    """
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
@@ -40,4 +44,7 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    if indices is not None:
+        batch["indices"] = torch.tensor(list(indices), dtype=torch.long)
+    return batch

@@ -1,0 +1,1 @@
+"""Ship a fine-tuned run where people run models."""

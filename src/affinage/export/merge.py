@@ -1,0 +1,43 @@
+"""Merge a run's adapter into its base weights: a plain transformers model directory.
+
+The result loads with ``AutoModelForCausalLM``/``AutoTokenizer`` alone (no affinage, no PEFT),
+keeps the chat template the run was trained with, and its generation config stops on the
+tokenizer's EOS, so greedy generations match the adapter model's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from affinage.lora.inject import fuse_lora
+
+
+def merge_run(run_dir: str | Path, output_dir: str | Path) -> dict[str, Any]:
+    from affinage.run import load_run
+
+    run = load_run(run_dir)
+    model, tokenizer = run.model, run.tokenizer
+    fuse_lora(model)
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+    try:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        info = {"merged_from": str(Path(run_dir).resolve()), "base_model": run.config.base_model, "prompt_template": run.config.prompt.template,
+                "system": run.config.prompt.system, "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+        (tmp / "affinage_merge.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        tmp.rename(output_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return info

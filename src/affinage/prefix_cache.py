@@ -1,0 +1,140 @@
+"""Run the frozen lower blocks once, not once per epoch.
+
+When LoRA adapts only the upper blocks (``adapter.layers_to_transform``), the blocks below the
+first adapted one are frozen: for a given example their output never changes during training.
+We compute it once per example, keep it, and in every later forward pass the lower blocks are
+swapped for stubs that hand that output to the first adapted block. Every epoch then costs only
+the upper blocks' forward and backward.
+
+With right padding and causal attention the hidden states of real tokens do not depend on the
+padding, so a cached example can be re-batched with any neighbours. Nothing here names an
+architecture: the decoder's ``layers`` list is all it needs (Llama, Gemma 3, Qwen, Mistral...).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from affinage.data.batching import collate
+from affinage.data.template import Encoded
+
+
+class _Inject(nn.Module):
+    """Stands in for the first frozen block: returns the cached output of the last one."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.hidden
+
+
+class _Pass(nn.Module):
+    """Stands in for the other frozen blocks."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+def frozen_boundary(model: nn.Module) -> int | None:
+    """Index of the first block with trainable parameters, if everything below it is frozen."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return None
+    boundary = next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())), None)
+    if not boundary:
+        return None
+    if any(p.requires_grad for p in model.get_input_embeddings().parameters()):
+        return None  # the embeddings train: nothing below the blocks is constant
+    return boundary
+
+
+class FrozenPrefix:
+    def __init__(self, model: nn.Module, boundary: int):
+        self.model = model
+        self.boundary = boundary
+        self.layers = decoder_layers(model)
+
+    @torch.no_grad()
+    def compute(self, data: Sequence[Encoded], batch_size: int, pad_id: int, device: torch.device) -> list[torch.Tensor]:
+        """Output of the last frozen block for every example (unpadded)."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output
+            raise _Stop  # the upper blocks are not needed here
+
+        handle = self.layers[self.boundary - 1].register_forward_hook(grab)
+        was_training = self.model.training
+        self.model.eval()
+        cache: list[torch.Tensor] = [torch.empty(0)] * len(data)
+        order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
+        try:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = collate([data[i] for i in chunk], pad_id)
+                try:
+                    self.model.get_decoder()(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+                except _Stop:
+                    pass
+                for row, index in enumerate(chunk):
+                    cache[index] = captured["hidden"][row, : len(data[index].input_ids)].clone()
+        finally:
+            handle.remove()
+            self.model.train(was_training)
+        return cache
+
+    @contextmanager
+    def injected(self, hidden: torch.Tensor) -> Iterator[None]:
+        """Within the block, a forward pass starts at the first trainable block with ``hidden``."""
+        originals = [self.layers[i] for i in range(self.boundary)]
+        self.layers[0] = _Inject(hidden)
+        for i in range(1, self.boundary):
+            self.layers[i] = _Pass()
+        try:
+            yield
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+
+    def wrap(self, loss_fn: Callable, cache: list[torch.Tensor]) -> Callable:
+        """A loss function that reads batch["indices"] and starts from the cached states."""
+
+        def cached_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+            width = batch["input_ids"].shape[1]
+            rows = [cache[i] for i in batch["indices"].tolist()]
+            hidden = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+            for row, states in enumerate(rows):
+                hidden[row, : states.shape[0]] = states
+            with self.injected(hidden):
+                return loss_fn(model, batch)
+
+        return cached_loss
+
+
+def cache_fits(data: Sequence[Encoded], model: nn.Module, fraction: float = 0.25) -> bool:
+    """The cache may take at most ``fraction`` of the machine's memory."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return cache_bytes(data, model) <= fraction * total
+
+
+def cache_bytes(data: Sequence[Encoded], model: nn.Module) -> int:
+    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
+    element = next(model.parameters()).element_size()
+    return sum(len(e.input_ids) for e in data) * hidden * element

@@ -1,0 +1,50 @@
+"""Text reports for the terminal: one run's metrics, and base vs fine-tuned side by side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def headline(metrics: dict[str, Any] | None) -> str:
+    if not metrics:
+        return "-"
+    key = "accuracy" if metrics["task"] == "classification" else "exact_match"
+    return f"{metrics[key]:.1%}"
+
+
+def confusion_text(metrics: dict[str, Any]) -> str:
+    matrix = metrics["confusion_matrix"]
+    lines = ["confusion matrix (rows: gold, columns: predicted)", " " * 12 + " ".join(f"{c[:10]:>10}" for c in matrix["columns"])]
+    lines += [f"{label[:12]:<12}" + " ".join(f"{v:>10}" for v in row) for label, row in zip(matrix["labels"], matrix["matrix"])]
+    return "\n".join(lines)
+
+
+def metrics_text(metrics: dict[str, Any]) -> str:
+    """What `affinage eval` prints."""
+    if metrics["task"] != "classification":
+        return f"exact match {metrics['exact_match']:.1%}  ({metrics['n']} examples, {metrics['method']}, {metrics['examples_per_second']} examples/s)"
+    lines = [f"accuracy {metrics['accuracy']:.1%}  macro-F1 {metrics['macro_f1']:.3f}  ({metrics['n']} examples, {metrics['method']}, {metrics['examples_per_second']} examples/s)"]
+    for label, stats in metrics["per_class"].items():
+        lines.append(f"  {label:<12} precision {stats['precision']:.3f}  recall {stats['recall']:.3f}  F1 {stats['f1']:.3f}  n={stats['support']}")
+    lines.append(confusion_text(metrics))
+    return "\n".join(lines)
+
+
+def comparison_table(base: dict[str, Any] | None, tuned: dict[str, Any]) -> str:
+    """Before/after table for the terminal."""
+    rows = [("metric", "base", "fine-tuned")]
+    if tuned["task"] == "classification":
+        rows.append(("accuracy", f"{base['accuracy']:.1%}" if base else "-", f"{tuned['accuracy']:.1%}"))
+        rows.append(("macro F1", f"{base['macro_f1']:.3f}" if base else "-", f"{tuned['macro_f1']:.3f}"))
+        for label, stats in tuned["per_class"].items():
+            before = base["per_class"][label]["f1"] if base else None
+            rows.append((f"F1 {label}", f"{before:.3f}" if before is not None else "-", f"{stats['f1']:.3f}"))
+    else:
+        rows.append(("exact match", headline(base), headline(tuned)))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in width))
+    lines.append(f"({tuned['n']} test examples; {tuned['method']})")
+    if tuned["task"] == "classification":
+        lines += ["", "fine-tuned " + confusion_text(tuned)]
+    return "\n".join(lines)
