@@ -80,6 +80,17 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_split(args: argparse.Namespace) -> int:
+    from affinage.data.split_cli import split_file
+
+    ratios = tuple(float(part) for part in args.ratios.split("/"))
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
+        raise AffinageError(f"--ratios {args.ratios!r} must be three non-negative numbers like 80/10/10")
+    report = split_file(Path(args.file), Path(args.out), args.by, ratios, args.seed)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from affinage.config import describe_fields, load_config
 
@@ -121,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory written by `affinage train`")
     p.add_argument("--output", "-o", required=True, help="directory to write")
     p.set_defaults(func=_cmd_merge)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("split", help="write train/valid/test.jsonl: shuffled, stratified by label, duplicates kept together")
+    p.add_argument("file", help="JSONL/JSON file")
+    p.add_argument("--out", required=True, help="directory for train.jsonl, valid.jsonl, test.jsonl")
+    p.add_argument("--by", help="field to stratify by (default: completion, output or label)")
+    p.add_argument("--ratios", default="80/10/10", help="train/valid/test proportions")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=_cmd_data_split)
 
     p = sub.add_parser("config", help="list every config key with its default, or print a resolved config")
     p.add_argument("config", nargs="?", help="YAML config to validate and print")

@@ -38,3 +38,34 @@ def test_stratified_within_one_example_per_class():
         counts = Counter(labels[i] for i in split)
         for label, total in Counter(labels).items():
             assert abs(counts[label] - total * ratio) <= 1
+
+
+def test_data_split_command_writes_rows_unchanged(tmp_path, capsys):
+    import json
+
+    from affinage.cli import main
+
+    rows = [{"prompt": f"email {i}", "completion": "AB"[i % 2], "id": i} for i in range(40)]
+    rows.append({"prompt": "EMAIL 3!", "completion": "B", "id": 99})  # near-duplicate of email 3
+    source = tmp_path / "all.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "split", str(source), "--out", str(tmp_path / "out"), "--seed", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    written = {name: [json.loads(line) for line in (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()] for name in ("train", "valid", "test")}
+    assert sorted(r["id"] for split in written.values() for r in split) == sorted(r["id"] for r in rows)
+    assert all(set(r) == {"prompt", "completion", "id"} for split in written.values() for r in split)
+    home = [name for name, split in written.items() if any(r["id"] in (3, 99) for r in split)]
+    assert len(home) == 1
+    assert report["splits"]["test"]["per_label"] == {"A": 2, "B": 2}
+
+
+def test_a_label_seen_once_cannot_be_split(tmp_path, capsys):
+    import json
+
+    from affinage.cli import main
+
+    rows = [{"prompt": f"e{i}", "completion": "A"} for i in range(10)] + [{"prompt": "x", "completion": "Rare"}]
+    source = tmp_path / "all.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "split", str(source), "--out", str(tmp_path / "out")]) == 2
+    assert "all.jsonl:11" in capsys.readouterr().err
