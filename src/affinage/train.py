@@ -238,18 +238,21 @@ def train(
             record = {"step": step, "epoch": epoch, "loss": round(last_loss, 5), "lr": lr, "tokens_per_second": round(real_tokens / elapsed, 1)}
             if grad_norm is not None:
                 record["grad_norm"] = round(float(grad_norm), 4)
+            log.write(json.dumps(record) + "\n")
+            history.append(record)
             if valid_data and (step % eval_every == 0 or step == total_steps):
                 valid_loss = evaluate_loss(model, valid_data, cfg.batch_size, pad_id, device, valid_loss_fn)
-                record["valid_loss"] = round(valid_loss, 5)
-                if best["loss"] is None or valid_loss < best["loss"]:
+                improved = best["loss"] is None or valid_loss < best["loss"]
+                if improved:
                     best = {"loss": valid_loss, "step": step}
                     save_adapter(model, run_dir / "adapter", base_model_name, adapter_dropout)
+                evaluation = {"step": step, "epoch": epoch, "valid_loss": round(valid_loss, 5), "best": improved}
+                log.write(json.dumps(evaluation) + "\n")
+                history.append(evaluation)
                 _save_checkpoint(run_dir, model, optimizer, {"step": step, "best_loss": best["loss"], "best_step": best["step"], "tokens": tokens_done, "seconds": seconds_done})
-            log.write(json.dumps(record) + "\n")
             log.flush()
-            history.append(record)
             if bar is not None:
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_done / seconds_done:.0f}", **({"val": f"{record['valid_loss']:.3f}"} if "valid_loss" in record else {}))
+                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_done / seconds_done:.0f}", **({"val": f"{best['loss']:.3f}"} if best["loss"] is not None else {}))
                 bar.update(1)
     if bar is not None:
         bar.close()

@@ -28,7 +28,7 @@ def _label_field(row: dict[str, Any], by: str | None, where: str) -> str:
 def _text(row: dict[str, Any], label_field: str) -> str:
     if "messages" in row:
         return " ".join(m.get("content", "") for m in row["messages"] if m.get("role") != "assistant")
-    return " ".join(str(v) for k, v in sorted(row.items()) if k != label_field and isinstance(v, (str, int, float)))
+    return " ".join(v for k, v in sorted(row.items()) if k != label_field and isinstance(v, str))  # ids and numbers are not content
 
 
 def _label(row: dict[str, Any], field: str) -> str:
