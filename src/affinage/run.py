@@ -14,8 +14,6 @@ Layout (``affinage train ... --output DIR``)::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,22 +21,15 @@ from typing import Any
 import torch
 import yaml
 
+from affinage.atomic import write_text_atomic
 from affinage.config import Config, config_from_dict, config_to_dict
 from affinage.data.formats import Example
 from affinage.errors import AffinageError
 from affinage.evaluate import Prompting
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def save_run_config(run_dir: Path, config: Config) -> None:
@@ -47,12 +38,12 @@ def save_run_config(run_dir: Path, config: Config) -> None:
     for key in ("dataset", "train", "valid", "test"):  # absolute, so the run works from anywhere
         if data.get(key):
             data[key] = str(config.resolve_path(data[key]).resolve())
-    write_atomic(run_dir / "config.yaml", yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
 
 
 def save_split(run_dir: Path, name: str, examples: list[Example]) -> None:
     lines = "".join(json.dumps(e.row, ensure_ascii=False) + "\n" for e in examples)
-    write_atomic(run_dir / "data" / f"{name}.jsonl", lines)
+    write_text_atomic(run_dir / "data" / f"{name}.jsonl", lines)
 
 
 def prompting_for(config: Config) -> Prompting:

@@ -8,11 +8,10 @@ tokenizer's EOS, so greedy generations match the adapter model's.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from affinage.atomic import atomic_directory
 from affinage.lora.inject import fuse_lora
 
 
@@ -22,10 +21,7 @@ def merge_run(run_dir: str | Path, output_dir: str | Path) -> dict[str, Any]:
     run = load_run(run_dir)
     model, tokenizer = run.model, run.tokenizer
     fuse_lora(model)
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    try:
+    with atomic_directory(Path(output_dir)) as tmp:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
@@ -34,10 +30,4 @@ def merge_run(run_dir: str | Path, output_dir: str | Path) -> dict[str, Any]:
         info = {"merged_from": str(Path(run_dir).resolve()), "base_model": run.config.base_model, "prompt_template": run.config.prompt.template,
                 "system": run.config.prompt.system, "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
         (tmp / "affinage_merge.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        tmp.rename(output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return info

@@ -2,10 +2,17 @@
 
 from affinage.lora.inject import find_targets, fuse_lora, inject_lora, lora_modules
 from affinage.lora.layers import Linear, LoRALayer, LoRALinear, lora_state_dict, mark_only_lora_as_trainable
+from affinage.lora.loralib_layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, MergedLinear
 from affinage.lora.peft_format import load_adapter, save_adapter
 
 __all__ = [
     "Linear",
+    "Embedding",
+    "MergedLinear",
+    "ConvLoRA",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
     "LoRALayer",
     "LoRALinear",
     "mark_only_lora_as_trainable",

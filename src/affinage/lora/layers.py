@@ -160,7 +160,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
                 parameter.requires_grad = True
     elif bias == "lora_only":
         for module in model.modules():
-            if (isinstance(module, LoRALayer) or isinstance(module, LoRALinear)) and getattr(module, "bias", None) is not None:
+            if isinstance(module, (LoRALayer, LoRALinear)) and getattr(module, "bias", None) is not None:
                 module.bias.requires_grad = True
     else:
         raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")

@@ -8,8 +8,6 @@ affinage adapter and affinage loads a PEFT one.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from affinage.atomic import write_file_atomic
 from affinage.errors import AffinageError
 from affinage.lora.inject import inject_lora, lora_modules
 
@@ -65,25 +64,14 @@ def _adapted_layers(modules: dict) -> list[int] | None:
     return None if not indices or indices == list(range(indices[-1] + 1)) else indices
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_adapter(model: nn.Module, directory: str | Path, base_model_name: str, dropout: float = 0.0) -> Path:
     """Write the adapter atomically: a killed run never leaves a half-written file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = adapter_state(model)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_file_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     config = json.dumps(peft_config(model, base_model_name, dropout), indent=2)
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config))
+    write_file_atomic(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config))
     return directory
 
 
