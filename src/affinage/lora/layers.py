@@ -1,10 +1,7 @@
 """LoRA layers.
 
-Two families live here:
-- :class:`Linear`, loralib's layer with loralib's semantics (it *is* an ``nn.Linear`` with
-  ``lora_A``/``lora_B`` parameters and merges its update into ``weight`` on ``eval()`` when
-  ``merge_weights=True``), for people who build their own models as seed 004 shows;
-- :class:`LoRALinear`, the wrapper injected into transformers models: it keeps the original
+:class:`LoRALinear` is the wrapper injected into transformers models (loralib's own layers,
+for models people build themselves, are in ``loralib_layers``): it keeps the original
   (possibly quantized) layer untouched as ``base_layer``, names its factors like PEFT
   (``lora_A.weight``/``lora_B.weight``) and merges only when asked (:meth:`LoRALinear.fuse`).
 
@@ -20,72 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class LoRALayer:
-    """loralib's mixin: the hyper-parameters every LoRA layer shares."""
-
-    def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool):
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.merged = False
-        self.merge_weights = merge_weights
-
-
-class Linear(nn.Linear, LoRALayer):
-    """``nn.Linear`` with a low-rank update (loralib.Linear, same arguments and behaviour)."""
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        r: int = 0,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        fan_in_fan_out: bool = False,
-        merge_weights: bool = True,
-        **kwargs,
-    ):
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)
-        self.fan_in_fan_out = fan_in_fan_out
-        if r > 0:
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
-            self.scaling = self.lora_alpha / self.r
-            self.weight.requires_grad = False
-        self.reset_parameters()
-        if fan_in_fan_out:
-            self.weight.data = self.weight.data.transpose(0, 1)
-
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            # A random, B zero: the layer starts exactly equal to the base layer.
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
-
-    def _delta(self) -> torch.Tensor:
-        delta = (self.lora_B @ self.lora_A) * self.scaling
-        return delta.transpose(0, 1) if self.fan_in_fan_out else delta
-
-    def train(self, mode: bool = True) -> "Linear":
-        nn.Linear.train(self, mode)
-        if self.r > 0 and self.merge_weights:
-            if mode and self.merged:  # back to training: take the update out again
-                self.weight.data -= self._delta()
-                self.merged = False
-            elif not mode and not self.merged:  # inference: fold the update in, zero overhead
-                self.weight.data += self._delta()
-                self.merged = True
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.transpose(0, 1) if self.fan_in_fan_out else self.weight
-        result = F.linear(x, weight, bias=self.bias)
-        if self.r > 0 and not self.merged:
-            result = result + (self.lora_dropout(x) @ self.lora_A.transpose(0, 1) @ self.lora_B.transpose(0, 1)) * self.scaling
-        return result
+from affinage.lora.loralib_layers import LoRALayer
 
 
 class LoRALinear(nn.Module):

@@ -1,4 +1,8 @@
-"""loralib's other layers: ``Embedding``, ``MergedLinear``, ``Conv1d/2d/3d``.
+"""loralib's layers: ``Linear``, ``Embedding``, ``MergedLinear``, ``Conv1d/2d/3d``.
+
+For models people build themselves (seed 004): each *is* the torch layer it replaces, with
+``lora_A``/``lora_B`` parameters, and folds its update into the weight on ``eval()`` when
+``merge_weights=True`` (zero inference overhead), taking it out again on ``train()``.
 
 Same constructor arguments, parameter names and behaviour as loralib (merge on ``eval()``,
 unmerge on ``train()``), so loralib code and checkpoints work unchanged; parity is tested
@@ -13,11 +17,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from affinage.lora.layers import LoRALayer
+
+
+class LoRALayer:
+    """loralib's mixin: the hyper-parameters every LoRA layer shares."""
+
+    def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool):
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self.merge_weights = merge_weights
 
 
 class _MergeOnEval:
-    """The merge/unmerge dance every loralib layer does, given its ``_delta()`` and target weight."""
+    """What every loralib layer shares: factor initialisation and merge/unmerge on mode switch."""
+
+    def _reset_factors(self) -> None:
+        # A random, B zero: the layer starts exactly equal to the layer it replaces.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
 
     def _target_weight(self) -> torch.Tensor:
         return self.weight
@@ -25,12 +44,74 @@ class _MergeOnEval:
     def _switch(self, mode: bool) -> None:
         if self.r <= 0 or not self.merge_weights:
             return
-        if mode and self.merged:
+        if mode and self.merged:  # back to training: take the update out again
             self._target_weight().data -= self._delta()
             self.merged = False
-        elif not mode and not self.merged:
+        elif not mode and not self.merged:  # inference: fold the update in
             self._target_weight().data += self._delta()
             self.merged = True
+
+
+class Linear(nn.Linear, LoRALayer, _MergeOnEval):
+    """``nn.Linear`` with a low-rank update (loralib.Linear, same arguments and behaviour)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        **kwargs,
+    ):
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)
+        self.fan_in_fan_out = fan_in_fan_out
+        shapes = self._factor_shapes() if r > 0 else None
+        if shapes:
+            self.lora_A = nn.Parameter(self.weight.new_zeros(shapes[0]))
+            self.lora_B = nn.Parameter(self.weight.new_zeros(shapes[1]))
+            self.scaling = self.lora_alpha / self.r
+            self.weight.requires_grad = False
+        self.reset_parameters()
+        if fan_in_fan_out:
+            self.weight.data = self.weight.data.transpose(0, 1)
+
+    def _factor_shapes(self) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        return (self.r, self.in_features), (self.out_features, self.r)
+
+    def reset_parameters(self) -> None:
+        nn.Linear.reset_parameters(self)
+        if hasattr(self, "lora_A"):
+            self._reset_factors()
+
+    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.transpose(0, 1) if self.fan_in_fan_out else weight
+
+    def _update(self) -> torch.Tensor:
+        """The (out, in) weight update before scaling."""
+        return self.lora_B @ self.lora_A
+
+    def _lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        # x @ A^T @ B^T: B @ A is never formed on the training path
+        return self.lora_dropout(x) @ self.lora_A.transpose(0, 1) @ self.lora_B.transpose(0, 1)
+
+    def _delta(self) -> torch.Tensor:
+        return self._oriented(self._update()) * self.scaling
+
+    def train(self, mode: bool = True) -> "Linear":
+        nn.Linear.train(self, mode)
+        if hasattr(self, "lora_A"):
+            self._switch(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, self._oriented(self.weight), bias=self.bias)
+        if hasattr(self, "lora_A") and not self.merged:
+            result = result + self._lora_output(x) * self.scaling
+        return result
 
 
 class Embedding(nn.Embedding, LoRALayer, _MergeOnEval):
@@ -68,7 +149,7 @@ class Embedding(nn.Embedding, LoRALayer, _MergeOnEval):
         return result
 
 
-class MergedLinear(nn.Linear, LoRALayer, _MergeOnEval):
+class MergedLinear(Linear):
     """One linear layer holding several projections (q/k/v); ``enable_lora`` picks which get LoRA."""
 
     def __init__(
@@ -83,33 +164,22 @@ class MergedLinear(nn.Linear, LoRALayer, _MergeOnEval):
         merge_weights: bool = True,
         **kwargs,
     ):
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)
         if out_features % len(enable_lora) != 0:
             raise ValueError("out_features must be divisible by len(enable_lora)")
-        self.enable_lora = list(enable_lora)
-        self.fan_in_fan_out = fan_in_fan_out
-        enabled = sum(self.enable_lora)
-        if r > 0 and enabled:
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r * enabled, in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features // len(self.enable_lora) * enabled, r)))
-            self.scaling = self.lora_alpha / self.r
-            self.weight.requires_grad = False
+        self._enable_lora = list(enable_lora)  # read by _factor_shapes during Linear.__init__
+        super().__init__(in_features, out_features, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, **kwargs)
+        self.enable_lora = self._enable_lora
+        if hasattr(self, "lora_A"):
             groups = torch.zeros((len(self.enable_lora), out_features // len(self.enable_lora)), dtype=torch.bool)
             groups[torch.tensor(self.enable_lora)] = True
             self.lora_ind = groups.view(-1)  # output rows that receive an update
-        self.reset_parameters()
-        if fan_in_fan_out:
-            self.weight.data = self.weight.data.transpose(0, 1)
 
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
-
-    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.transpose(0, 1) if self.fan_in_fan_out else weight
+    def _factor_shapes(self) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        enabled = sum(self._enable_lora)
+        if not enabled:
+            return None
+        return (self.r * enabled, self.in_features), (self.out_features // len(self._enable_lora) * enabled, self.r)
 
     def _update(self) -> torch.Tensor:
         """B_i @ A_i for each enabled projection, placed at its rows of the full weight."""
@@ -119,20 +189,8 @@ class MergedLinear(nn.Linear, LoRALayer, _MergeOnEval):
         full[self.lora_ind.to(full.device)] = torch.cat(blocks, dim=0)
         return full
 
-    def _delta(self) -> torch.Tensor:
-        return self._oriented(self._update()) * self.scaling
-
-    def train(self, mode: bool = True) -> "MergedLinear":
-        nn.Linear.train(self, mode)
-        if hasattr(self, "lora_A"):
-            self._switch(mode)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self._oriented(self.weight), bias=self.bias)
-        if self.r > 0 and hasattr(self, "lora_A") and not self.merged:
-            result = result + (self.lora_dropout(x) @ self._update().transpose(0, 1)) * self.scaling
-        return result
+    def _lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_dropout(x) @ self._update().transpose(0, 1)
 
 
 class ConvLoRA(nn.Module, LoRALayer, _MergeOnEval):
@@ -157,8 +215,7 @@ class ConvLoRA(nn.Module, LoRALayer, _MergeOnEval):
     def reset_parameters(self) -> None:
         self.conv.reset_parameters()
         if hasattr(self, "lora_A"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+            self._reset_factors()
 
     def _target_weight(self) -> torch.Tensor:
         return self.conv.weight
