@@ -86,3 +86,24 @@ def test_merge_gives_a_plain_transformers_model_with_the_same_generations(tmp_pa
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
         out = model.generate(**ids, max_new_tokens=5, do_sample=False)
         assert tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() == want
+
+
+def test_qlora_trains_on_a_4bit_base_and_merges_into_full_precision(tmp_path, config_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from affinage.run import load_run
+
+    run = tmp_path / "qlora"
+    assert main(["train", str(config_path), "--output", str(run), "--quiet", "--no-base-eval",
+                 "--set", "quantization.bits=4", "--set", "trainer.max_steps=6"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(records) == 6 and all(r["loss"] == r["loss"] for r in records)
+    quantized = load_run(run)
+    assert any(type(m).__name__ == "Linear4bit" for m in quantized.model.modules())
+    full = load_run(run, quantized=False)  # the adapter trained on NF4 also runs on the fp32 base
+    assert not any(type(m).__name__ == "Linear4bit" for m in full.model.modules())
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
+    assert "4-bit base was replaced" in capsys.readouterr().out
+    assert json.loads((tmp_path / "merged" / "affinage_merge.json").read_text())["dequantized_base"] is True
+    AutoModelForCausalLM.from_pretrained(tmp_path / "merged")

@@ -76,7 +76,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from affinage.export.merge import merge_run
 
     info = merge_run(args.run, args.output)
-    print(f"merged {args.run} into {args.output} ({info['dtype']}): loads with AutoModelForCausalLM.from_pretrained")
+    note = " (the 4-bit base was replaced by its full-precision weights first)" if info["dequantized_base"] else ""
+    print(f"merged {args.run} into {args.output} ({info['dtype']}){note}: loads with AutoModelForCausalLM.from_pretrained")
     return 0
 
 

@@ -28,8 +28,8 @@ class QuantizationConfig(_Section):
     bits: Literal[4, 8] = Field(4, description="Load the frozen base model in 4-bit (NF4) or 8-bit.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bitsandbytes).")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA).")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Dtype the dequantized weights are multiplied in."
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype the dequantized weights are multiplied in (auto: trainer.precision's choice)."
     )
 
 

@@ -181,7 +181,7 @@ def load_base_model(
     path = resolve_model_path(base_model)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if quantization is not None:
-        kwargs["quantization_config"] = _bnb_config(quantization)
+        kwargs["quantization_config"] = _bnb_config(quantization, dtype)
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if quantization is None:
         model.to(device)
@@ -191,15 +191,15 @@ def load_base_model(
     return LoadedModel(model=model, tokenizer=load_tokenizer(path, trust_remote_code), path=path)
 
 
-def _bnb_config(quantization: Any) -> Any:
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise ModelNotFoundError(
-            "quantization needs bitsandbytes", fix="pip install bitsandbytes, or remove the quantization section"
-        ) from None
-    compute = getattr(torch, quantization.compute_dtype)
+def _bnb_config(quantization: Any, dtype: torch.dtype) -> Any:
+    """QLoRA's NF4 (or 8-bit) base through bitsandbytes, which runs on CPU and CUDA."""
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelNotFoundError("quantization needs bitsandbytes", fix="pip install 'affinage[qlora]' (bitsandbytes), or remove the quantization section")
+    compute = dtype if quantization.compute_dtype == "auto" else getattr(torch, quantization.compute_dtype)
     if quantization.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(

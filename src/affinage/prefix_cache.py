@@ -136,5 +136,5 @@ def cache_fits(data: Sequence[Encoded], model: nn.Module, fraction: float = 0.25
 
 def cache_bytes(data: Sequence[Encoded], model: nn.Module) -> int:
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
-    element = next(model.parameters()).element_size()
+    element = model.get_input_embeddings().weight.element_size()  # activations' dtype, even on a 4-bit base
     return sum(len(e.input_ids) for e in data) * hidden * element

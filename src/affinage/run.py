@@ -72,7 +72,8 @@ def read_run_config(run_dir: Path) -> Config:
     return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path), base_dir=run_dir)
 
 
-def load_run(run_dir: str | Path, *, with_adapter: bool = True, device: str = "cpu") -> Run:
+def load_run(run_dir: str | Path, *, with_adapter: bool = True, device: str = "cpu", quantized: bool = True) -> Run:
+    """The run's base model (quantized as trained unless ``quantized=False``) with its adapter."""
     from affinage.lora.peft_format import load_adapter
     from affinage.models import load_base_model, resolve_dtype
 
@@ -81,7 +82,8 @@ def load_run(run_dir: str | Path, *, with_adapter: bool = True, device: str = "c
     if with_adapter and not (run_dir / "adapter" / "adapter_config.json").is_file():
         raise AffinageError(f"{run_dir} has no trained adapter yet", fix="let `affinage train` finish (it resumes if killed)")
     dtype = resolve_dtype(config.trainer.precision, torch.device(device))
-    loaded = load_base_model(config.base_model, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code)
+    quantization = config.quantization if quantized else None
+    loaded = load_base_model(config.base_model, dtype=dtype, device=device, quantization=quantization, trust_remote_code=config.trust_remote_code)
     if with_adapter:
         load_adapter(loaded.model, run_dir / "adapter")
     task_path = run_dir / "task.json"

@@ -18,7 +18,7 @@ from affinage.lora.inject import fuse_lora
 def merge_run(run_dir: str | Path, output_dir: str | Path) -> dict[str, Any]:
     from affinage.run import load_run
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, quantized=False)  # a 4-bit base is merged into its full-precision weights
     model, tokenizer = run.model, run.tokenizer
     fuse_lora(model)
     with atomic_directory(Path(output_dir)) as tmp:
@@ -28,6 +28,7 @@ def merge_run(run_dir: str | Path, output_dir: str | Path) -> dict[str, Any]:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         info = {"merged_from": str(Path(run_dir).resolve()), "base_model": run.config.base_model, "prompt_template": run.config.prompt.template,
-                "system": run.config.prompt.system, "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+                "system": run.config.prompt.system, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                "dequantized_base": run.config.quantization is not None}
         (tmp / "affinage_merge.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
     return info
