@@ -80,25 +80,19 @@ def resolve_model_path(base_model: str) -> Path | str:
 
 
 def _hub_snapshot(repo_id: str) -> Path:
-    """A Hub model from the local cache; the network is never required at run time."""
+    """A Hub model from the local Hugging Face cache: a run never waits on the network."""
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE") != "1":
-        try:
-            return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
-        except Exception:
-            pass
-    known = ", ".join(sorted(EMBEDDED_MODELS))
-    raise ModelNotFoundError(
-        f"unknown model '{repo_id}': not an embedded model ({known}), not a local path, and not in the "
-        "Hugging Face cache (the Hub could not be reached)",
-        fix=f"use an embedded model, a local directory or .gguf file, or on a connected machine run "
-        f"`huggingface-cli download {repo_id}` first",
-    )
+        known = ", ".join(sorted(EMBEDDED_MODELS))
+        raise ModelNotFoundError(
+            f"unknown model '{repo_id}': not an embedded model ({known}), not a local path, and not in the "
+            "local Hugging Face cache",
+            fix=f"use an embedded model, a local directory or .gguf file, or on a connected machine run "
+            f"`huggingface-cli download {repo_id}` first",
+        ) from None
 
 
 def _file_digest(path: Path) -> str:

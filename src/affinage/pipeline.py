@@ -15,9 +15,9 @@ from typing import Any, Sequence
 import torch
 
 from affinage.config import Config
-from affinage.data import DataSplits, load_splits
+from affinage.data import DataSplits, load_splits, preview
 from affinage.data.formats import Example
-from affinage.data.template import encode_example, render_prompt
+from affinage.data.template import encode_example
 from affinage.evaluate import Prompting, evaluate_classification, evaluate_generation
 from affinage.lora.inject import inject_lora
 from affinage.lora.peft_format import load_adapter
@@ -91,7 +91,7 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
     log(f"data: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test; "
         f"{n_tokens} train tokens; {truncated + valid_truncated} examples truncated to {config.trainer.max_seq_len} tokens; task {task['task']}"
         + (f" ({', '.join(task['labels'])})" if task["labels"] else ""))
-    log("example as the model sees it:\n" + render_prompt(tokenizer, splits.train[0], config.prompt.template, config.prompt.system) + splits.train[0].completion)
+    log("example as the model sees it:\n" + preview(tokenizer, splits.train[0], config))
 
     base_metrics = None
     if compare_base and splits.test:

@@ -79,4 +79,5 @@ def load_splits(config: Config) -> DataSplits:
 
 
 def preview(tokenizer, example: Example, config: Config) -> str:
+    """An example exactly as training renders it: prompt, then the completion."""
     return render_prompt(tokenizer, example, config.prompt.template, config.prompt.system) + example.completion
