@@ -28,19 +28,21 @@ class BasicModelRunner:
             self.model, self.tokenizer, self.prompting = run.model, run.tokenizer, run.prompting
             self.max_new_tokens = run.config.generation.max_new_tokens
             self.temperature = run.config.generation.temperature
+            self.top_p = run.config.generation.top_p
         else:
             from affinage.models import load_base_model
 
             loaded = load_base_model(str(model_or_run), device=device)
             self.model, self.tokenizer, self.prompting = loaded.model, loaded.tokenizer, Prompting()
-            self.max_new_tokens, self.temperature = 128, 0.0
+            self.max_new_tokens, self.temperature, self.top_p = 128, 0.0, 1.0
 
     def predict(self, prompt: str | dict[str, Any], max_new_tokens: int | None = None) -> str:
         return self.predict_many([prompt], max_new_tokens)[0]
 
     def predict_many(self, prompts: list[str | dict[str, Any]], max_new_tokens: int | None = None) -> list[str]:
         examples = [to_example(p) for p in prompts]
-        return generate(self.model, self.tokenizer, examples, self.prompting, max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature)
+        return generate(self.model, self.tokenizer, examples, self.prompting, max_new_tokens=max_new_tokens or self.max_new_tokens,
+                        temperature=self.temperature, top_p=self.top_p)
 
 
 def to_example(item: str | dict[str, Any], where: str = "") -> Example:
