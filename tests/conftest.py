@@ -113,3 +113,11 @@ def email_rows() -> list[dict]:
             for variant in range(3):
                 rows.append({"prompt": f"[INST] rediriger l'email suivant : \"{text} ({variant}{index})\"[/INST]", "completion": label})
     return rows
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer():
+    """The tiny tokenizer, adding a BOS (<|endoftext|>) like Llama/Gemma tokenizers do."""
+    tokenizer = _tokenizer()
+    tokenizer.add_bos_token = True
+    return tokenizer

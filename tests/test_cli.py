@@ -44,6 +44,27 @@ def test_train_eval_predict(tmp_path, config_path, capsys):
     assert [line["prompt"] for line in lines] == ["Candidature spontanée", "Classe\n\nFacture", "Salut"]
     assert all(isinstance(line["output"], str) for line in lines)
 
+    assert main(["compare", str(run), "--output", str(tmp_path / "report" / "router.html")]) == 0
+    _check_report(tmp_path / "report" / "router.html", n_test=len((run / "data" / "test.jsonl").read_text().splitlines()))
+
+
+def _check_report(path, n_test):
+    import base64
+    import html.parser
+    import re
+
+    page = path.read_text()
+    for heading in ("The run at a glance", "Training curves", "Base vs fine-tuned", "Confusion matrices", "Side by side on test prompts"):
+        assert f"<h2>{heading}</h2>" in page
+    assert page.count('<table class="cm">') == 2  # base and fine-tuned
+    png = base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1))
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    side = page.split("Side by side on test prompts")[1]
+    assert side.count("<tr>") - 1 == min(n_test, 40)  # header row + one per test prompt
+    html.parser.HTMLParser().feed(page)  # well-formed enough to parse
+    markdown = path.with_suffix(".md").read_text()
+    assert "## Confusion matrices" in markdown and (path.parent / "router-curves.png").is_file()
+
 
 @pytest.mark.parametrize(
     "change, expected",

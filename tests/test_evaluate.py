@@ -3,7 +3,7 @@ import torch.nn.functional as F
 
 from affinage.data.formats import Example
 from affinage.data.template import encode_completion, encode_prompt
-from affinage.evaluate import Prompting, classification_metrics, evaluate_classification, generate, score_labels
+from affinage.evaluate import Prompting, classification_metrics, evaluate_classification, evaluate_pattern, generate, generation_metrics, score_labels
 from tests.conftest import tiny_gemma3, tiny_llama
 
 LABELS = ["RH", "Support", "Finance", "SPAM"]
@@ -44,7 +44,7 @@ def test_classification_reports_its_method(tokenizer):
     examples = [Example(prompt="Colis abîmé", completion="Support")]
     scored = evaluate_classification(model, tokenizer, examples, LABELS, Prompting())
     assert "restricted to the label set" in scored["method"]
-    assert abs(sum(scored["predictions"][0][label] for label in LABELS) - 1) < 1e-3
+    assert abs(sum(scored["predictions"][0]["probabilities"][label] for label in LABELS) - 1) < 1e-3
     generated = evaluate_classification(model, tokenizer, examples, LABELS, Prompting(), method="generate", max_new_tokens=3)
     assert generated["method"] == "free generation"
 
@@ -55,3 +55,34 @@ def test_batched_generation_equals_one_by_one(tokenizer):
     batched = generate(model, tokenizer, examples, Prompting(), max_new_tokens=6)
     single = [generate(model, tokenizer, [e], Prompting(), max_new_tokens=6)[0] for e in examples]
     assert batched == single
+
+
+def test_abstain_threshold_answers_unsure_below_it(tokenizer):
+    model = tiny_llama(len(tokenizer))  # random weights: no label near certainty
+    examples = [Example(prompt="Colis abîmé", completion="Support"), Example(prompt="Facture", completion="Finance")]
+    metrics = evaluate_classification(model, tokenizer, examples, LABELS, Prompting(), abstain_threshold=0.999)
+    assert [p["predicted"] for p in metrics["predictions"]] == ["unsure", "unsure"]
+    assert metrics["coverage"] == 0.0 and metrics["accuracy"] == 0.0
+    assert "unsure" in metrics["confusion_matrix"]["columns"]
+    lenient = evaluate_classification(model, tokenizer, examples, LABELS, Prompting(), abstain_threshold=1e-6)
+    assert lenient["coverage"] == 1.0 and "unsure" not in [p["predicted"] for p in lenient["predictions"]]
+
+
+def test_generation_metrics_against_sacrebleu():
+    from sacrebleu.metrics import CHRF
+
+    outputs, gold = ["the cat sat on the mat", "bonjour"], ["the cat sat on a mat", "bonjour"]
+    metrics = generation_metrics(outputs, gold)
+    assert metrics["exact_match"] == 0.5
+    assert metrics["chrf"] == round(CHRF().corpus_score(outputs, [gold]).score, 2)
+    assert generation_metrics(gold, gold)["chrf"] == 100.0
+    assert metrics["mean_output_words"] == 3.5 and metrics["length_ratio"] == 1.0
+
+
+def test_pattern_evaluation_scores_each_output(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    examples = [Example(prompt="Bonjour", completion=""), Example(prompt="Salut", completion="")]
+    outputs = generate(model, tokenizer, examples, Prompting(), max_new_tokens=4)
+    metrics = evaluate_pattern(model, tokenizer, examples, Prompting(), lambda text: float(text == outputs[0]), "same-as-first", max_new_tokens=4)
+    assert [p["score"] for p in metrics["predictions"]] == [1.0, float(outputs[1] == outputs[0])]
+    assert metrics["pattern_score"] == sum(p["score"] for p in metrics["predictions"]) / 2

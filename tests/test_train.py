@@ -128,3 +128,62 @@ def test_a_killed_run_resumes_to_the_same_adapter(tokenizer, tmp_path):
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         if "lora_" in name:
             torch.testing.assert_close(a, b)
+
+
+def test_best_adapter_follows_the_task_metric_and_stops_early(tokenizer, tmp_path):
+    """best_metric=task keeps the adapter with the highest task score; patience ends the run."""
+    scores = iter([0.2, 0.9, 0.5, 0.4, 0.3, 0.1])
+    model = tiny_llama(len(tokenizer), seed=0)
+    inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    data = _encoded(tokenizer)
+    cfg = TrainerConfig(**{**TINY_RUN, "max_steps": 24, "eval_every": 2, "best_metric": "task", "early_stopping_patience": 2})
+    saved = {}
+
+    def task_score(m):
+        score = next(scores)
+        saved[score] = {k: v.detach().clone() for k, v in m.named_parameters() if "lora_" in k}
+        return score
+
+    result = train(model, data, data[:4], cfg, pad_id=tokenizer.pad_token_id, run_dir=tmp_path, base_model_name="tiny",
+                   progress=False, task_score=task_score)
+    assert result.steps == 8 and result.best_step == 4 and result.best_valid_score == 0.9  # 0.9 at step 4, then 2 worse
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["valid_score"] for r in records if "valid_score" in r] == [0.2, 0.9, 0.5, 0.4]
+    assert records[-1] == {"step": 8, "early_stop": True, "best_step": 4}
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for key, tensor in adapter.items():  # the step-4 factors, not the last step's
+        torch.testing.assert_close(tensor, saved[0.9][key.removeprefix("base_model.model.")])
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
+def test_packed_rows_give_the_unpacked_loss_and_gradients(build, tokenizer):
+    """Packing: no attention across examples, positions restart: same loss, same gradients."""
+    from affinage.data.batching import collate_packed
+
+    model = build(len(tokenizer))
+    inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    for module in lora_modules(model).values():
+        torch.nn.init.normal_(module.lora_B.weight, std=0.02)
+    data = _encoded(tokenizer, 6)
+    packed = collate_packed(data, tokenizer.pad_token_id, capacity=130)
+    assert packed["input_ids"].shape[0] < len(data)  # several examples share a row
+    results = []
+    for batch in (collate(data, tokenizer.pad_token_id), packed):
+        model.zero_grad()
+        loss, n = causal_lm_loss(model, batch)
+        (loss / n).backward()
+        results.append((loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    assert results[0][1] == results[1][1]
+    for key, grad in results[0][2].items():
+        torch.testing.assert_close(results[1][2][key], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_training_with_and_without_packing_gives_the_same_losses(tokenizer, tmp_path):
+    _, plain = _train(tokenizer, tmp_path / "plain", packing=False)
+    _, packed = _train(tokenizer, tmp_path / "packed", packing=True)
+    assert packed.packed and not plain.packed
+    losses = [[r["loss"] for r in result.history if "loss" in r] for result in (plain, packed)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

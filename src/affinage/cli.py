@@ -1,4 +1,4 @@
-"""Command line: ``affinage train | eval | predict | config``.
+"""Command line: ``affinage train | eval | predict | merge | compare | data | config``.
 
 User errors (bad config, data, model name) print one clear message and exit 2; they never
 show a traceback.
@@ -81,6 +81,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from affinage.compare import gather, write_report
+
+    run_dir = Path(args.run)
+    output = Path(args.output) if args.output else run_dir / "report.html"
+    html_path, markdown_path = write_report(gather(run_dir, compute_missing_base=not args.no_base), output)
+    print(f"report written to {html_path} (and {markdown_path})")
+    return 0
+
+
 def _cmd_data_split(args: argparse.Namespace) -> int:
     from affinage.data.split_cli import split_file
 
@@ -90,6 +100,22 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     report = split_file(Path(args.file), Path(args.out), args.by, ratios, args.seed)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from affinage.config import config_from_dict, load_config
+    from affinage.data.check import check_config, report_text
+
+    target = Path(args.target)
+    if target.is_dir():  # a folder with train/valid/test.jsonl, checked against the default model
+        from affinage.config import apply_overrides
+
+        config = config_from_dict(apply_overrides({"data": {"train": str(target.resolve())}}, args.set), source=str(target))
+    else:
+        config = load_config(target, args.set)
+    report = check_config(config)
+    print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False) if args.json else report_text(report))
+    return 0 if report.ok else 1
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -134,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="directory to write")
     p.set_defaults(func=_cmd_merge)
 
+    p = sub.add_parser("compare", help="before/after report of a run: HTML (self-contained) and Markdown")
+    p.add_argument("run", help="run directory written by `affinage train`")
+    p.add_argument("--output", "-o", help="HTML file to write (default RUN/report.html; the .md twin goes beside it)")
+    p.add_argument("--no-base", action="store_true", help="do not evaluate the base model when the run skipped it")
+    p.set_defaults(func=_cmd_compare)
+
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("split", help="write train/valid/test.jsonl: shuffled, stratified by label, duplicates kept together")
     p.add_argument("file", help="JSONL/JSON file")
@@ -142,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", default="80/10/10", help="train/valid/test proportions")
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=_cmd_data_split)
+
+    p = data.add_parser("check", help="check the data before training: counts, leakage, lengths, loss mask, EOS, rendering")
+    p.add_argument("target", help="YAML config, or a folder with train/valid/test.jsonl")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_data_check)
 
     p = sub.add_parser("config", help="list every config key with its default, or print a resolved config")
     p.add_argument("config", nargs="?", help="YAML config to validate and print")

@@ -60,10 +60,33 @@ class AdapterConfig(_Section):
 class PromptConfig(_Section):
     template: str | None = Field(
         None,
-        description="Literal prompt with {field} placeholders filled from each data row. "
-        "Empty: the model's own chat template wraps the input feature as the user message.",
+        description="A named template (alpaca, chatml, llama2, llama3, mistral, phi3), or a literal prompt with {field} "
+        "placeholders filled from each data row. Empty: the model's own chat template wraps the input feature as the user message.",
     )
     system: str | None = Field(None, description="System message for chat templates (None: the template's own default).")
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from affinage.data.template import NAMED_TEMPLATES  # lazy: affinage.data imports this module
+
+        name = value.strip().lower()
+        if name in NAMED_TEMPLATES:
+            return name
+        if "{" not in value:
+            raise ValueError(
+                f"unknown template name; named templates: {', '.join(sorted(NAMED_TEMPLATES))} "
+                "(a literal template needs {field} placeholders)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _system_needs_a_chat_template(self) -> "PromptConfig":
+        if self.template == "alpaca" and self.system is not None:
+            raise ValueError("prompt.system has no place in the alpaca template (its preamble is fixed); remove it or use a chat template")
+        return self
 
 
 class FeatureConfig(_Section):
@@ -77,12 +100,33 @@ class SplitConfig(_Section):
     seed: int = Field(42, description="Shuffling seed of the split.")
 
 
+class TransformConfig(_Section):
+    name: str = Field(
+        description="'strip_accents', 'normalize_unicode', 'hearts' (seed 002: one heart from its list between every word "
+        "of the answer) or a user function 'module.function' taking (text) or (text, rng) and returning text."
+    )
+    side: Literal["prompt", "completion", "both"] | None = Field(
+        None, description="Which text it rewrites (None: the transform's default; hearts -> completion). Prompt-side "
+        "transforms are applied again at inference."
+    )
+
+
 class DataConfig(_Section):
     dataset: str | None = Field(None, description="One file to split into train/valid/test (stratified by label).")
     train: str | None = Field(None, description="Training file (JSONL), or a directory with train/valid/test.jsonl.")
     valid: str | None = Field(None, description="Validation file.")
     test: str | None = Field(None, description="Test file, never trained on.")
     split: SplitConfig = Field(default_factory=SplitConfig)
+    transforms: list[TransformConfig] = Field(
+        default_factory=list, description="Text transforms applied in order to every split, e.g. [strip_accents, hearts]."
+    )
+
+    @field_validator("transforms", mode="before")
+    @classmethod
+    def _names_as_objects(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
 
 
 class SchedulerConfig(_Section):
@@ -112,7 +156,18 @@ class TrainerConfig(_Section):
     precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
         "auto", description="auto: bf16 where the hardware runs it fast, else fp32."
     )
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="Pack several examples per row (no attention across them, same loss). auto: when "
+        "length-bucketed batches would still be >15% padding and the frozen-prefix cache is not in use."
+    )
     logits_only_on_labels: bool = Field(True, description="Apply the vocabulary head only where a label exists.")
+    best_metric: Literal["valid_loss", "task"] = Field(
+        "valid_loss", description="What picks the best checkpoint and drives early stopping: the validation loss or the "
+        "eval task's metric on the validation split (accuracy, chrF or pattern score)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without improvement (None: never stop early)."
+    )
     cache_frozen_blocks: bool = Field(
         True, description="With adapter.layers_to_transform, run the frozen lower blocks once per example, not once per epoch."
     )
@@ -128,14 +183,22 @@ class TrainerConfig(_Section):
 
 
 class EvalConfig(_Section):
-    task: Literal["auto", "classification", "generation"] = Field(
-        "auto", description="auto: classification when the output feature is a category or has few distinct values."
+    task: Literal["auto", "classification", "generation", "pattern"] = Field(
+        "auto",
+        description="auto: pattern when eval.pattern is set, classification when the output feature is a category or has "
+        "few distinct values, else generation.",
     )
     method: Literal["score", "generate"] = Field(
         "score", description="classification: score every label (restricted to the label set) or generate freely."
     )
     labels: list[str] | None = Field(None, description="Label set (None: the distinct completions of the train split).")
-    max_new_tokens: int = Field(64, ge=1, description="Generation length for free generation.")
+    abstain_threshold: float | None = Field(
+        None, gt=0, lt=1, description="classification: answer 'unsure' when the top label's probability is below this."
+    )
+    pattern: str | None = Field(
+        None, description="pattern task: a named checker ('hearts') or 'module.function' scoring one output in [0, 1]."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Generation length for generation and pattern tasks.")
     max_examples: int | None = Field(None, ge=1, description="Evaluate on at most this many test rows.")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +110,9 @@ def generate(model: Any, tokenizer: Any, examples: Sequence[Example], prompting:
             **sampling,
         )
         for row, index in enumerate(chunk):
-            outputs[index] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+            # A generation cut by max_new_tokens can end inside a multi-byte character (an emoji
+            # is 3-4 byte tokens): drop that partial character rather than print U+FFFD.
+            outputs[index] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).rstrip("\ufffd").strip()
     return outputs
 
 
@@ -140,21 +142,34 @@ def classification_metrics(gold: Sequence[str], predicted: Sequence[str], labels
     }
 
 
-def evaluate_classification(model: Any, tokenizer: Any, examples: Sequence[Example], labels: Sequence[str], prompting: Prompting, method: str = "score", max_new_tokens: int = 16) -> dict[str, Any]:
-    """Predict a label for each example and compute the metrics; says which method was used."""
+UNSURE = "unsure"
+
+
+def evaluate_classification(model: Any, tokenizer: Any, examples: Sequence[Example], labels: Sequence[str], prompting: Prompting, method: str = "score", max_new_tokens: int = 16, abstain_threshold: float | None = None) -> dict[str, Any]:
+    """Predict a label for each example and compute the metrics; says which method was used.
+
+    With ``abstain_threshold`` (label scoring only) an example whose top label probability is
+    below it is answered ``unsure``: it counts as an error in accuracy, and ``coverage`` and
+    ``answered_accuracy`` say how often the model answered and how well when it did.
+    """
     started = time.perf_counter()
     gold = [e.completion.strip() for e in examples]
     if method == "score":
         scores = score_labels(model, tokenizer, examples, labels, prompting)
         probabilities = scores.softmax(dim=-1)
-        predicted = [labels[i] for i in scores.argmax(dim=-1).tolist()]
-        details = [{label: round(float(p), 4) for label, p in zip(labels, row)} for row in probabilities]
+        top, best = probabilities.max(dim=-1)
+        predicted = [labels[i] if abstain_threshold is None or p >= abstain_threshold else UNSURE for i, p in zip(best.tolist(), top.tolist())]
+        details = [{"probabilities": {label: round(float(p), 4) for label, p in zip(labels, row)}} for row in probabilities]
     else:
         outputs = generate(model, tokenizer, examples, prompting, max_new_tokens=max_new_tokens)
         predicted = [_match_label(text, labels) for text in outputs]
         details = [{"generated": text} for text in outputs]
     seconds = time.perf_counter() - started
     metrics = classification_metrics(gold, predicted, labels)
+    if abstain_threshold is not None:
+        answered = [(g, p) for g, p in zip(gold, predicted) if p != UNSURE]
+        metrics["coverage"] = round(len(answered) / max(len(gold), 1), 4)
+        metrics["answered_accuracy"] = round(sum(g == p for g, p in answered) / max(len(answered), 1), 4)
     metrics.update(
         task="classification",
         method="label scoring (answer restricted to the label set)" if method == "score" else "free generation",
@@ -176,18 +191,52 @@ def _match_label(text: str, labels: Sequence[str]) -> str:
     return first or "(empty)"
 
 
+def _length_stats(outputs: Sequence[str], gold: Sequence[str]) -> dict[str, float]:
+    out_words = [len(o.split()) for o in outputs]
+    gold_words = [len(g.split()) for g in gold]
+    mean_out, mean_gold = sum(out_words) / max(len(out_words), 1), sum(gold_words) / max(len(gold_words), 1)
+    return {"mean_output_words": round(mean_out, 2), "mean_reference_words": round(mean_gold, 2),
+            "length_ratio": round(mean_out / mean_gold, 3) if mean_gold else 0.0}
+
+
+def generation_metrics(outputs: Sequence[str], gold: Sequence[str]) -> dict[str, Any]:
+    """Exact match, corpus chrF (sacrebleu, 0-100) and length statistics."""
+    from sacrebleu.metrics import CHRF
+
+    exact = sum(o.strip() == g.strip() for o, g in zip(outputs, gold))
+    chrf = CHRF().corpus_score(list(outputs), [list(gold)]).score if outputs else 0.0
+    return {"exact_match": round(exact / max(len(gold), 1), 4), "chrf": round(chrf, 2), **_length_stats(outputs, gold)}
+
+
 def evaluate_generation(model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, max_new_tokens: int = 64) -> dict[str, Any]:
     started = time.perf_counter()
     outputs = generate(model, tokenizer, examples, prompting, max_new_tokens=max_new_tokens)
     seconds = time.perf_counter() - started
     gold = [e.completion.strip() for e in examples]
-    exact = sum(o.strip() == g for o, g in zip(outputs, gold))
     return {
         "task": "generation",
         "method": "free generation (greedy)",
-        "exact_match": round(exact / max(len(gold), 1), 4),
-        "mean_output_words": round(sum(len(o.split()) for o in outputs) / max(len(outputs), 1), 2),
+        **generation_metrics(outputs, gold),
         "examples_per_second": round(len(examples) / max(seconds, 1e-9), 2),
         "n": len(gold),
         "predictions": [{"gold": g, "output": o} for g, o in zip(gold, outputs)],
+    }
+
+
+def evaluate_pattern(model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, checker: Callable[[str], float], name: str, max_new_tokens: int = 64) -> dict[str, Any]:
+    """Generate an answer per example and score each with a pattern checker (mean score in [0, 1])."""
+    started = time.perf_counter()
+    outputs = generate(model, tokenizer, examples, prompting, max_new_tokens=max_new_tokens)
+    seconds = time.perf_counter() - started
+    scores = [checker(o) for o in outputs]
+    gold = [e.completion.strip() for e in examples]
+    return {
+        "task": "pattern",
+        "method": f"free generation (greedy), checked by '{name}'",
+        "pattern": name,
+        "pattern_score": round(sum(scores) / max(len(scores), 1), 4),
+        **_length_stats(outputs, gold),
+        "examples_per_second": round(len(examples) / max(seconds, 1e-9), 2),
+        "n": len(outputs),
+        "predictions": [{"gold": g, "output": o, "score": s} for g, o, s in zip(gold, outputs, scores)],
     }

@@ -6,6 +6,7 @@ nothing of each other.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -18,13 +19,16 @@ from affinage.config import Config
 from affinage.data import DataSplits, load_splits, preview
 from affinage.data.formats import Example
 from affinage.data.template import encode_example
-from affinage.evaluate import Prompting, evaluate_classification, evaluate_generation
+from affinage.data.check import run_checks
+from affinage.errors import ConfigError, DataError
+from affinage.evaluate import Prompting, evaluate_classification, evaluate_generation, evaluate_pattern
 from affinage.lora.inject import inject_lora
 from affinage.lora.peft_format import load_adapter
 from affinage.models import load_base_model, resolve_dtype
-from affinage.report import comparison_table, headline
+from affinage.report import comparison_table, headline, task_metric
 from affinage.run import prompting_for, save_run_config, save_split, write_json
-from affinage.train import train
+from affinage.patterns import resolve_checker
+from affinage.train import evaluate_loss, train
 
 MAX_LABELS = 20  # more distinct completions than this is a generation task, not a label task
 
@@ -37,6 +41,10 @@ def set_threads() -> None:
 def detect_task(config: Config, train_examples: Sequence[Example]) -> dict[str, Any]:
     labels = config.eval.labels or sorted({e.completion.strip() for e in train_examples})
     output_type = config.output_features[0].type if config.output_features else None
+    if config.eval.task == "pattern" or (config.eval.task == "auto" and config.eval.pattern):
+        if not config.eval.pattern:
+            raise ConfigError("eval.task is 'pattern' but eval.pattern names no checker", where="eval", fix="set eval.pattern: hearts (or module.function)")
+        return {"task": "pattern", "labels": None, "pattern": config.eval.pattern}
     if config.eval.task == "classification" or output_type == "category":
         kind = "classification"
     elif config.eval.task == "generation":
@@ -46,12 +54,27 @@ def detect_task(config: Config, train_examples: Sequence[Example]) -> dict[str, 
     return {"task": kind, "labels": labels if kind == "classification" else None}
 
 
-def evaluate_examples(model: Any, tokenizer: Any, examples: Sequence[Example], task: dict[str, Any], config: Config, prompting: Prompting) -> dict[str, Any]:
+def evaluate_examples(model: Any, tokenizer: Any, examples: Sequence[Example], task: dict[str, Any], config: Config, prompting: Prompting, *, with_loss: bool = True) -> dict[str, Any]:
+    """The task metric (accuracy, chrF or pattern score) and, always, the loss and perplexity."""
     if config.eval.max_examples:
         examples = list(examples)[: config.eval.max_examples]
+    evaluation = config.eval
     if task["task"] == "classification":
-        return evaluate_classification(model, tokenizer, examples, task["labels"], prompting, method=config.eval.method)
-    return evaluate_generation(model, tokenizer, examples, prompting, max_new_tokens=config.eval.max_new_tokens)
+        metrics = evaluate_classification(model, tokenizer, examples, task["labels"], prompting, method=evaluation.method,
+                                          abstain_threshold=evaluation.abstain_threshold)
+    elif task["task"] == "pattern":
+        name = task.get("pattern") or evaluation.pattern
+        metrics = evaluate_pattern(model, tokenizer, examples, prompting, resolve_checker(name, config.base_dir), name,
+                                   max_new_tokens=evaluation.max_new_tokens)
+    else:
+        metrics = evaluate_generation(model, tokenizer, examples, prompting, max_new_tokens=evaluation.max_new_tokens)
+    if with_loss and examples:
+        device = next(model.parameters()).device
+        encoded, _ = _encode_all(tokenizer, examples, config)
+        loss = evaluate_loss(model, encoded, config.trainer.batch_size, tokenizer.pad_token_id, device)
+        metrics["loss"] = round(loss, 4)
+        metrics["perplexity"] = round(math.exp(min(loss, 50.0)), 3)
+    return metrics
 
 
 def _encode_all(tokenizer: Any, examples: Sequence[Example], config: Config) -> tuple[list, int]:
@@ -85,6 +108,13 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
     loaded = load_base_model(config.base_model, dtype=dtype, device=device, quantization=config.quantization, trust_remote_code=config.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     prompting = prompting_for(config)
+    checks = run_checks(tokenizer, {k: v for k, v in (("train", splits.train), ("valid", splits.valid), ("test", splits.test)) if v},
+                        task["labels"], prompting, config.trainer.max_seq_len)
+    for warning in checks.warnings:
+        log(f"data warning: {warning}")
+    if not checks.ok:
+        raise DataError("the data check failed:\n  " + "\n  ".join(checks.errors), where=str(config.base_dir),
+                        fix="fix the data (see `affinage data check CONFIG`)")
     train_encoded, truncated = _encode_all(tokenizer, splits.train, config)
     valid_encoded, valid_truncated = _encode_all(tokenizer, splits.valid, config)
     n_tokens = sum(len(e.input_ids) for e in train_encoded)
@@ -104,8 +134,13 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
     targets = inject_lora(model, adapter.target_modules, r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout, layers=adapter.layers_to_transform)
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     log(f"LoRA r={adapter.r} alpha={adapter.alpha} on {len(targets)} layers: {trainable:,} trainable parameters")
+    task_score = None
+    if config.trainer.best_metric == "task" and splits.valid:
+        def task_score(m: Any) -> float:  # the task metric on the validation split picks the best adapter
+            return task_metric(evaluate_examples(m, tokenizer, splits.valid, task, config, prompting, with_loss=False))
     result = train(model, train_encoded, valid_encoded, config.trainer, pad_id=tokenizer.pad_token_id, run_dir=run_dir,
-                   base_model_name=config.base_model, adapter_dropout=adapter.dropout, device=device, progress=progress)
+                   base_model_name=config.base_model, adapter_dropout=adapter.dropout, device=device, progress=progress,
+                   task_score=task_score)
     load_adapter(model, run_dir / "adapter")  # the best validation checkpoint, not the last step
 
     tuned_metrics = None
@@ -126,6 +161,9 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
         "final_train_loss": result.final_train_loss,
         "best_valid_loss": result.best_valid_loss,
         "best_step": result.best_step,
+        "best_valid_score": result.best_valid_score,
+        "packed": result.packed,
+        "frozen_prefix_cached": result.frozen_prefix_cached,
         "precision": str(dtype).replace("torch.", ""),
         "device": str(device),
         "total_seconds": round(time.perf_counter() - started, 1),

@@ -5,11 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 
+TASK_METRIC = {"classification": "accuracy", "generation": "chrf", "pattern": "pattern_score"}
+
+
+def task_metric(metrics: dict[str, Any]) -> float:
+    """The one number a task is judged by, higher is better, in [0, 1]."""
+    value = float(metrics[TASK_METRIC[metrics["task"]]])
+    return value / 100 if metrics["task"] == "generation" else value
+
+
 def headline(metrics: dict[str, Any] | None) -> str:
     if not metrics:
         return "-"
-    key = "accuracy" if metrics["task"] == "classification" else "exact_match"
-    return f"{metrics[key]:.1%}"
+    if metrics["task"] == "generation":
+        return f"chrF {metrics['chrf']:.1f}"
+    return f"{metrics[TASK_METRIC[metrics['task']]]:.1%}"
 
 
 def confusion_text(metrics: dict[str, Any]) -> str:
@@ -19,11 +29,21 @@ def confusion_text(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _loss_text(metrics: dict[str, Any]) -> str:
+    return f"  loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.2f}" if "loss" in metrics else ""
+
+
 def metrics_text(metrics: dict[str, Any]) -> str:
     """What `affinage eval` prints."""
-    if metrics["task"] != "classification":
-        return f"exact match {metrics['exact_match']:.1%}  ({metrics['n']} examples, {metrics['method']}, {metrics['examples_per_second']} examples/s)"
-    lines = [f"accuracy {metrics['accuracy']:.1%}  macro-F1 {metrics['macro_f1']:.3f}  ({metrics['n']} examples, {metrics['method']}, {metrics['examples_per_second']} examples/s)"]
+    where = f"({metrics['n']} examples, {metrics['method']}, {metrics['examples_per_second']} examples/s)"
+    if metrics["task"] == "generation":
+        return (f"exact match {metrics['exact_match']:.1%}  chrF {metrics['chrf']:.1f}  words {metrics['mean_output_words']} "
+                f"(reference {metrics['mean_reference_words']}){_loss_text(metrics)}  {where}")
+    if metrics["task"] == "pattern":
+        return f"{metrics['pattern']} pattern {metrics['pattern_score']:.1%}  words {metrics['mean_output_words']}{_loss_text(metrics)}  {where}"
+    lines = [f"accuracy {metrics['accuracy']:.1%}  macro-F1 {metrics['macro_f1']:.3f}{_loss_text(metrics)}  {where}"]
+    if "coverage" in metrics:
+        lines.append(f"  answered {metrics['coverage']:.1%} of examples (abstain threshold), accuracy when answered {metrics['answered_accuracy']:.1%}")
     for label, stats in metrics["per_class"].items():
         lines.append(f"  {label:<12} precision {stats['precision']:.3f}  recall {stats['recall']:.3f}  F1 {stats['f1']:.3f}  n={stats['support']}")
     lines.append(confusion_text(metrics))
@@ -39,8 +59,13 @@ def comparison_table(base: dict[str, Any] | None, tuned: dict[str, Any]) -> str:
         for label, stats in tuned["per_class"].items():
             before = base["per_class"][label]["f1"] if base else None
             rows.append((f"F1 {label}", f"{before:.3f}" if before is not None else "-", f"{stats['f1']:.3f}"))
+    elif tuned["task"] == "generation":
+        rows.append(("chrF", f"{base['chrf']:.1f}" if base else "-", f"{tuned['chrf']:.1f}"))
+        rows.append(("exact match", f"{base['exact_match']:.1%}" if base else "-", f"{tuned['exact_match']:.1%}"))
     else:
-        rows.append(("exact match", headline(base), headline(tuned)))
+        rows.append((f"{tuned['pattern']} pattern", headline(base), headline(tuned)))
+    if "loss" in tuned:
+        rows.append(("test loss", f"{base['loss']:.3f}" if base and "loss" in base else "-", f"{tuned['loss']:.3f}"))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in width))

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from affinage.data import config_transforms
 from affinage.data.formats import Example, alpaca_prompt
+from affinage.data.transforms import apply_transforms
 from affinage.evaluate import Prompting, generate
 
 
@@ -29,18 +31,21 @@ class BasicModelRunner:
             self.max_new_tokens = run.config.generation.max_new_tokens
             self.temperature = run.config.generation.temperature
             self.top_p = run.config.generation.top_p
+            self.transforms = config_transforms(run.config)
         else:
             from affinage.models import load_base_model
 
             loaded = load_base_model(str(model_or_run), device=device)
             self.model, self.tokenizer, self.prompting = loaded.model, loaded.tokenizer, Prompting()
             self.max_new_tokens, self.temperature, self.top_p = 128, 0.0, 1.0
+            self.transforms = []
 
     def predict(self, prompt: str | dict[str, Any], max_new_tokens: int | None = None) -> str:
         return self.predict_many([prompt], max_new_tokens)[0]
 
     def predict_many(self, prompts: list[str | dict[str, Any]], max_new_tokens: int | None = None) -> list[str]:
-        examples = [to_example(p) for p in prompts]
+        # The prompt gets the run's prompt-side transforms (e.g. strip_accents), as in training.
+        examples = apply_transforms([to_example(p) for p in prompts], self.transforms, prompt_side_only=True)
         return generate(self.model, self.tokenizer, examples, self.prompting, max_new_tokens=max_new_tokens or self.max_new_tokens,
                         temperature=self.temperature, top_p=self.top_p)
 

@@ -27,11 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from affinage.config import TrainerConfig
-from affinage.data.batching import bucketed_batches, collate
+from affinage.data.batching import bucketed_batches, collate, collate_packed, padding_share
 from affinage.data.template import Encoded
 from affinage.lora.layers import mark_only_lora_as_trainable
 from affinage.lora.peft_format import adapter_state, save_adapter
 from affinage.prefix_cache import FrozenPrefix, cache_fits, frozen_boundary
+
+PACK_WHEN_PADDING_ABOVE = 0.15  # packing: auto packs when bucketed batches would be this much padding
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int]]
 
@@ -54,9 +56,16 @@ def _softcap(logits: torch.Tensor, model: nn.Module) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def model_inputs(batch: dict) -> dict:
+    """A padded batch goes in with its attention mask; a packed one with restarting position ids."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
 def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, head applied only there."""
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     selected = hidden[:, :-1][mask]  # (n_labelled, hidden): the head never sees prompt tokens
@@ -66,7 +75,7 @@ def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
 
 def full_logits_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Reference path: full logits at every position (what HF's loss does); for equivalence tests."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1].float()
+    logits = model(**model_inputs(batch)).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     return F.cross_entropy(logits[mask], targets[mask], reduction="sum"), int(mask.sum())
@@ -82,6 +91,9 @@ class TrainResult:
     final_train_loss: float | None
     best_valid_loss: float | None
     best_step: int | None
+    best_valid_score: float | None = None
+    packed: bool = False
+    frozen_prefix_cached: bool = False
     truncated: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -96,13 +108,18 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def _micro_batches(data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int, start_epoch: int = 0) -> Iterator[tuple[int, dict]]:
-    """Endless stream of (epoch, batch), reshuffled every epoch with a seed derived from it."""
+def _micro_batches(data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int, pack_into: int | None = None) -> Iterator[tuple[int, dict]]:
+    """Endless stream of (epoch, batch), reshuffled every epoch with a seed derived from it.
+
+    With ``pack_into`` the examples of a micro-batch are packed into rows of that many tokens:
+    the same examples per step (same schedule, same loss), fewer padding tokens.
+    """
     lengths = [len(e.input_ids) for e in data]
-    epoch = start_epoch
+    epoch = 0
     while True:
         for indices in bucketed_batches(lengths, batch_size, seed + epoch):
-            yield epoch, collate([data[i] for i in indices], pad_id, indices)
+            examples = [data[i] for i in indices]
+            yield epoch, collate_packed(examples, pad_id, pack_into) if pack_into else collate(examples, pad_id, indices)
         epoch += 1
 
 
@@ -163,8 +180,15 @@ def train(
     loss_fn: LossFn | None = None,
     resume: bool = True,
     progress: bool = True,
+    task_score: Callable[[nn.Module], float] | None = None,
 ) -> TrainResult:
-    """Fine-tune the LoRA factors of ``model`` and write the best adapter to ``run_dir/adapter``."""
+    """Fine-tune the LoRA factors of ``model`` and write the best adapter to ``run_dir/adapter``.
+
+    The best adapter is the one with the lowest validation loss, or with
+    ``cfg.best_metric == "task"`` the highest ``task_score(model)`` (accuracy, chrF, pattern
+    score on the validation split). ``cfg.early_stopping_patience`` validations without
+    improvement end the run.
+    """
     loss_fn = loss_fn or (causal_lm_loss if cfg.logits_only_on_labels else full_logits_loss)
     torch.manual_seed(cfg.seed)
     mark_only_lora_as_trainable(model)
@@ -181,7 +205,9 @@ def train(
     metrics_path = run_dir / "metrics.jsonl"
     state = _load_checkpoint(run_dir, model, optimizer) if resume else None
     step = state["step"] if state else 0
-    best = {"loss": state["best_loss"], "step": state["best_step"]} if state else {"loss": None, "step": None}
+    best = {"loss": state["best_loss"], "step": state["best_step"], "score": state.get("best_score"), "stale": state.get("stale", 0)} if state \
+        else {"loss": None, "step": None, "score": None, "stale": 0}
+    by_task = cfg.best_metric == "task" and task_score is not None
     tokens_done, seconds_done = (state["tokens"], state["seconds"]) if state else (0, 0.0)
     if state is None and metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh log
@@ -189,13 +215,16 @@ def train(
         kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
-    stream = _micro_batches(train_data, cfg.batch_size, cfg.seed, pad_id)
+    train_loss_fn = valid_loss_fn = loss_fn
+    boundary = frozen_boundary(model) if cfg.cache_frozen_blocks and cfg.packing is not True else None
+    use_prefix_cache = bool(boundary) and cache_fits(list(train_data) + list(valid_data), model)
+    # Packing and the frozen-prefix cache (per example) exclude each other; the cache saves more.
+    waste = padding_share([len(e.input_ids) for e in train_data], cfg.batch_size, cfg.seed)
+    pack = cfg.packing is True or (cfg.packing == "auto" and not use_prefix_cache and waste > PACK_WHEN_PADDING_ABOVE)
+    stream = _micro_batches(train_data, cfg.batch_size, cfg.seed, pad_id, pack_into=cfg.max_seq_len if pack else None)
     for _ in range(step * cfg.gradient_accumulation):  # resume at the exact batch the run stopped at
         next(stream)
-
-    train_loss_fn = valid_loss_fn = loss_fn
-    boundary = frozen_boundary(model) if cfg.cache_frozen_blocks else None
-    if boundary and cache_fits(list(train_data) + list(valid_data), model):
+    if use_prefix_cache:
         started = time.perf_counter()
         prefix = FrozenPrefix(model, boundary)
         train_loss_fn = prefix.wrap(loss_fn, prefix.compute(train_data, cfg.batch_size, pad_id, device))
@@ -242,14 +271,27 @@ def train(
             history.append(record)
             if valid_data and (step % eval_every == 0 or step == total_steps):
                 valid_loss = evaluate_loss(model, valid_data, cfg.batch_size, pad_id, device, valid_loss_fn)
-                improved = best["loss"] is None or valid_loss < best["loss"]
+                evaluation = {"step": step, "epoch": epoch, "valid_loss": round(valid_loss, 5)}
+                if task_score is not None:
+                    evaluation["valid_score"] = round(task_score(model), 4)
+                    model.train()
+                if by_task:
+                    improved = best["score"] is None or evaluation["valid_score"] > best["score"]
+                else:
+                    improved = best["loss"] is None or valid_loss < best["loss"]
                 if improved:
-                    best = {"loss": valid_loss, "step": step}
+                    best = {"loss": valid_loss, "step": step, "score": evaluation.get("valid_score"), "stale": 0}
                     save_adapter(model, run_dir / "adapter", base_model_name, adapter_dropout)
-                evaluation = {"step": step, "epoch": epoch, "valid_loss": round(valid_loss, 5), "best": improved}
+                else:
+                    best["stale"] += 1
+                evaluation["best"] = improved
                 log.write(json.dumps(evaluation) + "\n")
                 history.append(evaluation)
-                _save_checkpoint(run_dir, model, optimizer, {"step": step, "best_loss": best["loss"], "best_step": best["step"], "tokens": tokens_done, "seconds": seconds_done})
+                _save_checkpoint(run_dir, model, optimizer, {"step": step, "best_loss": best["loss"], "best_step": best["step"], "best_score": best["score"],
+                                                             "stale": best["stale"], "tokens": tokens_done, "seconds": seconds_done})
+                if cfg.early_stopping_patience and best["stale"] >= cfg.early_stopping_patience:
+                    log.write(json.dumps({"step": step, "early_stop": True, "best_step": best["step"]}) + "\n")
+                    break
             log.flush()
             if bar is not None:
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_done / seconds_done:.0f}", **({"val": f"{best['loss']:.3f}"} if best["loss"] is not None else {}))
@@ -267,5 +309,8 @@ def train(
         final_train_loss=last_loss,
         best_valid_loss=best["loss"],
         best_step=best["step"],
+        best_valid_score=best["score"],
+        packed=pack,
+        frozen_prefix_cached=use_prefix_cache,
         history=history,
     )

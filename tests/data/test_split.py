@@ -69,3 +69,16 @@ def test_a_label_seen_once_cannot_be_split(tmp_path, capsys):
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["data", "split", str(source), "--out", str(tmp_path / "out")]) == 2
     assert "all.jsonl:11" in capsys.readouterr().err
+
+
+def test_free_text_answers_are_split_without_strata(tmp_path):
+    """Distinct answers are no label set: stratifying by them would put everything in train."""
+    import json
+
+    from affinage.config import config_from_dict
+    from affinage.data import load_splits
+
+    rows = [{"prompt": f"question {i} about topic {i * 7}", "completion": f"answer {i}"} for i in range(100)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = load_splits(config_from_dict({"data": {"dataset": "qa.jsonl"}}, base_dir=tmp_path))
+    assert (len(splits.train), len(splits.valid), len(splits.test)) == (80, 10, 10)

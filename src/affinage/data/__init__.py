@@ -8,8 +8,9 @@ from pathlib import Path
 
 from affinage.config import Config
 from affinage.data.formats import Example, load_examples
-from affinage.data.split import stratified_split
-from affinage.data.template import render_prompt
+from affinage.data.split import strata, stratified_split
+from affinage.data.template import is_literal_template, render_prompt
+from affinage.data.transforms import Transform, apply_transforms, build_transforms
 from affinage.errors import DataError
 
 __all__ = ["Example", "DataSplits", "load_splits", "load_file", "feature_fields"]
@@ -27,20 +28,28 @@ def feature_fields(config: Config) -> tuple[str | None, str | None]:
     """Column names of the prompt and completion (None: detected from the row format)."""
     inputs = config.input_features or []
     outputs = config.output_features or []
-    input_field = inputs[0].name if inputs and config.prompt.template is None else None
+    input_field = inputs[0].name if inputs and not is_literal_template(config.prompt.template) else None
     output_field = outputs[0].name if outputs else None
     return input_field, output_field
 
 
+def config_transforms(config: Config) -> list[Transform]:
+    return build_transforms(config.data.transforms, config.trainer.seed, config.base_dir)
+
+
 def load_file(config: Config, path: str | Path) -> list[Example]:
+    """Examples of one file, with the config's transforms applied (both sides: gold answers too)."""
     input_field, output_field = feature_fields(config)
-    return load_examples(
-        Path(path), input_field=input_field, output_field=output_field, templated=config.prompt.template is not None
+    examples = load_examples(
+        Path(path), input_field=input_field, output_field=output_field, templated=is_literal_template(config.prompt.template)
     )
+    return apply_transforms(examples, config_transforms(config))
 
 
 def _split_text(example: Example) -> str:
     """What counts as 'the same example' for leakage: the prompt side (the email itself)."""
+    if example.kind == "text":
+        return example.completion  # plain text has no prompt side
     if example.prompt is not None:
         return example.prompt
     if example.messages:
@@ -54,7 +63,7 @@ def load_splits(config: Config) -> DataSplits:
     notes: list[str] = []
     if data.dataset:
         examples = load_file(config, config.resolve_path(data.dataset))
-        labels = [e.completion.strip() for e in examples]
+        labels = strata([e.completion.strip() for e in examples])
         train, valid, test = stratified_split(examples, labels, [_split_text(e) for e in examples], data.split.ratios, data.split.seed)
         notes.append(f"split {len(examples)} rows of {data.dataset} into {len(train)}/{len(valid)}/{len(test)} (stratified, duplicates grouped)")
     elif data.train:

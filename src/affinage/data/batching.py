@@ -48,3 +48,54 @@ def collate(examples: Sequence[Encoded], pad_id: int, indices: Sequence[int] | N
     if indices is not None:
         batch["indices"] = torch.tensor(list(indices), dtype=torch.long)
     return batch
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group example positions into rows of at most ``capacity`` tokens (first fit, longest first)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if slot is None:
+            rows.append([index])
+            room.append(capacity - lengths[index])
+        else:
+            rows[slot].append(index)
+            room[slot] -= lengths[index]
+    return rows
+
+
+def collate_packed(examples: Sequence[Encoded], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """Several examples per row, none attending to another: position ids restart at each example.
+
+    No attention mask is passed to the model: transformers derives the block-diagonal causal
+    mask from the restarting position ids (its packed-sequence path). The first token of each
+    example carries no label, exactly as in an unpacked row where nothing precedes it.
+    ``attention_mask`` stays in the batch only to count real tokens.
+    """
+    rows = pack_rows([len(e.input_ids) for e in examples], capacity)
+    width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for index in row:
+            example = examples[index]
+            n = len(example.input_ids)
+            input_ids[r, start : start + n] = torch.tensor(example.input_ids)
+            labels[r, start : start + n] = torch.tensor(example.labels)
+            labels[r, start] = -100
+            positions[r, start : start + n] = torch.arange(n)
+            real[r, start : start + n] = 1
+            start += n
+        positions[r, start:] = torch.arange(width - start)  # the padding tail is a segment of its own
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "attention_mask": real}
+
+
+def padding_share(lengths: Sequence[int], batch_size: int, seed: int = 0) -> float:
+    """Share of the tokens of bucketed batches that are padding (what packing could save)."""
+    batches = bucketed_batches(lengths, batch_size, seed)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - sum(lengths) / max(padded, 1)

@@ -25,6 +25,17 @@ def normalise_text(text: str) -> str:
     return _NON_WORD.sub(" ", no_accents).strip()
 
 
+def strata(labels: Sequence[str]) -> list[str]:
+    """The labels to stratify by: themselves when they form a label set, else one stratum.
+
+    Free-text answers are (almost) all distinct; stratifying by them would put every example
+    in train. A label set has at most max(20, n/10) distinct values.
+    """
+    if len(set(labels)) <= max(20, len(labels) // 10):
+        return list(labels)
+    return ["(all)"] * len(labels)
+
+
 def _allocate(count: int, ratios: Sequence[float]) -> list[int]:
     """Split ``count`` items by ``ratios`` (largest remainder), at least one per non-zero ratio when possible."""
     total = sum(ratios)

@@ -1,0 +1,189 @@
+"""``affinage data check``: catch the silent data bugs before a single step is trained.
+
+The field's most reported fine-tuning bugs fail silently: prompt tokens trained on, EOS
+missing (the model never learns to stop), a training rendering that differs from the
+inference one, the same example in train and test. Each check here is a finding with a
+severity: errors stop ``affinage train``; warnings are printed and training goes on.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from affinage.data.formats import Example
+from affinage.data.split import normalise_text
+from affinage.data.template import Encoded, encode_example, encode_prompt, render_prompt
+
+MAX_SHOWN = 3  # examples named per finding
+
+
+@dataclass
+class CheckReport:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    rendered: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "errors": self.errors, "warnings": self.warnings, "stats": self.stats, "rendered": self.rendered}
+
+
+def _named(examples: Sequence[Example]) -> str:
+    shown = ", ".join(e.source or "?" for e in examples[:MAX_SHOWN])
+    return shown + (f" and {len(examples) - MAX_SHOWN} more" if len(examples) > MAX_SHOWN else "")
+
+
+def _identity(example: Example) -> str:
+    """What makes two examples 'the same' for leakage: the prompt side, normalised."""
+    if example.prompt:
+        return normalise_text(example.prompt)
+    if example.messages:
+        return normalise_text(" ".join(m["content"] for m in example.messages if m["role"] != "assistant"))
+    return normalise_text(example.completion)  # plain text rows: the text itself
+
+
+def check_leakage(splits: dict[str, list[Example]], report: CheckReport) -> None:
+    seen: dict[str, dict[str, list[Example]]] = {name: {} for name in splits}
+    for name, examples in splits.items():
+        for example in examples:
+            seen[name].setdefault(_identity(example), []).append(example)
+        repeated = [group[1] for group in seen[name].values() if len(group) > 1]
+        if repeated:
+            report.warnings.append(f"{name}: {len(repeated)} duplicate examples (same text up to case, accents, punctuation), e.g. {_named(repeated)}")
+    for other in ("valid", "test"):
+        shared = [seen[other][key][0] for key in seen.get("train", {}) if key in seen.get(other, {})]
+        if shared:
+            report.errors.append(f"leakage: {len(shared)} {other} examples also appear in train, e.g. {_named(shared)} "
+                                 f"(fix: remove them from one side, or let `affinage data split` group duplicates)")
+
+
+def check_counts(splits: dict[str, list[Example]], labels: list[str] | None, report: CheckReport) -> None:
+    report.stats["counts"] = {name: len(examples) for name, examples in splits.items()}
+    if not labels:
+        return
+    per_class = {name: dict(sorted(Counter(e.completion.strip() for e in examples).items())) for name, examples in splits.items()}
+    report.stats["per_class"] = per_class
+    for name in ("valid", "test"):
+        missing = [label for label in labels if splits.get(name) and label not in per_class[name]]
+        if missing:
+            report.warnings.append(f"{name} split has no example of {', '.join(missing)}: its metrics cannot judge those classes")
+    train_counts = per_class.get("train", {})
+    if train_counts and max(train_counts.values()) > 5 * max(1, min(train_counts.values())):
+        report.warnings.append(f"train classes are unbalanced ({train_counts}): consider more examples of the rare ones")
+
+
+def _is_plain_text(example: Example) -> bool:
+    """Continued pre-training rows: every token carries loss by design."""
+    return getattr(example, "kind", None) == "text"
+
+
+def check_encodings(tokenizer: Any, name: str, examples: Sequence[Example], encoded: Sequence[Encoded], prompting: Any, max_len: int, report: CheckReport) -> None:
+    """Loss mask, EOS, truncation, and training vs inference rendering, token by token."""
+    eos = tokenizer.eos_token_id
+    empty, masked, no_eos, prompt_trained, mismatched = [], [], [], [], []
+    lengths, labelled, total = [], 0, 0
+    for example, enc in zip(examples, encoded):
+        lengths.append(len(enc.input_ids))
+        n_labels = sum(1 for label in enc.labels if label != -100)
+        labelled += n_labels
+        total += len(enc.input_ids)
+        if not example.completion.strip():
+            empty.append(example)
+        if n_labels == 0:
+            masked.append(example)
+            continue
+        last = max(i for i, label in enumerate(enc.labels) if label != -100)
+        if enc.labels[last] != eos:
+            no_eos.append(example)
+        multi_turn = any(m["role"] == "assistant" for m in example.messages or [])
+        if not multi_turn and not _is_plain_text(example) and not enc.truncated:
+            # Single-turn: the labels start exactly where the inference prompt ends.
+            prompt = encode_prompt(tokenizer, example, prompting.template, prompting.system)
+            first = next(i for i, label in enumerate(enc.labels) if label != -100)
+            if enc.input_ids[: len(prompt)] != prompt:
+                mismatched.append(example)
+            elif first < len(prompt):
+                prompt_trained.append(example)
+    truncated = sum(e.truncated for e in encoded)
+    if lengths:
+        ordered = sorted(lengths)
+        report.stats.setdefault("tokens", {})[name] = {
+            "examples": len(lengths), "min": ordered[0], "median": int(statistics.median(ordered)),
+            "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1],
+            "truncated": truncated, "loss_token_share": round(labelled / max(total, 1), 4)}
+    if truncated:
+        report.warnings.append(f"{name}: {truncated} examples are longer than trainer.max_seq_len={max_len} and get truncated "
+                               f"(fix: raise max_seq_len to {max(lengths)})")
+    for found, message in ((empty, "an empty completion"), (masked, "no token carrying loss (completion fully masked)"),
+                           (prompt_trained, "loss on prompt tokens"), (mismatched, "a training rendering that differs from the inference prompt")):
+        if found:
+            report.errors.append(f"{name}: {len(found)} examples with {message}, e.g. {_named(found)}")
+    if no_eos:
+        report.errors.append(f"{name}: {len(no_eos)} examples whose labels do not end with EOS (the model would not learn to stop), "
+                             f"e.g. {_named(no_eos)} (fix: raise trainer.max_seq_len so the answer fits)")
+
+
+def check_chat_template_agreement(tokenizer: Any, example: Example, prompting: Any, report: CheckReport) -> None:
+    """Our training text vs the model's own template on the full conversation (what it was tuned on)."""
+    if prompting.template is not None or not getattr(tokenizer, "chat_template", None) or example.prompt is None:
+        return
+    messages = ([{"role": "system", "content": prompting.system}] if prompting.system is not None else []) + [
+        {"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.completion}]
+    reference = tokenizer.apply_chat_template(messages, tokenize=False)
+    ours = render_prompt(tokenizer, example, None, prompting.system) + example.completion + (tokenizer.eos_token or "")
+    if not reference.startswith(ours) and not ours.startswith(reference.rstrip()):
+        report.warnings.append("the chat template renders the full conversation differently from prompt + answer + EOS: "
+                               f"template {reference[-80:]!r} vs training {ours[-80:]!r}")
+
+
+def run_checks(tokenizer: Any, splits: dict[str, list[Example]], labels: list[str] | None, prompting: Any, max_len: int) -> CheckReport:
+    report = CheckReport()
+    check_counts(splits, labels, report)
+    check_leakage(splits, report)
+    for name, examples in splits.items():
+        encoded = [encode_example(tokenizer, e, max_len, prompting.template, prompting.system) for e in examples]
+        check_encodings(tokenizer, name, examples, encoded, prompting, max_len, report)
+    first = next((examples for examples in splits.values() if examples), [])
+    for example in first[:2]:
+        enc = encode_example(tokenizer, example, max_len, prompting.template, prompting.system)
+        answer_start = next((i for i, label in enumerate(enc.labels) if label != -100), len(enc.labels))
+        report.rendered.append({"source": example.source, "prompt": tokenizer.decode(enc.input_ids[:answer_start]),
+                                "trained_on": tokenizer.decode([t for t in enc.labels if t != -100])})
+    if first:
+        check_chat_template_agreement(tokenizer, first[0], prompting, report)
+    return report
+
+
+def report_text(report: CheckReport) -> str:
+    lines = [f"counts: {report.stats.get('counts')}"]
+    if "per_class" in report.stats:
+        lines += [f"  {name}: {counts}" for name, counts in report.stats["per_class"].items()]
+    for name, stats in report.stats.get("tokens", {}).items():
+        lines.append(f"tokens {name}: {stats}")
+    for shown in report.rendered:
+        lines += [f"--- {shown['source']} as the model sees it (prompt, then [trained on])", shown["prompt"] + "[" + shown["trained_on"] + "]"]
+    lines += [f"warning: {w}" for w in report.warnings] + [f"error: {e}" for e in report.errors]
+    lines.append("data check: " + ("OK" if report.ok else f"{len(report.errors)} error(s)") + (f", {len(report.warnings)} warning(s)" if report.warnings else ""))
+    return "\n".join(lines)
+
+
+def check_config(config: Any, tokenizer: Any = None) -> CheckReport:
+    """Every check on the data a config describes (loads the tokenizer only, not the model)."""
+    from affinage.data import load_splits
+    from affinage.models import load_tokenizer, resolve_model_path
+    from affinage.pipeline import detect_task
+    from affinage.run import prompting_for
+
+    splits = load_splits(config)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(resolve_model_path(config.base_model), config.trust_remote_code)
+    task = detect_task(config, splits.train)
+    named = {"train": splits.train, "valid": splits.valid, "test": splits.test}
+    return run_checks(tokenizer, {k: v for k, v in named.items() if v}, task["labels"], prompting_for(config), config.trainer.max_seq_len)
