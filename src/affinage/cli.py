@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="directory to write")
     p.set_defaults(func=_cmd_merge)
 
+    sub.add_parser("bench", help="training speed and memory vs HF PEFT + TRL (see `affinage bench --help`)", add_help=False)
+
     p = sub.add_parser("compare", help="before/after report of a run: HTML (self-contained) and Markdown")
     p.add_argument("run", help="run directory written by `affinage train`")
     p.add_argument("--output", "-o", help="HTML file to write (default RUN/report.html; the .md twin goes beside it)")
@@ -191,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser: the benchmark script's flags
+        from affinage.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

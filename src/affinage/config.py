@@ -41,12 +41,33 @@ class AdapterConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="Module names (suffixes) to adapt, e.g. [q_proj, v_proj], or 'all-linear' for every "
-        "linear layer except the output head.",
+        "linear layer except the output head. embed_tokens (the input table) and lm_head (the output head) are adapted "
+        "only when named; with tied embeddings the other side stays unchanged.",
     )
 
     layers_to_transform: int | list[int] | None = Field(
         None,
         description="Blocks to adapt: None for all, N for the last N blocks (backward stops below them: faster), or a list of indices.",
+    )
+    use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r (PEFT's use_rslora).")
+    use_dora: bool = Field(
+        False,
+        description="DoRA: a trainable magnitude per output feature times the direction of W + scaling*B*A (PEFT's use_dora). "
+        "Needs a full-precision base (no quantization).",
+    )
+    init: Literal["default", "gaussian", "pissa"] = Field(
+        "default",
+        description="Initial A and B (B = 0 except pissa): default (A Kaiming-uniform), gaussian (A ~ N(0, std 1/r)), or pissa "
+        "(A, B from the top-r singular vectors of W, the base keeps the residual; saved as a rank-2r LoRA on the original "
+        "base). Embeddings always start with A = 0, B ~ N(0, 1), as in PEFT.",
+    )
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per-module ranks overriding r, PEFT's rank_pattern: a key matches a module whose name ends with it "
+        "(regex (.*\\.)?key$), e.g. {down_proj: 32, layers.0.self_attn.q_proj: 4}.",
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Per-module alphas overriding alpha, matched like rank_pattern (PEFT's alpha_pattern)."
     )
 
     @field_validator("target_modules", mode="before")
@@ -54,6 +75,22 @@ class AdapterConfig(_Section):
     def _split_string(cls, value: Any) -> Any:
         if isinstance(value, str) and value != "all-linear":
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _positive_ranks(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {key: rank for key, rank in value.items() if rank < 1}
+        if bad:
+            raise ValueError(f"ranks must be at least 1, got {bad}")
+        return value
+
+    @field_validator("alpha_pattern")
+    @classmethod
+    def _positive_alphas(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {key: alpha for key, alpha in value.items() if alpha <= 0}
+        if bad:
+            raise ValueError(f"alphas must be positive, got {bad}")
         return value
 
 

@@ -175,7 +175,13 @@ def load_base_model(
     path = resolve_model_path(base_model)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if quantization is not None:
-        kwargs["quantization_config"] = _bnb_config(quantization, dtype)
+        bnb_config(quantization, dtype)  # fails early and clearly without bitsandbytes
+        if trust_remote_code:  # remote code cannot be re-run in the quantizing child safely: quantize here
+            kwargs["quantization_config"] = bnb_config(quantization, dtype)
+        else:
+            from affinage.quantize import quantized_checkpoint
+
+            path = quantized_checkpoint(Path(path), quantization, dtype, torch.device(device))
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if quantization is None:
         model.to(device)
@@ -185,7 +191,7 @@ def load_base_model(
     return LoadedModel(model=model, tokenizer=load_tokenizer(path, trust_remote_code), path=path)
 
 
-def _bnb_config(quantization: Any, dtype: torch.dtype) -> Any:
+def bnb_config(quantization: Any, dtype: torch.dtype) -> Any:
     """QLoRA's NF4 (or 8-bit) base through bitsandbytes, which runs on CPU and CUDA."""
     import importlib.util
 

@@ -34,8 +34,13 @@ MAX_LABELS = 20  # more distinct completions than this is a generation task, not
 
 
 def set_threads() -> None:
-    """Use every core: PyTorch's default can leave one idle inside containers."""
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    """Use every core (PyTorch's default can leave one idle inside containers), or AFFINAGE_THREADS.
+
+    Two torch processes sharing the cores must split them (e.g. AFFINAGE_THREADS=1 each on 2
+    cores): oversubscribed OpenMP threads spin against each other and run many times slower.
+    """
+    wanted = os.environ.get("AFFINAGE_THREADS")
+    torch.set_num_threads(int(wanted) if wanted else max(1, len(os.sched_getaffinity(0))))
 
 
 def detect_task(config: Config, train_examples: Sequence[Example]) -> dict[str, Any]:
@@ -131,7 +136,9 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
 
     adapter = config.adapter
     torch.manual_seed(config.trainer.seed)
-    targets = inject_lora(model, adapter.target_modules, r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout, layers=adapter.layers_to_transform)
+    targets = inject_lora(model, adapter.target_modules, r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout, layers=adapter.layers_to_transform,
+                          use_rslora=adapter.use_rslora, use_dora=adapter.use_dora, init=adapter.init,
+                          rank_pattern=adapter.rank_pattern, alpha_pattern=adapter.alpha_pattern)
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     log(f"LoRA r={adapter.r} alpha={adapter.alpha} on {len(targets)} layers: {trainable:,} trainable parameters")
     task_score = None

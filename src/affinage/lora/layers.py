@@ -1,12 +1,15 @@
 """LoRA layers.
 
 :class:`LoRALinear` is the wrapper injected into transformers models (loralib's own layers,
-for models people build themselves, are in ``loralib_layers``): it keeps the original
-  (possibly quantized) layer untouched as ``base_layer``, names its factors like PEFT
-  (``lora_A.weight``/``lora_B.weight``) and merges only when asked (:meth:`LoRALinear.fuse`).
+for models people build themselves, are in ``loralib_layers``; the embedding wrapper is in
+``embedding``): it keeps the original (possibly quantized) layer untouched as ``base_layer``,
+names its parameters like PEFT (``lora_A.weight``/``lora_B.weight``/``lora_magnitude_vector``)
+and merges only when asked (:meth:`LoRALinear.fuse`).
 
-The update is ``scaling * B(A(dropout(x)))`` with ``scaling = alpha / r``: ``B @ A`` is never
-materialised on the training path, which keeps it O(r) per token.
+The update is ``scaling * B(A(dropout(x)))`` with ``scaling = alpha / r`` (``alpha / sqrt(r)``
+with rsLoRA): ``B @ A`` is never materialised per token, which keeps it O(r) per token. DoRA
+(``use_dora``) adds PEFT's magnitude vector (see ``dora``); PiSSA (``init="pissa"``) starts A
+and B from the top-r singular vectors of W and leaves the residual as the base weight.
 """
 
 from __future__ import annotations
@@ -17,44 +20,112 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from affinage.errors import ConfigError
+from affinage.lora import dora
 from affinage.lora.loralib_layers import LoRALayer
+
+INITS = ("default", "gaussian", "pissa")
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class LoRALinear(nn.Module):
     """A LoRA update wrapped around an existing linear layer (injected into HF models)."""
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, *, use_rslora: bool = False,
+                 use_dora: bool = False, init: str = "default"):
         super().__init__()
+        if init not in INITS:
+            raise ConfigError(f"unknown LoRA init {init!r}", where="adapter.init", fix=f"use one of: {', '.join(INITS)}")
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.r = r
         self.alpha = alpha
-        self.scaling = alpha / r
+        self.use_rslora = use_rslora
+        self.init = init
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         # The factors are trained in fp32 whatever the base dtype: optimizer state needs the range.
         device = _weight_device(base_layer)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        # PiSSA's initial factors (A0, B0): saving turns the adapter into a plain LoRA on the original base.
+        self.register_buffer("pissa_A0", None, persistent=False)
+        self.register_buffer("pissa_B0", None, persistent=False)
         self.reset_lora_parameters()
+        self.register_parameter("lora_magnitude_vector", None)
+        if use_dora:
+            weight = dora.dense_weight(base_layer, "DoRA (adapter.use_dora)")
+            self.lora_magnitude_vector = nn.Parameter(dora.weight_norm(weight, self.delta_weight(), dim=1))
         self.merged = False
 
     @classmethod
-    def from_base(cls, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> "LoRALinear":
-        return cls(base_layer, r=r, alpha=alpha, dropout=dropout)
+    def from_base(cls, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, **options) -> "LoRALinear":
+        return cls(base_layer, r=r, alpha=alpha, dropout=dropout, **options)
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (what code asking a head or projection for ``.weight`` expects)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
 
     def reset_lora_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if self.init == "pissa":
+            self._pissa_init()
+            return
+        if self.init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)  # PEFT's init_lora_weights="gaussian"
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+
+    def _pissa_init(self) -> None:
+        """A, B from the top-r SVD of W (scaled so that s·B·A is that part); W becomes the residual."""
+        weight = dora.dense_weight(self.base_layer, "PiSSA (adapter.init: pissa)")
+        with torch.no_grad():
+            u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+            root = torch.sqrt(s[: self.r] / self.scaling)
+            a = root[:, None] * vh[: self.r]
+            b = u[:, : self.r] * root[None, :]
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.copy_(b)
+            residual = weight.float() - self.scaling * (b @ a)
+        # A new parameter, not an in-place edit: a weight tied elsewhere (lm_head/embed_tokens) keeps its value.
+        self.base_layer.weight = nn.Parameter(residual.to(weight.dtype), requires_grad=weight.requires_grad)
+        self.pissa_A0, self.pissa_B0 = a.clone(), b.clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
             return result
         compute = self.lora_A.weight.dtype if x.dtype == torch.float32 else x.dtype
-        hidden = F.linear(self.lora_dropout(x).to(compute), self.lora_A.weight.to(compute))
+        dropped = self.lora_dropout(x)
+        hidden = F.linear(dropped.to(compute), self.lora_A.weight.to(compute))
         update = F.linear(hidden, self.lora_B.weight.to(compute))
-        return result + (update * self.scaling).to(result.dtype)
+        if self.lora_magnitude_vector is None:
+            return result + (update * self.scaling).to(result.dtype)
+        return result + self._dora_extra(x, dropped, result, update, compute).to(result.dtype)
+
+    def _dora_extra(self, x: torch.Tensor, dropped: torch.Tensor, result: torch.Tensor, update: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+        """``(m/‖W+sBA‖ − 1)·W·x + (m/‖W+sBA‖)·s·B(A(x))``, the norm a constant (PEFT)."""
+        weight = self.base_layer.weight
+        scale = dora.magnitude_scale(self.lora_magnitude_vector, weight, self.delta_weight().detach(), dim=1).to(compute)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base = result if self.bias is None else result - self.bias
+        else:  # with dropout the base term sees the same dropped input as the update (PEFT)
+            base = F.linear(dropped, weight)
+        return (scale - 1) * base.to(compute) + scale * update * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -66,13 +137,19 @@ class LoRALinear(nn.Module):
             raise TypeError(f"cannot fuse into {type(base).__name__}; dequantize the base first")
         fused = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device=base.weight.device, dtype=base.weight.dtype)
         with torch.no_grad():
-            fused.weight.copy_((base.weight.float() + self.delta_weight().float()).to(base.weight.dtype))
+            delta = self.delta_weight().float()
+            weight = base.weight.float() + delta
+            if self.lora_magnitude_vector is not None:  # W' = m/‖W+sBA‖ ⊙ (W+sBA), row by row
+                weight = weight * dora.magnitude_scale(self.lora_magnitude_vector.float(), base.weight, delta, dim=1)[:, None]
+            fused.weight.copy_(weight.to(base.weight.dtype))
             if base.bias is not None:
                 fused.bias.copy_(base.bias)
         return fused
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}"
+        options = [f"r={self.r}", f"alpha={self.alpha}"]
+        options += [name for name, on in (("rslora", self.use_rslora), ("dora", self.use_dora)) if on]
+        return ", ".join(options + ([f"init={self.init}"] if self.init != "default" else []))
 
 
 def _weight_device(layer: nn.Module) -> torch.device:
