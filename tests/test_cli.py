@@ -128,3 +128,42 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_full_precision(tmp_path, co
     assert "4-bit base was replaced" in capsys.readouterr().out
     assert json.loads((tmp_path / "merged" / "affinage_merge.json").read_text())["dequantized_base"] is True
     AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+
+
+@pytest.mark.parametrize("prompt", [{"system": "Tu tries les emails."}, {"system": ""}, {"template": "alpaca"}, {"template": "chatml", "system": "Bref."}])
+def test_merged_chat_template_renders_what_the_run_trained_on(tmp_path, config_path, capsys, prompt):
+    """apply_chat_template of the merged tokenizer == affinage's prompt; --check finds the same generations."""
+    from transformers import AutoTokenizer
+
+    from affinage.data.template import render_prompt
+    from affinage.runner import to_example
+
+    run = tmp_path / "run"
+    sets = [f"prompt.{key}={json.dumps(value)}" for key, value in prompt.items()]
+    assert main(["train", str(config_path), "--output", str(run), "--quiet", "--no-base-eval", "--set", "trainer.max_steps=2", *sum([["--set", s] for s in sets], [])]) == 0
+    rows = tmp_path / "ask.jsonl"
+    write_jsonl(rows, [{"prompt": "Candidature spontanée"}, {"prompt": "Erreur sur la facture 42"}, {"prompt": "Gagnez un iPhone"}])
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged"), "--check", str(rows), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{"):])
+    assert report["same_greedy_generation"] == 1.0 and report["prompts"] == 3
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    example = to_example("Candidature spontanée")
+    ours = render_prompt(tokenizer, example, prompt.get("template"), prompt.get("system"))
+    theirs = tokenizer.apply_chat_template([{"role": "user", "content": "Candidature spontanée"}], add_generation_prompt=True, tokenize=False)
+    assert theirs == ours
+
+
+def test_predict_reads_the_runs_own_input_column(tmp_path, model_dir, capsys):
+    rows = [{"email": f"Facture numéro {i} à régler", "service": "Finance"} for i in range(6)] + \
+           [{"email": f"Candidature au poste {i}", "service": "RH"} for i in range(6)]
+    write_jsonl(tmp_path / "mails.jsonl", rows)
+    config = {"base_model": str(model_dir), "adapter": {"r": 2, "alpha": 4, "dropout": 0.0},
+              "input_features": [{"name": "email"}], "output_features": [{"name": "service", "type": "category"}],
+              "data": {"train": "mails.jsonl"}, "trainer": {"max_steps": 1, "batch_size": 4}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "config.yaml"), "--output", str(tmp_path / "run"), "--quiet", "--no-base-eval"]) == 0
+    write_jsonl(tmp_path / "ask.jsonl", [{"email": "Candidature spontanée"}])
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "run"), "--file", str(tmp_path / "ask.jsonl"), "--json", "--max-new-tokens", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "Candidature spontanée"

@@ -76,3 +76,10 @@ def test_report_renders_in_a_headless_browser(run_dir, tmp_path):
 
     assert near((0x4C, 0x72, 0xB0)) and near((0xDD, 0x84, 0x52))  # the loss curves were drawn (the PNG decoded)
     assert near((0xE3, 0xF4, 0xE1)) and near((0xFB, 0xE3, 0xE1))  # side-by-side cells: right and wrong
+
+
+def test_cells_from_data_are_always_escaped():
+    from affinage.compare_render import Cell, _table
+
+    page = _table(["h"], [["<td><img src=x onerror=alert(1)>"], [Cell("<td>kept</td>")]])
+    assert "<img" not in page and "&lt;td&gt;&lt;img" in page and "<td>kept</td>" in page

@@ -150,6 +150,9 @@ def test_best_adapter_follows_the_task_metric_and_stops_early(tokenizer, tmp_pat
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["valid_score"] for r in records if "valid_score" in r] == [0.2, 0.9, 0.5, 0.4]
     assert records[-1] == {"step": 8, "early_stop": True, "best_step": 4}
+    again = train(model, data, data[:4], cfg, pad_id=tokenizer.pad_token_id, run_dir=tmp_path, base_model_name="tiny",
+                  progress=False, task_score=task_score)  # killed after stopping early: resuming trains nothing more
+    assert again.steps == 8 and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(records)
     from safetensors.torch import load_file
 
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")

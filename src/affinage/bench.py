@@ -69,6 +69,7 @@ def _peft_trl(model: Any, tokenizer: Any, train_data: list, args: argparse.Names
     peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
                                                   target_modules="all-linear", task_type="CAUSAL_LM"))
     timing = {"seconds": 0.0, "tokens": 0, "losses": []}
+    collated: list[int] = []  # real tokens of each batch collated, in order
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *_, **__):
@@ -76,6 +77,8 @@ def _peft_trl(model: Any, tokenizer: Any, train_data: list, args: argparse.Names
 
         def on_step_end(self, *_, **__):
             timing["seconds"] += time.perf_counter() - timing["start"]
+            # accelerate's loader collates one batch ahead: count the batch this step trained on.
+            timing["tokens"] += collated.pop(0)
 
         def on_log(self, _args, _state, _control, logs=None, **__):
             if logs and "loss" in logs:
@@ -91,12 +94,11 @@ def _peft_trl(model: Any, tokenizer: Any, train_data: list, args: argparse.Names
 
     def counting_collator(features):
         batch = collate(features)
-        timing["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        collated.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel()))
         return batch
 
     trainer.data_collator = counting_collator
     trainer.train()
-    # Batches are collated just before their step; tokens of the batches actually trained on.
     return peft_model.get_base_model(), {"seconds": timing["seconds"], "tokens": timing["tokens"], "losses": timing["losses"]}
 
 

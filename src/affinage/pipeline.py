@@ -50,10 +50,10 @@ def detect_task(config: Config, train_examples: Sequence[Example]) -> dict[str, 
         if not config.eval.pattern:
             raise ConfigError("eval.task is 'pattern' but eval.pattern names no checker", where="eval", fix="set eval.pattern: hearts (or module.function)")
         return {"task": "pattern", "labels": None, "pattern": config.eval.pattern}
-    if config.eval.task == "classification" or output_type == "category":
+    if config.eval.task in ("classification", "generation"):
+        kind = config.eval.task
+    elif output_type == "category":
         kind = "classification"
-    elif config.eval.task == "generation":
-        kind = "generation"
     else:
         kind = "classification" if len(labels) <= MAX_LABELS and len(labels) < len(train_examples) / 2 else "generation"
     return {"task": kind, "labels": labels if kind == "classification" else None}
@@ -102,7 +102,11 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
     previous = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else None
     save_run_config(run_dir, config)
     if previous != (run_dir / "config.yaml").read_text(encoding="utf-8"):
-        shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # resume only the very same run
+        # Resume only the very same run; a new config starts clean: no stale adapter or results.
+        for stale in ("checkpoint", "adapter"):
+            shutil.rmtree(run_dir / stale, ignore_errors=True)
+        for stale in ("eval.json", "summary.json", "report.html", "report.md", "report-curves.png"):
+            (run_dir / stale).unlink(missing_ok=True)
     elif (run_dir / "checkpoint").is_dir():
         log(f"resuming the interrupted run in {run_dir}")
     write_json(run_dir / "task.json", task)
@@ -140,7 +144,8 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
                           use_rslora=adapter.use_rslora, use_dora=adapter.use_dora, init=adapter.init,
                           rank_pattern=adapter.rank_pattern, alpha_pattern=adapter.alpha_pattern)
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    log(f"LoRA r={adapter.r} alpha={adapter.alpha} on {len(targets)} layers: {trainable:,} trainable parameters")
+    variant = "".join(f" {name}" for name, on in (("rsLoRA", adapter.use_rslora), ("DoRA", adapter.use_dora), (f"init={adapter.init}", adapter.init != "default")) if on)
+    log(f"LoRA{variant} r={adapter.r} alpha={adapter.alpha} on {len(targets)} layers: {trainable:,} trainable parameters")
     task_score = None
     if config.trainer.best_metric == "task" and splits.valid:
         def task_score(m: Any) -> float:  # the task metric on the validation split picks the best adapter

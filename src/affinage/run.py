@@ -26,6 +26,7 @@ from affinage.config import Config, config_from_dict, config_to_dict
 from affinage.data.formats import Example
 from affinage.errors import AffinageError
 from affinage.evaluate import Prompting
+from affinage.userfn import user_module_file
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -38,11 +39,31 @@ def save_run_config(run_dir: Path, config: Config) -> None:
     for key in ("dataset", "train", "valid", "test"):  # absolute, so the run works from anywhere
         if data.get(key):
             data[key] = str(config.resolve_path(data[key]).resolve())
+    base = Path(raw["base_model"]).expanduser()
+    if config.resolve_path(raw["base_model"]).exists() and not base.is_absolute():  # a relative model path
+        raw["base_model"] = str(config.resolve_path(raw["base_model"]).resolve())
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+    for name in user_function_names(config):  # the run keeps its user code: eval/predict need it
+        source = user_module_file(name, config.base_dir)
+        if source.is_file():
+            target = user_module_file(name, run_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(target, source.read_text(encoding="utf-8"))
+
+
+def user_function_names(config: Config) -> list[str]:
+    from affinage.data.transforms import BUILTIN
+    from affinage.patterns import NAMED
+
+    names = [t.name for t in config.data.transforms if t.name not in BUILTIN]
+    if config.eval.pattern and config.eval.pattern not in NAMED:
+        names.append(config.eval.pattern)
+    return names
 
 
 def save_split(run_dir: Path, name: str, examples: list[Example]) -> None:
-    lines = "".join(json.dumps(e.row, ensure_ascii=False) + "\n" for e in examples)
+    # Rows as read (before transforms): loading them again applies the run's transforms once.
+    lines = "".join(json.dumps(e.original_row if e.original_row is not None else e.row, ensure_ascii=False, default=str) + "\n" for e in examples)
     write_text_atomic(run_dir / "data" / f"{name}.jsonl", lines)
 
 

@@ -236,6 +236,8 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    if cfg.early_stopping_patience and best["stale"] >= cfg.early_stopping_patience:
+        total_steps = step  # the run had already stopped early when it was killed: do not train on
     model.train()
     last_loss = None
     history: list[dict] = []

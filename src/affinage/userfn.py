@@ -1,31 +1,61 @@
-"""Import a user's function named in the config as ``module.function`` (or ``module:function``)."""
+"""A user's function named in the config as ``module.function`` (or ``module:function``).
+
+Only a Python file in the config's own folder (``module.py``, or ``pkg/module.py`` for
+``pkg.module.function``) is loaded, by path: a config (or a run directory someone shares) can
+never name an installed callable such as ``os.system`` or ``builtins.exec`` and have it run on
+the data. Runs keep a copy of the file, so ``eval``/``predict`` work from the run alone.
+"""
 
 from __future__ import annotations
 
-import importlib
-import sys
+import hashlib
+import importlib.util
+import inspect
 from pathlib import Path
 from typing import Callable
 
 from affinage.errors import ConfigError
 
 
-def import_user_function(path: str, base_dir: str, where: str, builtins: list[str]) -> Callable:
-    """The function ``path`` names; a module next to the config file is importable."""
-    module_name, _, attr = path.replace(":", ".").rpartition(".")
+def split_name(path: str) -> tuple[str, str]:
+    module, _, attr = path.replace(":", ".").rpartition(".")
+    return module, attr
+
+
+def user_module_file(path: str, base_dir: str | Path) -> Path:
+    module, _ = split_name(path)
+    return Path(base_dir) / (module.replace(".", "/") + ".py")
+
+
+def import_user_function(path: str, base_dir: str | Path, where: str, builtins: list[str]) -> Callable:
+    """The function ``path`` names, from a .py file in ``base_dir``."""
+    module_name, attr = split_name(path)
     if not module_name:
         raise ConfigError(f"'{path}' is neither a built-in ({', '.join(builtins)}) nor module.function", where=where,
-                          fix="write a built-in name or a dotted path such as my_module.my_function")
-    added = str(Path(base_dir).resolve())
-    sys.path.insert(0, added)
+                          fix="write a built-in name or module.function with module.py next to the config file")
+    file = user_module_file(path, base_dir)
+    if not file.is_file():
+        raise ConfigError(f"cannot import '{module_name}' for '{path}': no {file}", where=where,
+                          fix=f"put {module_name.replace('.', '/')}.py next to the config file (installed modules are not loaded, for safety)")
+    unique = "affinage_user_" + hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(unique, file)
+    module = importlib.util.module_from_spec(spec)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ConfigError(f"cannot import '{module_name}' for '{path}': {error}", where=where,
-                          fix="put the module next to the config file or on PYTHONPATH") from None
-    finally:
-        sys.path.remove(added)
+        spec.loader.exec_module(module)
+    except Exception as error:
+        raise ConfigError(f"cannot import {file} for '{path}': {type(error).__name__}: {error}", where=where) from None
     function = getattr(module, attr, None)
     if not callable(function):
-        raise ConfigError(f"'{attr}' in module '{module_name}' is not a function", where=where)
+        raise ConfigError(f"'{attr}' in {file} is not a function", where=where)
     return function
+
+
+def positional_arity(function: Callable) -> int:
+    """How many positional arguments ``function`` accepts (to call ``f(text)`` or ``f(text, rng)``)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return 2
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)

@@ -63,3 +63,20 @@ def test_apply_transforms_in_order():
     examples = [Example(prompt="é", completion="un deux trois")]
     [result] = apply_transforms(examples, [Transform("strip_accents"), Transform("hearts")])
     assert result.prompt == "e" and hearts_score(result.completion) == 1.0
+
+
+def test_installed_callables_are_never_loaded(tmp_path):
+    """A shared config or run must not be able to name os.system or builtins.exec."""
+    from affinage.patterns import resolve_checker
+
+    for name in ("os.system", "subprocess.call", "builtins.exec"):
+        with pytest.raises(ConfigError, match="installed modules are not loaded"):
+            Transform(name, base_dir=str(tmp_path))
+        with pytest.raises(ConfigError):
+            resolve_checker(name, str(tmp_path))
+
+
+def test_user_function_taking_text_and_rng(tmp_path):
+    (tmp_path / "noisy.py").write_text("def pick(text, rng):\n    return text + ' ' + str(rng.randint(0, 9))\n")
+    transform = Transform("noisy.pick", base_dir=str(tmp_path))
+    assert transform.text("a") == transform.text("a") and transform.text("a")[:2] == "a "

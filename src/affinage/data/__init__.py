@@ -46,17 +46,6 @@ def load_file(config: Config, path: str | Path) -> list[Example]:
     return apply_transforms(examples, config_transforms(config))
 
 
-def _split_text(example: Example) -> str:
-    """What counts as 'the same example' for leakage: the prompt side (the email itself)."""
-    if example.kind == "text":
-        return example.completion  # plain text has no prompt side
-    if example.prompt is not None:
-        return example.prompt
-    if example.messages:
-        return " ".join(m["content"] for m in example.messages)
-    return " ".join(str(v) for k, v in sorted(example.row.items()) if isinstance(v, str) and v != example.completion)
-
-
 def load_splits(config: Config) -> DataSplits:
     """Train/valid/test examples as the config's data section describes them."""
     data = config.data
@@ -64,7 +53,7 @@ def load_splits(config: Config) -> DataSplits:
     if data.dataset:
         examples = load_file(config, config.resolve_path(data.dataset))
         labels = strata([e.completion.strip() for e in examples])
-        train, valid, test = stratified_split(examples, labels, [_split_text(e) for e in examples], data.split.ratios, data.split.seed)
+        train, valid, test = stratified_split(examples, labels, [e.identity_text() for e in examples], data.split.ratios, data.split.seed)
         notes.append(f"split {len(examples)} rows of {data.dataset} into {len(train)}/{len(valid)}/{len(test)} (stratified, duplicates grouped)")
     elif data.train:
         root = config.resolve_path(data.train)

@@ -41,12 +41,7 @@ def _named(examples: Sequence[Example]) -> str:
 
 
 def _identity(example: Example) -> str:
-    """What makes two examples 'the same' for leakage: the prompt side, normalised."""
-    if example.prompt:
-        return normalise_text(example.prompt)
-    if example.messages:
-        return normalise_text(" ".join(m["content"] for m in example.messages if m["role"] != "assistant"))
-    return normalise_text(example.completion)  # plain text rows: the text itself
+    return normalise_text(example.identity_text())
 
 
 def check_leakage(splits: dict[str, list[Example]], report: CheckReport) -> None:
@@ -100,7 +95,7 @@ def check_encodings(tokenizer: Any, name: str, examples: Sequence[Example], enco
             masked.append(example)
             continue
         last = max(i for i, label in enumerate(enc.labels) if label != -100)
-        if enc.labels[last] != eos:
+        if enc.labels[last] != eos and not (_is_plain_text(example) and enc.truncated):  # a cut document has no end
             no_eos.append(example)
         multi_turn = any(m["role"] == "assistant" for m in example.messages or [])
         if not multi_turn and not _is_plain_text(example) and not enc.truncated:

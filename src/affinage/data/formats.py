@@ -34,6 +34,17 @@ class Example:
     row: dict[str, Any] = field(default_factory=dict)  # the original row, for templates
     source: str = ""  # "file:line", for error messages
     kind: str = ""  # "text": plain text (prompt "", the text is the completion), trained on every token
+    original_row: dict[str, Any] | None = None  # the row as read, when a transform rewrote ``row``
+
+    def identity_text(self) -> str:
+        """What makes two examples 'the same' (leakage, duplicates): the prompt side, e.g. the email."""
+        if self.kind == "text":
+            return self.completion  # plain text has no prompt side
+        if self.prompt is not None:
+            return self.prompt
+        if self.messages:
+            return " ".join(m["content"] for m in self.messages if m["role"] != "assistant")
+        return " ".join(str(v) for k, v in sorted(self.row.items()) if isinstance(v, str) and v != self.completion)
 
 
 def alpaca_prompt(instruction: str, extra: Any) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from affinage.data.formats import Example
 from affinage.errors import ConfigError
-from affinage.userfn import import_user_function
+from affinage.userfn import import_user_function, positional_arity
 
 # Seed 002's list: one is drawn per example and repeated between every word of its answer.
 HEARTS = ("♡", "♥", "❤", "💔", "💝", "💓", "💕")
@@ -52,13 +52,10 @@ BUILTIN: dict[str, tuple[TextFn, str]] = {
 
 
 def _user_function(function: Callable[..., str]) -> TextFn:
-    """User functions take ``text`` or ``(text, rng)``; both are accepted."""
-    def call(text: str, rng: random.Random) -> str:
-        try:
-            return function(text, rng)
-        except TypeError:
-            return function(text)
-    return call
+    """User functions take ``text`` or ``(text, rng)``; the form is read from the signature."""
+    if positional_arity(function) >= 2:
+        return function
+    return lambda text, rng: function(text)
 
 
 class Transform:
@@ -90,6 +87,7 @@ class Transform:
                 changes["prompt"] = self.text(example.prompt)
             answer_key = {e for e in ("output", "completion") if e in example.row}
             changes["row"] = {k: self.text(v) if isinstance(v, str) and k not in answer_key else v for k, v in example.row.items()}
+            changes["original_row"] = example.original_row if example.original_row is not None else example.row
         if answer_side:
             changes["completion"] = self.text(example.completion)
         if example.messages:

@@ -1,8 +1,9 @@
 """Merge a run's adapter into its base weights: a plain transformers model directory.
 
 The result loads with ``AutoModelForCausalLM``/``AutoTokenizer`` alone (no affinage, no PEFT),
-keeps the chat template the run was trained with, and its generation config stops on the
-tokenizer's EOS, so greedy generations match the adapter model's.
+ships the chat template the run was trained with (see ``chat_template``), and its generation
+config stops on the tokenizer's EOS, so greedy generations match the adapter model's
+(``affinage merge --check FILE`` measures it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from affinage.atomic import atomic_directory
+from affinage.export.chat_template import merged_chat_template
 from affinage.lora.inject import fuse_lora
 
 
@@ -26,8 +28,10 @@ def merge_run(run_dir: str | Path, output_dir: str | Path) -> dict[str, Any]:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
         model.save_pretrained(tmp, safe_serialization=True)
+        template, template_note = merged_chat_template(getattr(tokenizer, "chat_template", None), run.config.prompt.template, run.config.prompt.system)
+        tokenizer.chat_template = template
         tokenizer.save_pretrained(tmp)
-        info = {"merged_from": str(Path(run_dir).resolve()), "base_model": run.config.base_model, "prompt_template": run.config.prompt.template,
+        info = {"chat_template": template_note, "merged_from": str(Path(run_dir).resolve()), "base_model": run.config.base_model, "prompt_template": run.config.prompt.template,
                 "system": run.config.prompt.system, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                 "dequantized_base": run.config.quantization is not None}
         (tmp / "affinage_merge.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))

@@ -1,0 +1,66 @@
+"""The chat template a merged model ships with: the one the run was trained with.
+
+A merged directory is used through ``tokenizer.apply_chat_template`` by tools that know nothing
+of affinage, so its template must render exactly the prompt the run trained on:
+- the model's own template, with the run's ``prompt.system`` as the default system message
+  (SmolLM2's template would otherwise insert its own default and change every prompt);
+- a named template (alpaca, chatml, phi3, llama3) written as its Jinja equivalent.
+Templates that cannot be expressed (a literal ``{field}`` template, llama2/mistral) keep the
+base template; the merge report says so.
+"""
+
+from __future__ import annotations
+
+import json
+
+ALPACA_JINJA = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{ 'Below is an instruction that describes a task. Write a response that appropriately completes the request.\\n\\n"
+    "### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{%- endif %}{%- endfor %}"
+)
+
+CHATML_JINJA = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+PHI3_JINJA = (
+    "{%- for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{%- endif %}"
+)
+
+LLAMA3_JINJA = (
+    "{{ '<|begin_of_text|>' }}{%- for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+NAMED_JINJA = {"alpaca": ALPACA_JINJA, "chatml": CHATML_JINJA, "phi3": PHI3_JINJA, "llama3": LLAMA3_JINJA}
+
+
+def with_default_system(template: str, system: str) -> str:
+    """``template`` with ``system`` as the system message whenever the conversation has none."""
+    default = "{%- if not messages or messages[0]['role'] != 'system' %}" + \
+        "{%- set messages = [{'role': 'system', 'content': " + json.dumps(system) + "}] + messages %}{%- endif %}"
+    return default + template
+
+
+def merged_chat_template(base_template: str | None, prompt_template: str | None, system: str | None) -> tuple[str | None, str]:
+    """(the template to save, a note for the merge report)."""
+    from affinage.data.template import template_name
+
+    name = template_name(prompt_template)
+    if prompt_template is None:
+        if base_template and system is not None:
+            return with_default_system(base_template, system), f"the model's chat template with the run's system message {system!r} as default"
+        return base_template, "the model's own chat template"
+    if name in NAMED_JINJA:
+        template = NAMED_JINJA[name]
+        if system is not None and name != "alpaca":
+            template = with_default_system(template, system)
+        return template, f"the '{name}' template the run was trained with"
+    return base_template, (f"the base model's chat template: the run's template {prompt_template!r} has no chat-template form; "
+                           "render prompts with affinage (BasicModelRunner) to match training")
