@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -86,3 +87,17 @@ def test_pattern_evaluation_scores_each_output(tokenizer):
     metrics = evaluate_pattern(model, tokenizer, examples, Prompting(), lambda text: float(text == outputs[0]), "same-as-first", max_new_tokens=4)
     assert [p["score"] for p in metrics["predictions"]] == [1.0, float(outputs[1] == outputs[0])]
     assert metrics["pattern_score"] == sum(p["score"] for p in metrics["predictions"]) / 2
+
+
+def test_loss_from_label_scores_equals_the_teacher_forced_loss(tokenizer):
+    """Label scoring gives the completion loss for free; it must equal the training loss."""
+    from affinage.data.template import encode_example
+    from affinage.train import evaluate_loss, full_logits_loss
+
+    model = tiny_llama(len(tokenizer))
+    examples = [Example(prompt="Colis abîmé à la livraison", completion="Support"), Example(prompt="Relance facture", completion="Finance"),
+                Example(prompt="Candidature spontanée", completion="RH")]
+    metrics = evaluate_classification(model, tokenizer, examples, LABELS, Prompting())
+    encoded = [encode_example(tokenizer, e, 128) for e in examples]
+    expected = evaluate_loss(model, encoded, 8, tokenizer.pad_token_id, torch.device("cpu"), full_logits_loss)
+    assert metrics["loss"] == pytest.approx(expected, abs=2e-4)

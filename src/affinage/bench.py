@@ -105,10 +105,13 @@ def _peft_trl(model: Any, tokenizer: Any, train_data: list, args: argparse.Names
 def _affinage(model: Any, tokenizer: Any, train_data: list, args: argparse.Namespace, workdir: Path) -> tuple[Any, dict]:
     from affinage.config import TrainerConfig
     from affinage.lora.inject import inject_lora
+    from affinage.lora.layers import share_dropout
     from affinage.train import train
 
     torch.manual_seed(args.seed)
     inject_lora(model, "all-linear", r=args.rank, alpha=args.alpha, dropout=args.dropout)
+    if not args.independent_dropout:
+        share_dropout(model)  # affinage's default (adapter.shared_dropout_mask)
     config = TrainerConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_ratio=0.0, lr_scheduler="constant",
                            max_seq_len=args.seq_len, seed=args.seed)
     result = train(model, train_data, [], config, pad_id=tokenizer.pad_token_id, run_dir=workdir / "affinage", base_model_name="bench",
@@ -198,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--independent-dropout", action="store_true", help="affinage side: one dropout mask per layer, as PEFT")
     parser.add_argument("--quick", action="store_true", help="tiny random model, 3 steps: checks the script runs, not speed")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--only", choices=list(SIDES), help=argparse.SUPPRESS)

@@ -149,7 +149,7 @@ def side_by_side(report: RunReport) -> list[dict[str, Any]]:
             row["base_ok"], row["tuned_ok"] = row["base"].strip() == row["gold"].strip(), row["tuned"].strip() == row["gold"].strip()
         rows.append(row)
     # Show the interesting rows first: where the two models disagree on correctness.
-    rows.sort(key=lambda r: (r["base_ok"] == r["tuned_ok"], r["tuned_ok"]))
+    rows.sort(key=lambda r: (r["base_ok"] == r["tuned_ok"], not r["tuned_ok"]))  # fixed, then broken, then the rest
     return rows[:SIDE_BY_SIDE_ROWS]
 
 

@@ -8,6 +8,7 @@ scoring 5 labels costs little more than one forward pass over the prompt.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -168,12 +169,21 @@ def evaluate_classification(model: Any, tokenizer: Any, examples: Sequence[Examp
         top, best = probabilities.max(dim=-1)
         predicted = [labels[i] if abstain_threshold is None or p >= abstain_threshold else UNSURE for i, p in zip(best.tolist(), top.tolist())]
         details = [{"probabilities": {label: round(float(p), 4) for label, p in zip(labels, row)}} for row in probabilities]
+        # The gold label's score is its teacher-forced log-likelihood (tokens + EOS): the
+        # completion loss comes for free, no second pass over the examples.
+        known = [(row, list(labels).index(g)) for row, g in enumerate(gold) if g in labels]
+        if known:
+            lengths = [len(encode_completion(tokenizer, label)) for label in labels]
+            nll = -sum(float(scores[row, k]) for row, k in known) / sum(lengths[k] for _, k in known)
+            loss_from_scores = {"loss": round(nll, 4), "perplexity": round(math.exp(min(nll, 50.0)), 3)}
     else:
         outputs = generate(model, tokenizer, examples, prompting, max_new_tokens=max_new_tokens)
         predicted = [_match_label(text, labels) for text in outputs]
         details = [{"generated": text} for text in outputs]
     seconds = time.perf_counter() - started
     metrics = classification_metrics(gold, predicted, labels)
+    if method == "score" and known:
+        metrics.update(loss_from_scores)
     if abstain_threshold is not None:
         answered = [(g, p) for g, p in zip(gold, predicted) if p != UNSURE]
         metrics["coverage"] = round(len(answered) / max(len(gold), 1), 4)

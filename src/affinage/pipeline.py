@@ -23,6 +23,7 @@ from affinage.data.check import run_checks
 from affinage.errors import ConfigError, DataError
 from affinage.evaluate import Prompting, evaluate_classification, evaluate_generation, evaluate_pattern
 from affinage.lora.inject import inject_lora
+from affinage.lora.layers import share_dropout
 from affinage.lora.peft_format import load_adapter
 from affinage.models import load_base_model, resolve_dtype
 from affinage.report import comparison_table, headline, task_metric
@@ -73,7 +74,7 @@ def evaluate_examples(model: Any, tokenizer: Any, examples: Sequence[Example], t
                                    max_new_tokens=evaluation.max_new_tokens)
     else:
         metrics = evaluate_generation(model, tokenizer, examples, prompting, max_new_tokens=evaluation.max_new_tokens)
-    if with_loss and examples:
+    if with_loss and examples and "loss" not in metrics:  # label scoring already measured it
         device = next(model.parameters()).device
         encoded, _ = _encode_all(tokenizer, examples, config)
         loss = evaluate_loss(model, encoded, config.trainer.batch_size, tokenizer.pad_token_id, device)
@@ -143,6 +144,8 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
     targets = inject_lora(model, adapter.target_modules, r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout, layers=adapter.layers_to_transform,
                           use_rslora=adapter.use_rslora, use_dora=adapter.use_dora, init=adapter.init,
                           rank_pattern=adapter.rank_pattern, alpha_pattern=adapter.alpha_pattern)
+    if adapter.shared_dropout_mask:
+        share_dropout(model)
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     variant = "".join(f" {name}" for name, on in (("rsLoRA", adapter.use_rslora), ("DoRA", adapter.use_dora), (f"init={adapter.init}", adapter.init != "default")) if on)
     log(f"LoRA{variant} r={adapter.r} alpha={adapter.alpha} on {len(targets)} layers: {trainable:,} trainable parameters")

@@ -1,5 +1,7 @@
 from collections import Counter
 
+import pytest
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -82,3 +84,17 @@ def test_free_text_answers_are_split_without_strata(tmp_path):
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     splits = load_splits(config_from_dict({"data": {"dataset": "qa.jsonl"}}, base_dir=tmp_path))
     assert (len(splits.train), len(splits.valid), len(splits.test)) == (80, 10, 10)
+
+
+def test_a_label_seen_once_in_a_config_dataset_names_its_row(tmp_path):
+    import json
+
+    from affinage.config import config_from_dict
+    from affinage.data import load_splits
+    from affinage.errors import DataError
+
+    rows = [{"prompt": f"email {i}", "completion": ["RH", "Finance"][i % 2]} for i in range(20)] + [{"prompt": "rare", "completion": "Legal"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match="'Legal' appears only once") as error:
+        load_splits(config_from_dict({"data": {"dataset": "d.jsonl"}}, base_dir=tmp_path))
+    assert "d.jsonl:21" in str(error.value)

@@ -51,3 +51,21 @@ def test_lora_linear_starts_equal_to_base_and_fuses_exactly():
     nn.init.normal_(wrapped.lora_B.weight)
     fused = wrapped.fuse()
     torch.testing.assert_close(fused(x), wrapped(x), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_dropout_draws_one_mask_per_input_tensor():
+    from affinage.lora.layers import LoRALinear, SharedDropout, share_dropout
+
+    torch.manual_seed(0)
+    block = torch.nn.ModuleDict({name: LoRALinear(torch.nn.Linear(16, 16), r=4, alpha=8, dropout=0.5) for name in ("q", "k", "o")})
+    assert share_dropout(block) == 3 and block["q"].lora_dropout is block["k"].lora_dropout
+    assert isinstance(block["q"].lora_dropout, SharedDropout)
+    block.train()
+    x, other = torch.randn(4, 16), torch.randn(4, 16)
+    dq, dk = block["q"].lora_dropout(x), block["k"].lora_dropout(x)
+    assert dq is dk  # q and k read the same tensor: one draw
+    do = block["o"].lora_dropout(other)
+    assert do is not dq and set(((do == 0) | torch.isclose(do, other * 2)).flatten().tolist()) == {True}
+    assert not torch.equal(block["q"].lora_dropout(x.clone()), dq)  # another tensor (even equal) gets a fresh draw
+    block.eval()
+    assert block["q"].lora_dropout(x) is x

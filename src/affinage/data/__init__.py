@@ -8,7 +8,7 @@ from pathlib import Path
 
 from affinage.config import Config
 from affinage.data.formats import Example, load_examples
-from affinage.data.split import strata, stratified_split
+from affinage.data.split import lonely_label, strata, stratified_split
 from affinage.data.template import is_literal_template, render_prompt
 from affinage.data.transforms import Transform, apply_transforms, build_transforms
 from affinage.errors import DataError
@@ -53,6 +53,11 @@ def load_splits(config: Config) -> DataSplits:
     if data.dataset:
         examples = load_file(config, config.resolve_path(data.dataset))
         labels = strata([e.completion.strip() for e in examples])
+        lonely = lonely_label(labels)
+        if lonely is not None:
+            where = next(e.source for e in examples if e.completion.strip() == lonely)
+            raise DataError(f"label '{lonely}' appears only once: it cannot be in train and in the test split", where=where,
+                            fix="add examples of that label, merge it into another, or give data.train/valid/test files")
         train, valid, test = stratified_split(examples, labels, [e.identity_text() for e in examples], data.split.ratios, data.split.seed)
         notes.append(f"split {len(examples)} rows of {data.dataset} into {len(train)}/{len(valid)}/{len(test)} (stratified, duplicates grouped)")
     elif data.train:

@@ -36,6 +36,16 @@ def strata(labels: Sequence[str]) -> list[str]:
     return ["(all)"] * len(labels)
 
 
+def lonely_label(strata_labels: Sequence[str]) -> str | None:
+    """A label seen once in a label set: it cannot be both trained on and tested."""
+    if not strata_labels or strata_labels[0] == "(all)":
+        return None
+    counts: dict[str, int] = defaultdict(int)
+    for label in strata_labels:
+        counts[label] += 1
+    return next((label for label in sorted(counts) if counts[label] == 1), None)
+
+
 def _allocate(count: int, ratios: Sequence[float]) -> list[int]:
     """Split ``count`` items by ``ratios`` (largest remainder), at least one per non-zero ratio when possible."""
     total = sum(ratios)

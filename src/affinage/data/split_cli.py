@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from affinage.data.formats import detect_format, read_rows
-from affinage.data.split import normalise_text, strata, stratified_split
+from affinage.data.split import lonely_label, normalise_text, strata, stratified_split
 from affinage.errors import DataError
 
 LABEL_FIELDS = ("completion", "output", "label")
@@ -45,13 +45,11 @@ def split_file(path: Path, out_dir: Path, by: str | None = None, ratios: tuple[f
         if field != "messages" and field not in row:
             raise DataError(f"missing field '{field}'", where=f"{path}:{number}", fix="give every row the label field")
         labels.append(_label(row, field))
-    counts = Counter(labels)
     labels = strata(labels)
-    if labels[0] != "(all)":  # a label task: every class must be splittable
-        lonely = sorted(label for label, n in counts.items() if n == 1)
-        if lonely:
-            first = next(number for number, row in rows if _label(row, field) == lonely[0])
-            raise DataError(f"label '{lonely[0]}' appears only once: it cannot be in train and in the test split", where=f"{path}:{first}", fix="add examples of that label or merge it into another")
+    lonely = lonely_label(labels)
+    if lonely is not None:
+        first = next(number for number, row in rows if _label(row, field) == lonely)
+        raise DataError(f"label '{lonely}' appears only once: it cannot be in train and in the test split", where=f"{path}:{first}", fix="add examples of that label or merge it into another")
     splits = stratified_split(rows, labels, [_text(row, field) for _, row in rows], ratios, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"source": str(path), "stratified_by": field if labels[0] != "(all)" else None, "seed": seed, "splits": {}}
