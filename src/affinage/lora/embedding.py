@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from affinage.lora import dora
-from affinage.lora.layers import lora_scaling
+from affinage.lora.layers import WrapsBase, lora_scaling
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(WrapsBase, nn.Module):
     """A LoRA update wrapped around an existing embedding table."""
 
     def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, dropout: float = 0.0, *, use_rslora: bool = False,
@@ -48,14 +48,6 @@ class LoRAEmbedding(nn.Module):
             weight = dora.dense_weight(base_layer, "DoRA (adapter.use_dora)")
             self.lora_magnitude_vector = nn.Parameter(dora.weight_norm(weight, self.delta_weight(), dim=0))
         self.merged = False
-
-    @property
-    def use_dora(self) -> bool:
-        return self.lora_magnitude_vector is not None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     @property
     def padding_idx(self) -> int | None:

@@ -74,7 +74,23 @@ def share_dropout(model: nn.Module) -> int:
     return count
 
 
-class LoRALinear(nn.Module):
+class WrapsBase:
+    """What a LoRA wrapper exposes of the layer it wraps, and whether it is DoRA."""
+
+    base_layer: nn.Module
+    lora_magnitude_vector: nn.Parameter | None
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (what code asking a head or projection for ``.weight`` expects)."""
+        return self.base_layer.weight
+
+
+class LoRALinear(WrapsBase, nn.Module):
     """A LoRA update wrapped around an existing linear layer (injected into HF models)."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, *, use_rslora: bool = False,
@@ -108,15 +124,6 @@ class LoRALinear(nn.Module):
     @classmethod
     def from_base(cls, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, **options) -> "LoRALinear":
         return cls(base_layer, r=r, alpha=alpha, dropout=dropout, **options)
-
-    @property
-    def use_dora(self) -> bool:
-        return self.lora_magnitude_vector is not None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (what code asking a head or projection for ``.weight`` expects)."""
-        return self.base_layer.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
