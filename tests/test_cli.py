@@ -167,3 +167,16 @@ def test_predict_reads_the_runs_own_input_column(tmp_path, model_dir, capsys):
     capsys.readouterr()
     assert main(["predict", str(tmp_path / "run"), "--file", str(tmp_path / "ask.jsonl"), "--json", "--max-new-tokens", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["prompt"] == "Candidature spontanée"
+
+
+@pytest.mark.parametrize("task, key", [("generation", "chrf"), ("pattern", "pattern_score"), ("classification", "accuracy")])
+def test_eval_json_reports_the_task_metric_of_every_task_kind(tmp_path, config_path, capsys, task, key):
+    run = tmp_path / "run"
+    sets = ["trainer.max_steps=1", f"eval.task={task}", "eval.max_new_tokens=3", "eval.max_examples=4"] + (["eval.pattern=hearts"] if task == "pattern" else [])
+    assert main(["train", str(config_path), "--output", str(run), "--quiet", "--no-base-eval", *sum([["--set", s] for s in sets], [])]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["task"] == task and 0 <= metrics[key] <= (100 if key == "chrf" else 1)
+    n_test = len((run / "data" / "test.jsonl").read_text().splitlines())
+    assert metrics["loss"] > 0 and metrics["perplexity"] >= 1 and len(metrics["predictions"]) == min(4, n_test)
