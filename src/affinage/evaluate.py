@@ -163,6 +163,7 @@ def evaluate_classification(model: Any, tokenizer: Any, examples: Sequence[Examp
         raise ConfigError(f"a label is named '{UNSURE}', the abstain answer", where="eval.abstain_threshold", fix="rename that label or drop the threshold")
     started = time.perf_counter()
     gold = [e.completion.strip() for e in examples]
+    loss_from_scores: dict[str, float] = {}
     if method == "score":
         scores = score_labels(model, tokenizer, examples, labels, prompting)
         probabilities = scores.softmax(dim=-1)
@@ -182,8 +183,7 @@ def evaluate_classification(model: Any, tokenizer: Any, examples: Sequence[Examp
         details = [{"generated": text} for text in outputs]
     seconds = time.perf_counter() - started
     metrics = classification_metrics(gold, predicted, labels)
-    if method == "score" and known:
-        metrics.update(loss_from_scores)
+    metrics.update(loss_from_scores)
     if abstain_threshold is not None:
         answered = [(g, p) for g, p in zip(gold, predicted) if p != UNSURE]
         metrics["coverage"] = round(len(answered) / max(len(gold), 1), 4)

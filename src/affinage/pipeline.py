@@ -118,15 +118,16 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
     loaded = load_base_model(config.base_model, dtype=dtype, device=device, quantization=config.quantization, trust_remote_code=config.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     prompting = prompting_for(config)
-    checks = run_checks(tokenizer, {k: v for k, v in (("train", splits.train), ("valid", splits.valid), ("test", splits.test)) if v},
-                        task["labels"], prompting, config.trainer.max_seq_len)
+    named = splits.non_empty()
+    encoded = {name: _encode_all(tokenizer, examples, config)[0] for name, examples in named.items()}
+    checks = run_checks(tokenizer, named, task["labels"], prompting, config.trainer.max_seq_len, encoded)
     for warning in checks.warnings:
         log(f"data warning: {warning}")
     if not checks.ok:
         raise DataError("the data check failed:\n  " + "\n  ".join(checks.errors), where=str(config.base_dir),
                         fix="fix the data (see `affinage data check CONFIG`)")
-    train_encoded, truncated = _encode_all(tokenizer, splits.train, config)
-    valid_encoded, valid_truncated = _encode_all(tokenizer, splits.valid, config)
+    train_encoded, valid_encoded = encoded["train"], encoded.get("valid", [])
+    truncated, valid_truncated = sum(e.truncated for e in train_encoded), sum(e.truncated for e in valid_encoded)
     n_tokens = sum(len(e.input_ids) for e in train_encoded)
     log(f"data: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test; "
         f"{n_tokens} train tokens; {truncated + valid_truncated} examples truncated to {config.trainer.max_seq_len} tokens; task {task['task']}"

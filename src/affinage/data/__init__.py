@@ -23,6 +23,10 @@ class DataSplits:
     test: list[Example]
     notes: list[str] = field(default_factory=list)
 
+    def non_empty(self) -> dict[str, list[Example]]:
+        """The splits that hold examples, by name."""
+        return {name: examples for name, examples in (("train", self.train), ("valid", self.valid), ("test", self.test)) if examples}
+
 
 def feature_fields(config: Config) -> tuple[str | None, str | None]:
     """Column names of the prompt and completion (None: detected from the row format)."""

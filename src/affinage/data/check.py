@@ -138,21 +138,24 @@ def check_chat_template_agreement(tokenizer: Any, example: Example, prompting: A
                                f"template {reference[-80:]!r} vs training {ours[-80:]!r}")
 
 
-def run_checks(tokenizer: Any, splits: dict[str, list[Example]], labels: list[str] | None, prompting: Any, max_len: int) -> CheckReport:
+def run_checks(tokenizer: Any, splits: dict[str, list[Example]], labels: list[str] | None, prompting: Any, max_len: int,
+               encoded: dict[str, list[Encoded]] | None = None) -> CheckReport:
+    """Every check; ``encoded`` (the splits already encoded by the caller) saves encoding them twice."""
     report = CheckReport()
     check_counts(splits, labels, report)
     check_leakage(splits, report)
+    encoded = dict(encoded or {})
     for name, examples in splits.items():
-        encoded = [encode_example(tokenizer, e, max_len, prompting.template, prompting.system) for e in examples]
-        check_encodings(tokenizer, name, examples, encoded, prompting, max_len, report)
-    first = next((examples for examples in splits.values() if examples), [])
-    for example in first[:2]:
-        enc = encode_example(tokenizer, example, max_len, prompting.template, prompting.system)
+        if name not in encoded:
+            encoded[name] = [encode_example(tokenizer, e, max_len, prompting.template, prompting.system) for e in examples]
+        check_encodings(tokenizer, name, examples, encoded[name], prompting, max_len, report)
+    first = next((name for name, examples in splits.items() if examples), None)
+    for example, enc in zip(splits.get(first, [])[:2], encoded.get(first, [])[:2]):
         answer_start = next((i for i, label in enumerate(enc.labels) if label != -100), len(enc.labels))
         report.rendered.append({"source": example.source, "prompt": tokenizer.decode(enc.input_ids[:answer_start]),
                                 "trained_on": tokenizer.decode([t for t in enc.labels if t != -100])})
-    if first:
-        check_chat_template_agreement(tokenizer, first[0], prompting, report)
+    if first is not None:
+        check_chat_template_agreement(tokenizer, splits[first][0], prompting, report)
     return report
 
 
@@ -180,5 +183,4 @@ def check_config(config: Any, tokenizer: Any = None) -> CheckReport:
     if tokenizer is None:
         tokenizer = load_tokenizer(resolve_model_path(config.base_model), config.trust_remote_code)
     task = detect_task(config, splits.train)
-    named = {"train": splits.train, "valid": splits.valid, "test": splits.test}
-    return run_checks(tokenizer, {k: v for k, v in named.items() if v}, task["labels"], prompting_for(config), config.trainer.max_seq_len)
+    return run_checks(tokenizer, splits.non_empty(), task["labels"], prompting_for(config), config.trainer.max_seq_len)
