@@ -24,13 +24,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_examples(run, data: str | None):
-    from affinage.data import load_file
-
-    path = Path(data) if data else run.path / "data" / "test.jsonl"
-    return load_file(run.config, path)
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from affinage.pipeline import evaluate_examples, set_threads
     from affinage.report import metrics_text
@@ -38,7 +31,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     set_threads()
     run = load_run(args.run)
-    examples = _eval_examples(run, args.data)
+    examples = run.examples(args.data)
     if not examples:
         raise AffinageError("no examples to evaluate", fix="pass --data FILE.jsonl")
     metrics = evaluate_examples(run.model, run.tokenizer, examples, run.task, run.config, run.prompting)

@@ -81,13 +81,12 @@ def gather(run_dir: Path, *, compute_missing_base: bool = True) -> RunReport:
 
 def _evaluate_base(run_dir: Path) -> dict[str, Any]:
     """The run was trained with --no-base-eval: evaluate the bare base model now (and keep it)."""
-    from affinage.cli import _eval_examples
     from affinage.pipeline import evaluate_examples, set_threads
     from affinage.run import load_run, write_json
 
     set_threads()
     run = load_run(run_dir, with_adapter=False)
-    base = evaluate_examples(run.model, run.tokenizer, _eval_examples(run, None), run.task, run.config, run.prompting)
+    base = evaluate_examples(run.model, run.tokenizer, run.examples(), run.task, run.config, run.prompting)
     evaluation = _read_json(run_dir / "eval.json")
     write_json(run_dir / "eval.json", {**evaluation, "base": base})
     return base

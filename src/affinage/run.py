@@ -85,6 +85,12 @@ class Run:
     def prompting(self) -> Prompting:
         return prompting_for(self.config)
 
+    def examples(self, data: str | Path | None = None) -> list[Example]:
+        """Rows of ``data`` (default: the run's test split) with the run's transforms, ready to evaluate."""
+        from affinage.data import load_file
+
+        return load_file(self.config, Path(data) if data else self.path / "data" / "test.jsonl")
+
 
 def read_run_config(run_dir: Path) -> Config:
     path = run_dir / "config.yaml"
