@@ -85,8 +85,8 @@ class Transform:
         if prompt_side:
             if example.prompt:
                 changes["prompt"] = self.text(example.prompt)
-            answer_key = {e for e in ("output", "completion") if e in example.row}
-            changes["row"] = {k: self.text(v) if isinstance(v, str) and k not in answer_key else v for k, v in example.row.items()}
+            # Template fields are prompt side; the answer columns are the completion's business.
+            changes["row"] = {k: self.text(v) if isinstance(v, str) and k not in ("output", "completion") else v for k, v in example.row.items()}
             changes["original_row"] = example.original_row if example.original_row is not None else example.row
         if answer_side:
             changes["completion"] = self.text(example.completion)
