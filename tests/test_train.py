@@ -190,3 +190,37 @@ def test_training_with_and_without_packing_gives_the_same_losses(tokenizer, tmp_
     assert packed.packed and not plain.packed
     losses = [[r["loss"] for r in result.history if "loss" in r] for result in (plain, packed)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_split_rows_keeps_every_token_within_the_budget(tokenizer):
+    from affinage.data.batching import split_rows
+    from affinage.train import resolve_forward_budget
+
+    data = sorted(_encoded(tokenizer), key=lambda e: len(e.input_ids))
+    batch = collate(data, tokenizer.pad_token_id, list(range(len(data))))
+    width = batch["input_ids"].shape[1]
+    groups = split_rows(batch, 3 * width)
+    assert len(groups) == 4 and all(g["input_ids"].numel() <= 3 * width for g in groups)
+    assert groups[0]["input_ids"].shape[1] < width  # the shortest rows shed the padding only the longest needed
+    assert torch.cat([g["indices"] for g in groups]).tolist() == list(range(len(data)))
+    for group in groups:
+        for row, index in enumerate(group["indices"].tolist()):
+            n = len(data[index].input_ids)
+            assert group["input_ids"][row, :n].tolist() == data[index].input_ids
+            assert group["labels"][row, :n].tolist() == data[index].labels
+    assert split_rows(batch, None) == [batch]
+    one_row = {key: value[:1] for key, value in batch.items()}
+    assert split_rows(one_row, 1) == [one_row]  # a row is never cut
+    assert resolve_forward_budget("auto", torch.device("cpu")) == 1024 and resolve_forward_budget("auto", torch.device("cuda")) is None
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_token_budget_per_forward_gives_the_same_training(tokenizer, tmp_path, packing):
+    """Long micro-batches run as several forwards: the same losses step by step, the same adapter."""
+    # 4 examples of 29-44 tokens per batch (packed: rows of at most 64): 100 tokens splits them.
+    whole, unsplit = _train(tokenizer, tmp_path / "whole", packing=packing, max_seq_len=64, max_tokens_per_forward=None)
+    split, budgeted = _train(tokenizer, tmp_path / "split", packing=packing, max_seq_len=64, max_tokens_per_forward=100)
+    losses = [[r["loss"] for r in result.history if "loss" in r] for result in (unsplit, budgeted)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    for (key, a), b in zip(lora_modules(whole).items(), lora_modules(split).values()):
+        torch.testing.assert_close(a.lora_B.weight, b.lora_B.weight, rtol=1e-4, atol=1e-6, msg=key)

@@ -201,6 +201,10 @@ class TrainerConfig(_Section):
         "auto", description="Pack several examples per row (no attention across them, same loss). auto: when "
         "length-bucketed batches would still be >15% padding and the frozen-prefix cache is not in use."
     )
+    max_tokens_per_forward: int | Literal["auto"] | None = Field(
+        "auto", description="Run a micro-batch with more padded tokens than this as several forward passes (same gradient, "
+        "lower peak memory). auto: 1024 on CPU, no limit on GPU. None: no limit."
+    )
     logits_only_on_labels: bool = Field(True, description="Apply the vocabulary head only where a label exists.")
     best_metric: Literal["valid_loss", "task"] = Field(
         "valid_loss", description="What picks the best checkpoint and drives early stopping: the validation loss or the "
@@ -212,6 +216,13 @@ class TrainerConfig(_Section):
     cache_frozen_blocks: bool = Field(
         True, description="With adapter.layers_to_transform, run the frozen lower blocks once per example, not once per epoch."
     )
+
+    @field_validator("max_tokens_per_forward")
+    @classmethod
+    def _positive_budget(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive number of tokens, 'auto' or null")
+        return value
 
     @model_validator(mode="after")
     def _apply_ludwig_scheduler(self) -> "TrainerConfig":

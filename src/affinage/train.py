@@ -27,13 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from affinage.config import TrainerConfig
-from affinage.data.batching import bucketed_batches, collate, collate_packed, padding_share
+from affinage.data.batching import bucketed_batches, collate, collate_packed, padding_share, split_rows
 from affinage.data.template import Encoded
 from affinage.lora.layers import mark_only_lora_as_trainable
 from affinage.lora.peft_format import adapter_state, save_adapter
 from affinage.prefix_cache import FrozenPrefix, cache_fits, frozen_boundary
 
 PACK_WHEN_PADDING_ABOVE = 0.15  # packing: auto packs when bucketed batches would be this much padding
+
+CPU_TOKENS_PER_FORWARD = 1024  # trainer.max_tokens_per_forward: auto on CPU (docs/performance.md)
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int]]
 
@@ -102,6 +104,14 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def resolve_forward_budget(setting: int | str | None, device: torch.device) -> int | None:
+    """Tokens per forward pass: ``auto`` is a budget on CPU (its matmuls are saturated well below
+    it, so splitting costs no speed) and none on GPU, where batch size is the user's memory knob."""
+    if setting == "auto":
+        return CPU_TOKENS_PER_FORWARD if device.type == "cpu" else None
+    return setting
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -221,6 +231,7 @@ def train(
     # Packing and the frozen-prefix cache (per example) exclude each other; the cache saves more.
     waste = padding_share([len(e.input_ids) for e in train_data], cfg.batch_size, cfg.seed)
     pack = cfg.packing is True or (cfg.packing == "auto" and not use_prefix_cache and waste > PACK_WHEN_PADDING_ABOVE)
+    forward_budget = resolve_forward_budget(cfg.max_tokens_per_forward, device)
     stream = _micro_batches(train_data, cfg.batch_size, cfg.seed, pad_id, pack_into=cfg.max_seq_len if pack else None)
     for _ in range(step * cfg.gradient_accumulation):  # resume at the exact batch the run stopped at
         next(stream)
@@ -249,7 +260,8 @@ def train(
                 group["lr"] = lr
             micro = [next(stream) for _ in range(cfg.gradient_accumulation)]
             epoch = micro[-1][0]
-            batches = [_to_device(batch, device) for _, batch in micro]
+            # A micro-batch over the token budget runs as several forwards: same gradient, lower peak.
+            batches = [_to_device(chunk, device) for _, batch in micro for chunk in split_rows(batch, forward_budget)]
             # Normalise by the labelled tokens of the whole step so every token weighs the same.
             step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             step_loss = 0.0

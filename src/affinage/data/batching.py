@@ -99,3 +99,23 @@ def padding_share(lengths: Sequence[int], batch_size: int, seed: int = 0) -> flo
     batches = bucketed_batches(lengths, batch_size, seed)
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     return 1 - sum(lengths) / max(padded, 1)
+
+
+def split_rows(batch: dict[str, torch.Tensor], max_tokens: int | None) -> list[dict[str, torch.Tensor]]:
+    """Cut a batch into row groups of at most ``max_tokens`` padded tokens, each trimmed to its own width.
+
+    Activation memory grows with the tokens of one forward pass; a long micro-batch run as
+    several forwards (gradients summed) peaks lower and gives the same gradient. Rows are
+    right-padded (``attention_mask`` marks real tokens from the left), so a group of shorter
+    rows also drops the padding only its longer neighbours needed. A single row is never cut.
+    """
+    rows, width = batch["input_ids"].shape
+    if max_tokens is None or rows * width <= max_tokens or rows == 1:
+        return [batch]
+    per_group = max(1, max_tokens // width)
+    groups = []
+    for start in range(0, rows, per_group):
+        group = {key: value[start : start + per_group] for key, value in batch.items()}
+        used = int(group["attention_mask"].sum(dim=1).max())
+        groups.append({key: value[:, :used] if value.dim() == 2 else value for key, value in group.items()})
+    return groups

@@ -23,6 +23,7 @@ from torch import nn
 
 from affinage.errors import ConfigError
 from affinage.lora import dora
+from affinage.lora.fused import dropout_mask, dropout_rate, lora_update
 from affinage.lora.loralib_layers import LoRALayer
 
 INITS = ("default", "gaussian", "pissa")
@@ -37,26 +38,30 @@ class SharedDropout(nn.Module):
     """Dropout whose mask is shared by the LoRA layers that read the same input tensor.
 
     q/k/v read the same normed hidden state, and so do gate/up: PEFT draws and keeps three (and
-    two) dropped copies of it per block. Drawing one per input tensor, recognised by identity,
-    does 4 dropout passes per block instead of 7 and keeps 4 copies for backward instead of 7.
+    two) dropped copies of it per block. Drawing one mask per input tensor, recognised by
+    identity, does 4 draws per block instead of 7 and keeps 4 boolean masks for backward.
     Each LoRA branch still sees inverted dropout with rate ``p``; only the masks are correlated.
     """
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        self._last: tuple[weakref.ref, weakref.ref] | None = None
+        self._last: tuple[weakref.ref, torch.Tensor] | None = None
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The keep-mask for ``x``: drawn once per input tensor, then reused."""
+        if self._last is not None and self._last[0]() is x:
+            return self._last[1]
+        keep = dropout_mask(x, self.p)
+        # The tensor is referenced weakly: a step's activations are never kept alive by the cache
+        # (the mask itself is 1 byte per element and replaced by the next input).
+        self._last = (weakref.ref(x), keep)
+        return keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if self._last is not None and self._last[0]() is x:
-            cached = self._last[1]()
-            if cached is not None:
-                return cached
-        dropped = F.dropout(x, self.p, training=True)
-        self._last = (weakref.ref(x), weakref.ref(dropped))  # weak: never keeps a step's tensors alive
-        return dropped
+        return x * self.mask(x) / (1.0 - dropout_rate(self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}, shared"
@@ -158,13 +163,22 @@ class LoRALinear(WrapsBase, nn.Module):
         result = self.base_layer(x)
         if self.merged:
             return result
+        if self.lora_magnitude_vector is None:  # plain LoRA: the fused update (see ``fused``)
+            keep, p = self._keep_mask(x)
+            return result + lora_update(x, self.lora_A.weight, self.lora_B.weight, self.scaling, keep, p).to(result.dtype)
         compute = self.lora_A.weight.dtype if x.dtype == torch.float32 else x.dtype
         dropped = self.lora_dropout(x)
         hidden = F.linear(dropped.to(compute), self.lora_A.weight.to(compute))
         update = F.linear(hidden, self.lora_B.weight.to(compute))
-        if self.lora_magnitude_vector is None:
-            return result + (update * self.scaling).to(result.dtype)
         return result + self._dora_extra(x, dropped, result, update, compute).to(result.dtype)
+
+    def _keep_mask(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """The dropout keep-mask for this input (shared when the dropout module is), or none."""
+        dropout = self.lora_dropout
+        p = getattr(dropout, "p", 0.0)
+        if not self.training or p == 0:
+            return None, 0.0
+        return (dropout.mask(x) if isinstance(dropout, SharedDropout) else dropout_mask(x, p)), p
 
     def _dora_extra(self, x: torch.Tensor, dropped: torch.Tensor, result: torch.Tensor, update: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
         """``(m/‖W+sBA‖ − 1)·W·x + (m/‖W+sBA‖)·s·B(A(x))``, the norm a constant (PEFT)."""

@@ -1,0 +1,108 @@
+"""The fused LoRA update: the gradients of the stock ops, a fraction of their saved memory."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from affinage.lora.fused import dropout_mask, dropout_rate, lora_update
+from affinage.lora.layers import LoRALinear, share_dropout
+
+
+def _stock(x, a, b, scaling, keep, p):
+    dropped = x if keep is None else x * keep / (1 - dropout_rate(p))
+    return F.linear(F.linear(dropped, a), b) * scaling
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_mask_keeps_each_element_with_probability_one_minus_p(p):
+    torch.manual_seed(0)
+    keep = dropout_mask(torch.empty(1001, 999), p)  # an element count that is not a multiple of 4
+    assert keep.dtype == torch.bool and keep.shape == (1001, 999)
+    n = keep.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.float().mean().item() - (1 - p)) < 4 * sigma
+    lanes = keep.flatten()[: n - n % 4].view(-1, 4).float()  # each 16-bit lane of a word is its own draw
+    assert all(abs(lanes[:, i].mean().item() - (1 - p)) < 8 * sigma for i in range(4))
+    assert abs(torch.corrcoef(lanes.t())[0, 1].item()) < 0.01
+    assert abs(dropout_rate(p) - p) <= 1 / 65536
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_in_double(p):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.double, requires_grad=True)
+    a = torch.randn(4, 6, dtype=torch.double, requires_grad=True)
+    b = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
+    keep = dropout_mask(x, p) if p else None
+    assert torch.autograd.gradcheck(lambda x, a, b: lora_update(x, a, b, 1.5, keep, p), (x, a, b))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_same_output_and_gradients_as_stock_ops(p):
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 32)
+    a, b = torch.randn(8, 32) * 0.1, torch.randn(16, 8) * 0.1
+    keep = dropout_mask(x, p) if p else None
+    grad = torch.randn(3, 7, 16)
+    results = []
+    for fn in (lora_update, _stock):
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        out = fn(*leaves, 2.0, keep, p)
+        out.backward(grad)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_in_training_uses_its_mask_and_keeps_fp32_factors_for_bf16_input():
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(32, 16), r=4, alpha=8, dropout=0.25)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    layer.train()
+    x = torch.randn(5, 32)
+    torch.manual_seed(1)
+    out = layer(x)
+    torch.manual_seed(1)
+    keep = dropout_mask(x, 0.25)
+    expected = layer.base_layer(x) + _stock(x, layer.lora_A.weight, layer.lora_B.weight, layer.scaling, keep, 0.25)
+    torch.testing.assert_close(out, expected)
+    layer.base_layer.to(torch.bfloat16)
+    layer(x.to(torch.bfloat16)).float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
+
+
+def _saved_activation_bytes(module, x):
+    """Bytes autograd keeps for backward that are not parameters (one count per storage)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x).sum()
+    return sum(storages.values())
+
+
+def test_shared_mask_keeps_input_and_one_boolean_mask_for_three_layers():
+    torch.manual_seed(0)
+    block = torch.nn.ModuleDict({n: LoRALinear(torch.nn.Linear(256, 256), r=8, alpha=16, dropout=0.1) for n in ("q", "k", "v")})
+    share_dropout(block)
+    block.train()
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x):
+            return sum(layer(x) for layer in self.block.values())
+
+    x = torch.randn(4, 64, 256, requires_grad=True)
+    saved = _saved_activation_bytes(Attention(), x)
+    hidden = 3 * 4 * 64 * 8 * 4  # the rank-8 intermediates, fp32
+    # the input once (fp32) + one boolean mask shared by q/k/v; stock ops keep 3 float noises + 3 copies
+    assert saved <= x.numel() * 4 + x.numel() + hidden
