@@ -211,7 +211,7 @@ def test_split_rows_keeps_every_token_within_the_budget(tokenizer):
     assert split_rows(batch, None) == [batch]
     one_row = {key: value[:1] for key, value in batch.items()}
     assert split_rows(one_row, 1) == [one_row]  # a row is never cut
-    assert resolve_forward_budget("auto", torch.device("cpu")) == 1024 and resolve_forward_budget("auto", torch.device("cuda")) is None
+    assert resolve_forward_budget("auto", torch.device("cpu")) == 512 and resolve_forward_budget("auto", torch.device("cuda")) is None
 
 
 @pytest.mark.parametrize("packing", [False, True])

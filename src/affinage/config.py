@@ -203,7 +203,7 @@ class TrainerConfig(_Section):
     )
     max_tokens_per_forward: int | Literal["auto"] | None = Field(
         "auto", description="Run a micro-batch with more padded tokens than this as several forward passes (same gradient, "
-        "lower peak memory). auto: 1024 on CPU, no limit on GPU. None: no limit."
+        "lower peak memory). auto: 512 on CPU, no limit on GPU. None: no limit."
     )
     logits_only_on_labels: bool = Field(True, description="Apply the vocabulary head only where a label exists.")
     best_metric: Literal["valid_loss", "task"] = Field(

@@ -29,13 +29,14 @@ from torch import nn
 from affinage.config import TrainerConfig
 from affinage.data.batching import bucketed_batches, collate, collate_packed, padding_share, split_rows
 from affinage.data.template import Encoded
+from affinage.gated_mlp import recompute_gated_activations
 from affinage.lora.layers import mark_only_lora_as_trainable
 from affinage.lora.peft_format import adapter_state, save_adapter
 from affinage.prefix_cache import FrozenPrefix, cache_fits, frozen_boundary
 
 PACK_WHEN_PADDING_ABOVE = 0.15  # packing: auto packs when bucketed batches would be this much padding
 
-CPU_TOKENS_PER_FORWARD = 1024  # trainer.max_tokens_per_forward: auto on CPU (docs/performance.md)
+CPU_TOKENS_PER_FORWARD = 512  # trainer.max_tokens_per_forward: auto on CPU (docs/performance.md)
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int]]
 
@@ -252,7 +253,8 @@ def train(
     model.train()
     last_loss = None
     history: list[dict] = []
-    with metrics_path.open("a") as log:
+    # Gated MLPs keep gate and up for backward, not also act(gate): same gradients, less memory.
+    with metrics_path.open("a") as log, recompute_gated_activations(model):
         while step < total_steps:
             started = time.perf_counter()
             lr = get_lr(step, total_steps, cfg.learning_rate, warmup_steps, cfg.lr_scheduler)
