@@ -224,3 +224,31 @@ def test_a_token_budget_per_forward_gives_the_same_training(tokenizer, tmp_path,
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     for (key, a), b in zip(lora_modules(whole).items(), lora_modules(split).values()):
         torch.testing.assert_close(a.lora_B.weight, b.lora_B.weight, rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
+def test_activation_checkpointing_gives_the_same_gradients_with_dropout(build, tokenizer):
+    """Recomputed blocks replay the RNG: the same dropout masks, the same loss and gradients."""
+    from affinage.gated_mlp import recompute_gated_activations
+    from affinage.lora.layers import share_dropout
+    from affinage.train import activation_checkpointing
+
+    model = build(len(tokenizer))
+    inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.2)
+    share_dropout(model)
+    for module in lora_modules(model).values():
+        torch.nn.init.normal_(module.lora_B.weight, std=0.02)
+    model.train()
+    batch = collate(_encoded(tokenizer, 6), tokenizer.pad_token_id)
+    results = []
+    for enabled in (False, True):
+        model.zero_grad()
+        torch.manual_seed(3)
+        with activation_checkpointing(model, enabled), recompute_gated_activations(model):
+            loss, n = causal_lm_loss(model, batch)
+            (loss / n).backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for key, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][key], grad, rtol=1e-5, atol=1e-7)
+    assert not model.is_gradient_checkpointing  # switched off after the block

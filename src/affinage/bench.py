@@ -27,17 +27,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT / "examples" / "email-router" / "emails.jsonl"
-HELD_OUT = 32  # examples kept aside to compare the two trained adapters
-
-
-def _encoded_data(tokenizer: Any, data: Path, seq_len: int, seed: int) -> tuple[list, list]:
+def _encoded_data(tokenizer: Any, data: Path, seq_len: int, seed: int, held_out: int = 32) -> tuple[list, list]:
+    """Every example rendered once by affinage (both sides train on these ids); ``held_out`` kept aside."""
     from affinage.data.formats import load_examples
     from affinage.data.template import encode_example
 
     examples = load_examples(data)
     random.Random(seed).shuffle(examples)
     encoded = [encode_example(tokenizer, e, seq_len) for e in examples]
-    return encoded[HELD_OUT:], encoded[:HELD_OUT]
+    return encoded[held_out:], encoded[:held_out]
 
 
 def _quick_model_dir(workdir: Path) -> Path:
@@ -133,7 +131,7 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
         workdir = Path(tmp)
         model_name = str(_quick_model_dir(workdir)) if args.quick else args.model
         loaded = load_base_model(model_name, dtype=dtype, device=device)
-        train_data, held_out = _encoded_data(loaded.tokenizer, Path(args.data), args.seq_len, args.seed)
+        train_data, held_out = _encoded_data(loaded.tokenizer, Path(args.data), args.seq_len, args.seed, args.held_out)
         runner = _peft_trl if args.only == "peft" else _affinage
         extra = (dtype, workdir) if args.only == "peft" else (workdir,)
         model, timing = runner(loaded.model, loaded.tokenizer, train_data, args, *extra)
@@ -199,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--held-out", type=int, default=32, help="examples kept aside to compare the trained adapters' loss")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--independent-dropout", action="store_true", help="affinage side: one dropout mask per layer, as PEFT")

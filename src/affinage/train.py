@@ -18,6 +18,7 @@ import math
 import os
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -132,6 +133,19 @@ def _micro_batches(data: Sequence[Encoded], batch_size: int, seed: int, pad_id: 
             examples = [data[i] for i in indices]
             yield epoch, collate_packed(examples, pad_id, pack_into) if pack_into else collate(examples, pad_id, indices)
         epoch += 1
+
+
+@contextmanager
+def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """transformers' per-block checkpointing (non-reentrant: RNG state and dropout masks replay) while training."""
+    if not enabled:
+        yield
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
 
 
 @torch.no_grad()
@@ -254,7 +268,7 @@ def train(
     last_loss = None
     history: list[dict] = []
     # Gated MLPs keep gate and up for backward, not also act(gate): same gradients, less memory.
-    with metrics_path.open("a") as log, recompute_gated_activations(model):
+    with metrics_path.open("a") as log, recompute_gated_activations(model), activation_checkpointing(model, cfg.gradient_checkpointing):
         while step < total_steps:
             started = time.perf_counter()
             lr = get_lr(step, total_steps, cfg.learning_rate, warmup_steps, cfg.lr_scheduler)
