@@ -121,3 +121,38 @@ def bos_tokenizer():
     tokenizer = _tokenizer()
     tokenizer.add_bos_token = True
     return tokenizer
+
+
+def adapted_tiny(build, tokenizer, dropout: float = 0.0):
+    """A tiny model with LoRA on all linear layers and non-zero B (so the adapter changes the output)."""
+    import torch
+
+    from affinage.lora import inject_lora, lora_modules
+
+    model = build(len(tokenizer))
+    inject_lora(model, "all-linear", r=4, alpha=8, dropout=dropout)
+    for module in lora_modules(model).values():
+        torch.nn.init.normal_(module.lora_B.weight, std=0.02)
+    return model
+
+
+def trainable_grads(model) -> dict:
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def saved_bytes(fn, skip=()):
+    """``fn()``'s result and the bytes autograd kept for backward (one count per storage, ``skip``'s storages excluded)."""
+    import torch
+
+    skipped = {t.untyped_storage().data_ptr() for t in skip}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skipped:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, sum(storages.values())

@@ -7,39 +7,23 @@ import torch
 
 from affinage.data.batching import collate
 from affinage.gated_mlp import recompute_gated_activations
-from affinage.lora import inject_lora, lora_modules
 from affinage.train import causal_lm_loss
-from tests.conftest import tiny_gemma3, tiny_llama
+from tests.conftest import adapted_tiny, saved_bytes, tiny_gemma3, tiny_llama, trainable_grads
 from tests.test_train import _encoded
-
-
-def _saved_bytes(fn):
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    return result, sum(storages.values())
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
 def test_same_loss_and_gradients_with_fewer_saved_bytes(build, tokenizer):
-    model = build(len(tokenizer))
-    inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
-    for module in lora_modules(model).values():
-        torch.nn.init.normal_(module.lora_B.weight, std=0.02)
+    model = adapted_tiny(build, tokenizer)
     model.train()
     batch = collate(_encoded(tokenizer, 6), tokenizer.pad_token_id)
     results = []
     for patched in (False, True):
         model.zero_grad()
         with recompute_gated_activations(model) if patched else nullcontext() as count:
-            (loss, n), saved = _saved_bytes(lambda: causal_lm_loss(model, batch))
+            (loss, n), saved = saved_bytes(lambda: causal_lm_loss(model, batch))
             (loss / n).backward()
-        results.append((loss.detach(), saved, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, count))
+        results.append((loss.detach(), saved, trainable_grads(model), count))
     (plain_loss, plain_saved, plain_grads, _), (loss, saved, grads, count) = results
     assert count == len(model.get_decoder().layers)
     torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)

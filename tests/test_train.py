@@ -9,7 +9,7 @@ from affinage.data.formats import Example
 from affinage.data.template import encode_example
 from affinage.lora import inject_lora, lora_modules
 from affinage.train import causal_lm_loss, full_logits_loss, get_lr, train
-from tests.conftest import EMAILS, tiny_gemma3, tiny_llama
+from tests.conftest import EMAILS, adapted_tiny, tiny_gemma3, tiny_llama, trainable_grads
 
 
 def test_get_lr_warmup_then_cosine_to_zero():
@@ -29,17 +29,14 @@ def _encoded(tokenizer, n=12):
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
 def test_head_on_labels_only_equals_full_logits(build, tokenizer):
     """The fast loss path: same loss and same LoRA gradients as full logits."""
-    model = build(len(tokenizer))
-    inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
-    for module in lora_modules(model).values():
-        torch.nn.init.normal_(module.lora_B.weight, std=0.02)
+    model = adapted_tiny(build, tokenizer)
     batch = collate(_encoded(tokenizer, 6), tokenizer.pad_token_id)
     grads = []
     for loss_fn in (causal_lm_loss, full_logits_loss):
         model.zero_grad()
         loss, n = loss_fn(model, batch)
         (loss / n).backward()
-        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        grads.append(trainable_grads(model))
         grads[-1]["loss"] = loss.detach()
     torch.testing.assert_close(grads[0].pop("loss"), grads[1].pop("loss"), rtol=1e-5, atol=1e-5)
     for key in grads[1]:
@@ -71,15 +68,12 @@ def test_training_lowers_the_loss_and_logs(tokenizer, tmp_path):
 
 def test_gradient_accumulation_matches_a_big_batch(tokenizer):
     """Loss normalised by the step's token count: 2 x 3 accumulated == one batch of 6."""
-    model = tiny_llama(len(tokenizer))
-    inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
-    for module in lora_modules(model).values():
-        torch.nn.init.normal_(module.lora_B.weight, std=0.02)
+    model = adapted_tiny(tiny_llama, tokenizer)
     data = _encoded(tokenizer, 6)
     big = collate(data, tokenizer.pad_token_id)
     loss, n = causal_lm_loss(model, big)
     (loss / n).backward()
-    expected = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    expected = trainable_grads(model)
     model.zero_grad()
     halves = [collate(data[:2], tokenizer.pad_token_id), collate(data[2:], tokenizer.pad_token_id)]
     total = sum(int((h["labels"][:, 1:] != -100).sum()) for h in halves)
@@ -165,10 +159,7 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients(build, tokenizer):
     """Packing: no attention across examples, positions restart: same loss, same gradients."""
     from affinage.data.batching import collate_packed
 
-    model = build(len(tokenizer))
-    inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
-    for module in lora_modules(model).values():
-        torch.nn.init.normal_(module.lora_B.weight, std=0.02)
+    model = adapted_tiny(build, tokenizer)
     data = _encoded(tokenizer, 6)
     packed = collate_packed(data, tokenizer.pad_token_id, capacity=130)
     assert packed["input_ids"].shape[0] < len(data)  # several examples share a row
@@ -177,7 +168,7 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients(build, tokenizer):
         model.zero_grad()
         loss, n = causal_lm_loss(model, batch)
         (loss / n).backward()
-        results.append((loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+        results.append((loss.detach(), n, trainable_grads(model)))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     assert results[0][1] == results[1][1]
     for key, grad in results[0][2].items():
@@ -233,11 +224,8 @@ def test_activation_checkpointing_gives_the_same_gradients_with_dropout(build, t
     from affinage.lora.layers import share_dropout
     from affinage.train import activation_checkpointing
 
-    model = build(len(tokenizer))
-    inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.2)
+    model = adapted_tiny(build, tokenizer, dropout=0.2)
     share_dropout(model)
-    for module in lora_modules(model).values():
-        torch.nn.init.normal_(module.lora_B.weight, std=0.02)
     model.train()
     batch = collate(_encoded(tokenizer, 6), tokenizer.pad_token_id)
     results = []
@@ -247,7 +235,7 @@ def test_activation_checkpointing_gives_the_same_gradients_with_dropout(build, t
         with activation_checkpointing(model, enabled), recompute_gated_activations(model):
             loss, n = causal_lm_loss(model, batch)
             (loss / n).backward()
-        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+        results.append((loss.detach(), trainable_grads(model)))
     torch.testing.assert_close(results[0][0], results[1][0])
     for key, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][key], grad, rtol=1e-5, atol=1e-7)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from affinage.lora.fused import dropout_mask, dropout_rate, lora_update
 from affinage.lora.layers import LoRALinear, share_dropout
+from tests.conftest import saved_bytes
 
 
 def _stock(x, a, b, scaling, keep, p):
@@ -71,22 +72,6 @@ def test_layer_in_training_uses_its_mask_and_keeps_fp32_factors_for_bf16_input()
     assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
 
 
-def _saved_activation_bytes(module, x):
-    """Bytes autograd keeps for backward that are not parameters (one count per storage)."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x).sum()
-    return sum(storages.values())
-
-
 def test_shared_mask_keeps_input_and_one_boolean_mask_for_three_layers():
     torch.manual_seed(0)
     block = torch.nn.ModuleDict({n: LoRALinear(torch.nn.Linear(256, 256), r=8, alpha=16, dropout=0.1) for n in ("q", "k", "v")})
@@ -102,7 +87,8 @@ def test_shared_mask_keeps_input_and_one_boolean_mask_for_three_layers():
             return sum(layer(x) for layer in self.block.values())
 
     x = torch.randn(4, 64, 256, requires_grad=True)
-    saved = _saved_activation_bytes(Attention(), x)
+    attention = Attention()
+    _, saved = saved_bytes(lambda: attention(x).sum(), skip=list(attention.parameters()))
     hidden = 3 * 4 * 64 * 8 * 4  # the rank-8 intermediates, fp32
     # the input once (fp32) + one boolean mask shared by q/k/v; stock ops keep 3 float noises + 3 copies
     assert saved <= x.numel() * 4 + x.numel() + hidden
