@@ -2,7 +2,6 @@
 
 import copy
 
-import pytest
 
 from affinage.data import check as check_module
 from affinage.data.check import run_checks
