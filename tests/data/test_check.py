@@ -2,7 +2,6 @@
 
 import copy
 
-
 from affinage.data import check as check_module
 from affinage.data.check import run_checks
 from affinage.data.formats import Example
