@@ -239,4 +239,4 @@ def test_activation_checkpointing_gives_the_same_gradients_with_dropout(build, t
     torch.testing.assert_close(results[0][0], results[1][0])
     for key, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][key], grad, rtol=1e-5, atol=1e-7)
-    assert not model.is_gradient_checkpointing  # switched off after the block
+    assert not model.is_activation_checkpointing  # switched off after the block

@@ -141,11 +141,11 @@ def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     try:
         yield
     finally:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
 
 
 @torch.no_grad()
