@@ -240,3 +240,21 @@ def test_activation_checkpointing_gives_the_same_gradients_with_dropout(build, t
     for key, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][key], grad, rtol=1e-5, atol=1e-7)
     assert not model.is_activation_checkpointing  # switched off after the block
+
+
+def test_auto_checkpointing_only_for_rows_the_budget_cannot_split(tokenizer, tmp_path, monkeypatch):
+    """Rows of 29-44 tokens against a 24-token budget: each forward is one row over it, recomputed; same losses."""
+    from transformers import PreTrainedModel
+
+    calls = []
+    original = PreTrainedModel.activation_checkpointing_enable
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", lambda self, **kw: calls.append(1) or original(self, **kw))
+    _, plain = _train(tokenizer, tmp_path / "plain", max_steps=3, max_tokens_per_forward=24, gradient_checkpointing=False)
+    assert not calls
+    _, auto = _train(tokenizer, tmp_path / "auto", max_steps=3, max_tokens_per_forward=24, gradient_checkpointing="auto")
+    assert len(calls) == 3 * 4  # every forward of 3 steps x 4 rows
+    calls.clear()
+    _train(tokenizer, tmp_path / "roomy", max_steps=3, max_tokens_per_forward=512, gradient_checkpointing="auto")
+    assert not calls  # rows within the budget keep their activations
+    losses = [[r["loss"] for r in result.history if "loss" in r] for result in (plain, auto)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

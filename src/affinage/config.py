@@ -205,9 +205,10 @@ class TrainerConfig(_Section):
         "auto", description="Run a micro-batch with more padded tokens than this as several forward passes (same gradient, "
         "lower peak memory). auto: 512 on CPU, no limit on GPU. None: no limit."
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Keep only each block's input for backward and recompute the block: far less activation "
-        "memory for about one more forward pass of compute."
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Keep only each block's input for backward and recompute the block: far less activation "
+        "memory for about one more forward pass of compute. auto: only for a forward pass the token budget could not "
+        "split (one row longer than max_tokens_per_forward)."
     )
     logits_only_on_labels: bool = Field(True, description="Apply the vocabulary head only where a label exists.")
     best_metric: Literal["valid_loss", "task"] = Field(

@@ -268,7 +268,7 @@ def train(
     last_loss = None
     history: list[dict] = []
     # Gated MLPs keep gate and up for backward, not also act(gate): same gradients, less memory.
-    with metrics_path.open("a") as log, recompute_gated_activations(model), activation_checkpointing(model, cfg.gradient_checkpointing):
+    with metrics_path.open("a") as log, recompute_gated_activations(model), activation_checkpointing(model, cfg.gradient_checkpointing is True):
         while step < total_steps:
             started = time.perf_counter()
             lr = get_lr(step, total_steps, cfg.learning_rate, warmup_steps, cfg.lr_scheduler)
@@ -282,8 +282,11 @@ def train(
             step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             step_loss = 0.0
             for batch in batches:
-                loss_sum, _ = train_loss_fn(model, batch)
-                (loss_sum / max(step_tokens, 1)).backward()
+                # A single row over the budget could not be split: auto recomputes its blocks instead.
+                over_budget = forward_budget is not None and batch["input_ids"].numel() > forward_budget
+                with activation_checkpointing(model, cfg.gradient_checkpointing == "auto" and over_budget):
+                    loss_sum, _ = train_loss_fn(model, batch)
+                    (loss_sum / max(step_tokens, 1)).backward()
                 step_loss += float(loss_sum.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
             optimizer.step()
