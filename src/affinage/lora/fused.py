@@ -19,9 +19,18 @@ import torch.nn.functional as F
 MASK_LEVELS = 65536  # the keep probability is drawn to 1/65536: 0.05 becomes 0.050003
 
 
+def _dropped_levels(p: float) -> int:
+    return round(p * MASK_LEVELS)
+
+
 def dropout_rate(p: float) -> float:
-    """The rate :func:`dropout_mask` actually draws (``p`` rounded to 1/65536), for an unbiased scale."""
-    return round(p * MASK_LEVELS) / MASK_LEVELS
+    """The rate :func:`dropout_mask` actually draws (``p`` rounded to 1/65536)."""
+    return _dropped_levels(p) / MASK_LEVELS
+
+
+def keep_scale(p: float) -> float:
+    """Inverted dropout's scale for the kept elements, from the drawn rate: unbiased."""
+    return 1.0 / (1.0 - dropout_rate(p))
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -34,7 +43,7 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     count = x.numel()
     words = torch.empty((count + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
     lanes = words.view(torch.int16)[:count].view(x.shape)  # uniform over [-32768, 32767]
-    return lanes >= round(p * MASK_LEVELS) - MASK_LEVELS // 2
+    return lanes >= _dropped_levels(p) - MASK_LEVELS // 2
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -74,4 +83,4 @@ class _LoRAUpdate(torch.autograd.Function):
 def lora_update(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float,
                 keep: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
     """``scaling * (x * keep / (1-p)) @ A.T @ B.T``; ``keep=None`` is no dropout."""
-    return _LoRAUpdate.apply(x, weight_a, weight_b, scaling, keep, 1.0 / (1.0 - dropout_rate(p)) if keep is not None else 1.0)
+    return _LoRAUpdate.apply(x, weight_a, weight_b, scaling, keep, keep_scale(p) if keep is not None else 1.0)

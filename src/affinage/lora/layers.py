@@ -23,7 +23,7 @@ from torch import nn
 
 from affinage.errors import ConfigError
 from affinage.lora import dora
-from affinage.lora.fused import dropout_mask, dropout_rate, lora_update
+from affinage.lora.fused import dropout_mask, keep_scale, lora_update
 from affinage.lora.loralib_layers import LoRALayer
 
 INITS = ("default", "gaussian", "pissa")
@@ -61,7 +61,7 @@ class SharedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        return x * self.mask(x) / (1.0 - dropout_rate(self.p))
+        return x * self.mask(x) * keep_scale(self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, shared"
