@@ -27,6 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT / "examples" / "email-router" / "emails.jsonl"
+
+
 def _encoded_data(tokenizer: Any, data: Path, seq_len: int, seed: int, held_out: int = 32) -> tuple[list, list]:
     """Every example rendered once by affinage (both sides train on these ids); ``held_out`` kept aside."""
     from affinage.data.formats import load_examples

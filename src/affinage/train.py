@@ -135,6 +135,14 @@ def _micro_batches(data: Sequence[Encoded], batch_size: int, seed: int, pad_id: 
         epoch += 1
 
 
+def _checkpoint_forward(setting: bool | str, batch: dict, budget: int | None) -> bool:
+    """Whether this forward recomputes its blocks: always, never, or (auto) when it is a single
+    row over the token budget, the one case :func:`split_rows` cannot make smaller."""
+    if setting == "auto":
+        return budget is not None and batch["input_ids"].numel() > budget
+    return bool(setting)
+
+
 @contextmanager
 def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     """transformers' per-block checkpointing (non-reentrant: RNG state and dropout masks replay) while training."""
@@ -268,7 +276,7 @@ def train(
     last_loss = None
     history: list[dict] = []
     # Gated MLPs keep gate and up for backward, not also act(gate): same gradients, less memory.
-    with metrics_path.open("a") as log, recompute_gated_activations(model), activation_checkpointing(model, cfg.gradient_checkpointing is True):
+    with metrics_path.open("a") as log, recompute_gated_activations(model):
         while step < total_steps:
             started = time.perf_counter()
             lr = get_lr(step, total_steps, cfg.learning_rate, warmup_steps, cfg.lr_scheduler)
@@ -282,9 +290,7 @@ def train(
             step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             step_loss = 0.0
             for batch in batches:
-                # A single row over the budget could not be split: auto recomputes its blocks instead.
-                over_budget = forward_budget is not None and batch["input_ids"].numel() > forward_budget
-                with activation_checkpointing(model, cfg.gradient_checkpointing == "auto" and over_budget):
+                with activation_checkpointing(model, _checkpoint_forward(cfg.gradient_checkpointing, batch, forward_budget)):
                     loss_sum, _ = train_loss_fn(model, batch)
                     (loss_sum / max(step_tokens, 1)).backward()
                 step_loss += float(loss_sum.detach())
