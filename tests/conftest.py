@@ -64,14 +64,14 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_gemma3(vocab_size: int, seed: int = 0, layers: int = 2):
+def tiny_gemma3(vocab_size: int, seed: int = 0, layers: int = 2, **overrides):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=1, head_dim=16, max_position_embeddings=512, sliding_window=16,
-        pad_token_id=0, eos_token_id=2, bos_token_id=0,
+        pad_token_id=0, eos_token_id=2, bos_token_id=0, **overrides,
     )
     return Gemma3ForCausalLM(config).eval()
 

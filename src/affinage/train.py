@@ -33,6 +33,7 @@ from affinage.data.template import Encoded
 from affinage.gated_mlp import recompute_gated_activations
 from affinage.lora.layers import mark_only_lora_as_trainable
 from affinage.lora.peft_format import adapter_state, save_adapter
+from affinage.models import base_model_hub_id
 from affinage.prefix_cache import FrozenPrefix, cache_fits, frozen_boundary
 
 PACK_WHEN_PADDING_ABOVE = 0.15  # packing: auto packs when bucketed batches would be this much padding
@@ -320,7 +321,7 @@ def train(
                     improved = best["loss"] is None or valid_loss < best["loss"]
                 if improved:
                     best = {"loss": valid_loss, "step": step, "score": evaluation.get("valid_score"), "stale": 0}
-                    save_adapter(model, run_dir / "adapter", base_model_name, adapter_dropout)
+                    save_adapter(model, run_dir / "adapter", base_model_hub_id(base_model_name), adapter_dropout)
                 else:
                     best["stale"] += 1
                 evaluation["best"] = improved
@@ -338,7 +339,7 @@ def train(
     if bar is not None:
         bar.close()
     if not valid_data:  # nothing to select on: the last adapter is the result
-        save_adapter(model, run_dir / "adapter", base_model_name, adapter_dropout)
+        save_adapter(model, run_dir / "adapter", base_model_hub_id(base_model_name), adapter_dropout)
     return TrainResult(
         steps=step,
         train_tokens=tokens_done,

@@ -212,16 +212,24 @@ def render_prompt(tokenizer: Any, example: Example, template: str | None = None,
     return _render(render, _conversation(example, system), True, example)
 
 
-def _adds_bos(tokenizer: Any, template: str | None) -> bool:
+def adds_special_tokens(tokenizer: Any, template: str | None) -> bool:
     """Whether the tokenizer's special tokens (BOS) are added to the rendered prompt."""
     # A chat template writes its own special tokens (BOS included), and so do llama2/llama3/mistral;
     # a raw prompt, a literal template, alpaca, chatml and phi3 get the tokenizer's.
     return not uses_chat_template(tokenizer, template) and template_name(template) not in WRITES_BOS
 
 
+def tokenizer_adds(tokenizer: Any, token_id: int | None, *, first: bool = True) -> bool:
+    """Whether a plain encode puts ``token_id`` at the start (or the end): a BOS (EOS) added by the tokenizer."""
+    if token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0 if first else -1] == token_id and ids != tokenizer("a", add_special_tokens=False)["input_ids"]
+
+
 def encode_prompt(tokenizer: Any, example: Example, template: str | None = None, system: str | None = None) -> list[int]:
     text = render_prompt(tokenizer, example, template, system)
-    return tokenizer(text, add_special_tokens=_adds_bos(tokenizer, template))["input_ids"]
+    return tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer, template))["input_ids"]
 
 
 def encode_completion(tokenizer: Any, completion: str) -> list[int]:
@@ -324,7 +332,7 @@ def _label_turns(tokenizer: Any, text: str, add_special_tokens: bool, spans: lis
 def _encode_prompt_with_labels(tokenizer: Any, example: Example, template: str | None, system: str | None) -> tuple[list[int], list[int]]:
     """The prompt's ids (exactly :func:`encode_prompt`'s) and labels: -100 except on earlier assistant turns."""
     text = render_prompt(tokenizer, example, template, system)
-    add_special_tokens = _adds_bos(tokenizer, template)
+    add_special_tokens = adds_special_tokens(tokenizer, template)
     render = _chat_renderer(tokenizer, template)
     if render is not None and any(m["role"] == "assistant" for m in example.messages or []):
         spans = _assistant_spans(render, _conversation(example, system), text, example)

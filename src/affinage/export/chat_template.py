@@ -12,6 +12,7 @@ base template; the merge report says so.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 ALPACA_JINJA = (
     "{%- for message in messages %}"
@@ -48,8 +49,14 @@ def with_default_system(template: str, system: str) -> str:
     return default + template
 
 
-def merged_chat_template(base_template: str | None, prompt_template: str | None, system: str | None) -> tuple[str | None, str]:
-    """(the template to save, a note for the merge report)."""
+def merged_chat_template(base_template: str | None, prompt_template: str | None, system: str | None,
+                         adds_bos: bool = False) -> tuple[str | None, str]:
+    """(the template to save, a note for the merge report).
+
+    ``adds_bos``: training put the tokenizer's BOS before a named template's text (alpaca,
+    chatml, phi3 on a tokenizer that adds one, e.g. Gemma's); a chat template's text is
+    tokenized without special tokens, so the exported template writes ``bos_token`` itself.
+    """
     from affinage.data.template import template_name
 
     name = template_name(prompt_template)
@@ -61,6 +68,24 @@ def merged_chat_template(base_template: str | None, prompt_template: str | None,
         template = NAMED_JINJA[name]
         if system is not None and name != "alpaca":
             template = with_default_system(template, system)
+        if adds_bos:
+            template = "{{ bos_token }}" + template
         return template, f"the '{name}' template the run was trained with"
     return base_template, (f"the base model's chat template: the run's template {prompt_template!r} has no chat-template form; "
                            "render prompts with affinage (BasicModelRunner) to match training")
+
+
+def run_chat_template(tokenizer: Any, template: str | None, system: str | None) -> tuple[str | None, str, bool]:
+    """The chat template an export of a run ships: (template, note, whether it renders the training prompt).
+
+    When it does not (a literal ``{field}`` template, llama2/mistral), clients must send the
+    prompt as affinage renders it (a plain completion), and the export says so.
+    """
+    from affinage.data.template import adds_special_tokens, template_name, tokenizer_adds, uses_chat_template
+
+    name = template_name(template)
+    base = getattr(tokenizer, "chat_template", None)
+    bos = name in NAMED_JINJA and adds_special_tokens(tokenizer, template) and tokenizer_adds(tokenizer, tokenizer.bos_token_id)
+    exported, note = merged_chat_template(base, template, system, adds_bos=bos)
+    exact = name in NAMED_JINJA or uses_chat_template(tokenizer, template)
+    return exported, note, exact

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from affinage.atomic import atomic_directory
-from affinage.export.chat_template import merged_chat_template
+from affinage.export.chat_template import run_chat_template
 from affinage.lora.inject import fuse_lora
 
 
@@ -21,18 +21,24 @@ def merge_run(run_dir: str | Path, output_dir: str | Path) -> dict[str, Any]:
     from affinage.run import load_run
 
     run = load_run(run_dir, quantized=False)  # a 4-bit base is merged into its full-precision weights
-    model, tokenizer = run.model, run.tokenizer
-    fuse_lora(model)
+    fuse_lora(run.model)
     with atomic_directory(Path(output_dir)) as tmp:
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.config.eos_token_id = tokenizer.eos_token_id
-        model.save_pretrained(tmp, safe_serialization=True)
-        template, template_note = merged_chat_template(getattr(tokenizer, "chat_template", None), run.config.prompt.template, run.config.prompt.system)
-        tokenizer.chat_template = template
-        tokenizer.save_pretrained(tmp)
-        info = {"chat_template": template_note, "merged_from": str(Path(run_dir).resolve()), "base_model": run.config.base_model, "prompt_template": run.config.prompt.template,
-                "system": run.config.prompt.system, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                "dequantized_base": run.config.quantization is not None}
-        (tmp / "affinage_merge.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
+        return save_merged(run, tmp)
+
+
+def save_merged(run: Any, directory: Path) -> dict[str, Any]:
+    """Write ``run``'s model (its adapter already fused) and tokenizer as a plain transformers directory."""
+    model, tokenizer = run.model, run.tokenizer
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    template, template_note, _ = run_chat_template(tokenizer, run.config.prompt.template, run.config.prompt.system)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(directory)
+    info = {"chat_template": template_note, "merged_from": str(Path(run.path).resolve()),
+            "base_model": run.config.base_model, "prompt_template": run.config.prompt.template,
+            "system": run.config.prompt.system, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "dequantized_base": run.config.quantization is not None}
+    (directory / "affinage_merge.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
     return info

@@ -1,0 +1,81 @@
+"""Does the GGUF answer like the run? llama.cpp (through ``llama-cpp-python``) against affinage.
+
+The GGUF side is used exactly as a user's client would use it: the file's own chat template
+through ``create_chat_completion`` (a run without a chat form, such as a literal ``{field}``
+template, gets its rendered prompt through ``create_completion``), greedy decoding. The
+affinage side is the run's adapter model with the same greedy decoding. The two answers must
+be identical for ``agreement`` to count them; the prompt token ids are compared too, so a
+tokenizer or template mismatch is named as such rather than guessed from the answers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from affinage.data.formats import Example
+from affinage.errors import AffinageError
+
+INSTALL_HINT = ('CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install "affinage[export]" (builds llama-cpp-python, '
+                "~10 min on 2 cores), or pass --no-check to write the export unverified")
+
+
+def llama_cpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def open_gguf(model_path: Path, *, lora_path: Path | None = None, n_ctx: int = 2048) -> Any:
+    """A llama.cpp model (optionally with a GGUF LoRA adapter applied at load)."""
+    if not llama_cpp_available():
+        raise AffinageError("verifying a GGUF export needs llama.cpp (llama-cpp-python)", fix=INSTALL_HINT)
+    from llama_cpp import Llama
+
+    threads = int(os.environ.get("AFFINAGE_THREADS") or len(os.sched_getaffinity(0)))
+    return Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None, n_ctx=n_ctx,
+                 n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+
+
+def chat_messages(example: Example) -> list[dict[str, str]]:
+    """What a client sends: the conversation so far and the prompt as the last user turn.
+
+    The run's default system message is not sent: the exported chat template carries it.
+    """
+    messages = [dict(m) for m in example.messages or []]
+    if example.prompt is not None:
+        messages.append({"role": "user", "content": example.prompt})
+    return messages
+
+
+def llama_cpp_answer(llm: Any, example: Example, *, chat: bool, prompt_text: str, max_new_tokens: int) -> str:
+    greedy = {"temperature": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "seed": 0}
+    if chat:
+        out = llm.create_chat_completion(messages=chat_messages(example), max_tokens=max_new_tokens, **greedy)
+        text = out["choices"][0]["message"]["content"] or ""
+    else:
+        out = llm.create_completion(prompt=prompt_text, max_tokens=max_new_tokens, **greedy)
+        text = out["choices"][0]["text"]
+    return text.rstrip("\ufffd").strip()
+
+
+def llama_cpp_prompt_ids(llm: Any, text: str, add_bos: bool) -> list[int]:
+    """llama.cpp's tokens for ``text`` with special tokens parsed, as its chat completion tokenizes a prompt."""
+    return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
+
+def agreement_report(
+    ours: Sequence[str], theirs: Sequence[str], same_prompt: Sequence[bool], examples: Sequence[Example],
+) -> dict[str, Any]:
+    same = [a == b for a, b in zip(ours, theirs)]
+    n = max(len(same), 1)
+    differences = [
+        {"prompt": (e.prompt or "")[:200], "affinage": a, "llama.cpp": b, "same_prompt_tokens": p}
+        for e, a, b, p, s in zip(examples, ours, theirs, same_prompt, same) if not s
+    ]
+    return {
+        "n": len(same),
+        "agreement": round(sum(same) / n, 4),
+        "same_prompt_tokens": round(sum(same_prompt) / n, 4),
+        "differences": differences[:10],
+    }

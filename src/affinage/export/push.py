@@ -1,0 +1,30 @@
+"""``affinage push RUN --repo-id ID``: export a run, then upload that export with its model card.
+
+The upload is exactly the export directory (``--what adapter`` = ``--format peft``, ``merged``,
+``gguf``), checked like any export, so the Hub never receives a file affinage has not verified.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from affinage.export.card import write_card
+from affinage.export.hub import push_folder
+from affinage.export.run_export import CARD_KIND, ExportOptions, export_run
+
+WHAT_FORMAT = {"adapter": "peft", "merged": "merged", "gguf": "gguf"}
+
+
+def push_run(run_dir: str | Path, repo_id: str, *, what: str = "adapter", private: bool = False,
+             dry_run: bool = False, token: str | None = None, options: ExportOptions | None = None) -> dict[str, Any]:
+    fmt = WHAT_FORMAT[what]
+    options = options or ExportOptions()
+    if dry_run:
+        options.check = False  # a dry run lists what would go; the real push checks
+    with tempfile.TemporaryDirectory(prefix="affinage-push-") as scratch:
+        folder = Path(scratch) / Path(run_dir).resolve().name
+        export_run(run_dir, fmt, folder, options, log=lambda _: None)
+        write_card(Path(run_dir), folder, CARD_KIND[fmt], repo_id=repo_id)  # the card names the repo it lives in
+        return push_folder(folder, repo_id, private=private, dry_run=dry_run, token=token)

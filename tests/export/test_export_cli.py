@@ -1,0 +1,110 @@
+"""``affinage export``: each format written, verified in llama.cpp and Go, or left in DIR.partial."""
+
+import json
+
+import gguf
+import pytest
+import yaml
+
+from affinage.cli import main
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, model_dir):
+    """A tiny trained email router (the real one's settings: the model's chat template, an empty system turn)."""
+    from tests.conftest import EMAILS
+
+    root = tmp_path_factory.mktemp("export-run")
+    rows = [{"prompt": f"[INST] rediriger l'email suivant : \"{text} ({v}{i})\"[/INST]", "completion": label}
+            for label, texts in EMAILS.items() for i, text in enumerate(texts) for v in range(3)]
+    write_jsonl(root / "emails.jsonl", rows)
+    config = {
+        "base_model": str(model_dir), "adapter": {"r": 4, "alpha": 8, "dropout": 0.0}, "prompt": {"system": ""},
+        "output_features": [{"name": "completion", "type": "category"}], "data": {"dataset": "emails.jsonl"},
+        "trainer": {"max_steps": 6, "batch_size": 4, "learning_rate": 0.01, "eval_every": 3, "max_seq_len": 96},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(root / "config.yaml"), "--output", str(root / "run"), "--quiet", "--no-base-eval"]) == 0
+    return root / "run"
+
+
+def export(run, tmp_path, fmt, *extra):
+    output = tmp_path / fmt
+    code = main(["export", str(run), "--format", fmt, "--output", str(output), "--quant", "f16", *extra])
+    return code, output
+
+
+def report(output):
+    return json.loads((output / "affinage_export.json").read_text())
+
+
+def test_gguf_export_answers_like_the_run_in_llama_cpp(run, tmp_path):
+    code, output = export(run, tmp_path, "gguf")
+    assert code == 0 and not (tmp_path / "gguf.partial").exists()
+    checks = report(output)["checks"]["llama.cpp"]
+    assert checks["n"] >= 3 and checks["agreement"] == 1.0 and checks["same_prompt_tokens"] == 1.0
+    reader = gguf.GGUFReader(output / "model.gguf")
+    template = reader.fields["tokenizer.chat_template"].contents()
+    assert "'content': \"\"" in template  # the run's empty system turn, not the model's default
+    assert (output / "README.md").read_text().startswith("---\n")
+
+
+def test_gguf_lora_export_is_a_base_and_an_adapter_that_answer_like_the_run(run, tmp_path):
+    code, output = export(run, tmp_path, "gguf-lora")
+    assert code == 0
+    adapter = gguf.GGUFReader(output / "adapter.gguf")
+    assert adapter.fields["general.type"].contents() == "adapter"
+    assert adapter.fields["adapter.type"].contents() == "lora"
+    assert adapter.fields["adapter.lora.alpha"].contents() == 8.0
+    names = [t.name for t in adapter.tensors]
+    assert "blk.0.attn_q.weight.lora_a" in names and "blk.0.attn_q.weight.lora_b" in names
+    assert report(output)["checks"]["llama.cpp"]["agreement"] == 1.0
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_ollama_export_has_a_modelfile_whose_template_renders_the_training_prompt(run, tmp_path, adapter):
+    code, output = export(run, tmp_path, "ollama", *(["--adapter"] if adapter else []))
+    assert code == 0
+    modelfile = (output / "Modelfile").read_text()
+    source = modelfile.splitlines()[0].split()[1]
+    assert source == ("./base.gguf" if adapter else "./model.gguf") and (output / source).is_file()
+    assert ("ADAPTER ./adapter.gguf" in modelfile) == adapter
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    checks = report(output)["checks"]
+    assert checks["ollama_template"]["same"] == checks["ollama_template"]["n"] >= 3
+    assert checks["llama.cpp"]["agreement"] == 1.0
+    assert "ollama create" in (output / "README.md").read_text()
+
+
+def test_a_failed_check_leaves_the_export_in_partial(run, tmp_path, monkeypatch, capsys):
+    import affinage.export.export_checks as checks
+
+    monkeypatch.setattr(checks, "llama_cpp_answer", lambda *args, **kwargs: "gibberish that never stops")
+    code, output = export(run, tmp_path, "gguf")
+    assert code == 2 and not output.exists()
+    partial = tmp_path / "gguf.partial"
+    assert (partial / "model.gguf").is_file()
+    assert report(partial)["checks"]["llama.cpp"]["agreement"] == 0.0
+    assert "below --min-agreement 95%" in capsys.readouterr().err
+    code, output = export(run, tmp_path, "gguf", "--no-check")  # the user's explicit choice
+    assert code == 0 and "checks" not in report(output)
+
+
+def test_export_never_overwrites_a_directory_it_did_not_write(run, tmp_path, capsys):
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "thesis.tex").write_text("precious")
+    code, _ = export(run, tmp_path, "peft")
+    assert code == 2 and "never overwritten" in capsys.readouterr().err
+    assert (tmp_path / "peft" / "thesis.tex").read_text() == "precious"
+
+
+def test_peft_and_merged_exports_carry_a_model_card(run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    for fmt, library in (("peft", "peft"), ("merged", "transformers")):
+        code, output = export(run, tmp_path, fmt)
+        assert code == 0
+        assert ModelCard.load(output / "README.md").data.to_dict()["library_name"] == library
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
