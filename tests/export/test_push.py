@@ -239,3 +239,38 @@ def test_embedded_aliases_resolve_to_hub_ids_and_adapters_name_them(tokenizer, t
           base_model_name="gemma3-270m", progress=False)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "google/gemma-3-270m"
+
+
+def test_cli_push_uploads_a_checked_gguf_with_its_card(hub, run_dir, capsys):
+    from affinage.cli import main
+
+    assert main(["push", str(run_dir), "--repo-id", "someone/router-gguf", "--what", "gguf", "--quant", "f16"]) == 0
+    (commit,) = hub.commits
+    assert {"model.gguf", "README.md", "affinage_export.json"} <= set(commit["files"])
+    report = json.loads(commit["files"]["affinage_export.json"])
+    assert report["checks"]["llama.cpp"]["agreement"] >= 0.95  # the Hub only gets a verified file
+    card = commit["files"]["README.md"].decode()
+    assert "hf download someone/router-gguf model.gguf" in card and "USER/REPO" not in card
+    assert "pushed 3 files" in capsys.readouterr().out
+
+
+def test_cli_push_dry_run_prints_the_card_and_sends_nothing(hub, run_dir, capsys, monkeypatch):
+    from affinage.cli import main
+
+    monkeypatch.delenv("HF_TOKEN")  # a dry run needs no token
+    monkeypatch.setattr("affinage.export.hub.get_token", lambda: None)
+    assert main(["push", str(run_dir), "--repo-id", "someone/router", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert '"adapter_model.safetensors"' in out and "library_name: peft" in out
+    assert hub.requests == []
+
+
+def test_cli_push_without_a_token_fails_before_exporting(hub, run_dir, capsys, monkeypatch):
+    from affinage.cli import main
+    from affinage.export import push
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("affinage.export.hub.get_token", lambda: None)  # no login cache either
+    monkeypatch.setattr(push, "export_run", lambda *args, **kwargs: pytest.fail("exported without a token"))
+    assert main(["push", str(run_dir), "--repo-id", "someone/router"]) == 2
+    assert "no Hugging Face token" in capsys.readouterr().err and hub.requests == []

@@ -44,7 +44,7 @@ def _check_repo_id(repo_id: str) -> None:
                             fix="use NAME or NAMESPACE/NAME (letters, digits, '-', '_', '.')") from None
 
 
-def _resolve_token(token: str | None) -> str:
+def resolve_token(token: str | None) -> str:
     """The caller's token, else HF_TOKEN, else the login cache: refused before any request when there is none."""
     found = token or get_token()
     if not found:
@@ -102,7 +102,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, dry_run: b
         card = folder / "README.md"
         return {**result, "dry_run": True, "private": private,
                 "card": card.read_text(encoding="utf-8") if card.is_file() else None}
-    api = HfApi(endpoint=endpoint, token=_resolve_token(token), library_name="affinage")
+    api = HfApi(endpoint=endpoint, token=resolve_token(token), library_name="affinage")
     errors = _network_errors()
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)

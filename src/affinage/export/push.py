@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from affinage.export.card import write_card
-from affinage.export.hub import push_folder
+from affinage.export.hub import push_folder, resolve_token
 from affinage.export.run_export import CARD_KIND, ExportOptions, export_run
 
 WHAT_FORMAT = {"adapter": "peft", "merged": "merged", "gguf": "gguf"}
@@ -23,6 +23,8 @@ def push_run(run_dir: str | Path, repo_id: str, *, what: str = "adapter", privat
     options = options or ExportOptions()
     if dry_run:
         options.check = False  # a dry run lists what would go; the real push checks
+    else:
+        token = resolve_token(token)  # no token: say so before minutes of export, not after
     with tempfile.TemporaryDirectory(prefix="affinage-push-") as scratch:
         folder = Path(scratch) / Path(run_dir).resolve().name
         export_run(run_dir, fmt, folder, options, log=lambda _: None)
