@@ -16,12 +16,19 @@ def run(tmp_path_factory, model_dir):
     from tests.conftest import EMAILS
 
     root = tmp_path_factory.mktemp("export-run")
-    rows = [{"prompt": f"[INST] rediriger l'email suivant : \"{text} ({v}{i})\"[/INST]", "completion": label}
-            for label, texts in EMAILS.items() for i, text in enumerate(texts) for v in range(3)]
+    rows = [
+        {"prompt": f'[INST] rediriger l\'email suivant : "{text} ({v}{i})"[/INST]', "completion": label}
+        for label, texts in EMAILS.items()
+        for i, text in enumerate(texts)
+        for v in range(3)
+    ]
     write_jsonl(root / "emails.jsonl", rows)
     config = {
-        "base_model": str(model_dir), "adapter": {"r": 4, "alpha": 8, "dropout": 0.0}, "prompt": {"system": ""},
-        "output_features": [{"name": "completion", "type": "category"}], "data": {"dataset": "emails.jsonl"},
+        "base_model": str(model_dir),
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "prompt": {"system": ""},
+        "output_features": [{"name": "completion", "type": "category"}],
+        "data": {"dataset": "emails.jsonl"},
         "trainer": {"max_steps": 6, "batch_size": 4, "learning_rate": 0.01, "eval_every": 3, "max_seq_len": 96},
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))

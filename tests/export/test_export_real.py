@@ -41,8 +41,23 @@ def test_email_router_gguf_and_adapter_answer_like_affinage_in_llama_cpp(tmp_pat
     run = tmp_path / "run"
     assert main(["train", str(tmp_path / "config.yaml"), "--output", str(run), "--quiet", "--no-base-eval"]) == 0
     for fmt in ("gguf", "gguf-lora"):
-        assert main(["export", str(run), "--format", fmt, "--output", str(tmp_path / fmt), "--check-limit", "30",
-                     "--check-tokens", "8"]) == 0
+        assert (
+            main(
+                [
+                    "export",
+                    str(run),
+                    "--format",
+                    fmt,
+                    "--output",
+                    str(tmp_path / fmt),
+                    "--check-limit",
+                    "30",
+                    "--check-tokens",
+                    "8",
+                ]
+            )
+            == 0
+        )
         checks = json.loads((tmp_path / fmt / "affinage_export.json").read_text())["checks"]["llama.cpp"]
         assert checks["n"] == 30 and checks["agreement"] >= 0.95 and checks["same_prompt_tokens"] == 1.0
     llm = llama_cpp.Llama(model_path=str(tmp_path / "gguf" / "model.gguf"), n_ctx=512, verbose=False)

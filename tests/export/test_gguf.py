@@ -15,7 +15,6 @@ from affinage.export.gguf_write import check_quant, tensor_type, write_model_ggu
 from affinage.lora import inject_lora, lora_modules, save_adapter
 from tests.conftest import tiny_gemma3, tiny_llama
 
-
 TEXT = "Bonjour, je souhaiterais savoir où en est ma candidature pour le poste de développeur. J'ai un problème"
 
 
@@ -32,8 +31,14 @@ def save_model_dir(model, tokenizer, path):
 
 
 def llama_cpp_logits(path, ids, lora=None):
-    llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, logits_all=True, n_ctx=256,
-                          verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        lora_path=str(lora) if lora else None,
+        logits_all=True,
+        n_ctx=256,
+        verbose=False,
+        n_threads=2,
+    )
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)])
@@ -46,7 +51,9 @@ def llama_cpp_logits(path, ids, lora=None):
 def test_gguf_logits_match_pytorch(tmp_path, tokenizer, arch, quant, tolerance):
     model = build(arch, len(tokenizer))
     directory = save_model_dir(model, tokenizer, tmp_path / "model")
-    write_model_gguf(tmp_path / "model.gguf", model, gguf_vocab(tokenizer, directory, model.config.vocab_size), quant=quant)
+    write_model_gguf(
+        tmp_path / "model.gguf", model, gguf_vocab(tokenizer, directory, model.config.vocab_size), quant=quant
+    )
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     assert len(ids) > 16  # past Gemma 3's sliding window of the tiny config
     with torch.no_grad():
@@ -68,7 +75,9 @@ def test_the_rotary_interleave_is_what_llama_cpp_needs(tmp_path, tokenizer):
 def test_lora_adapter_gguf_applies_like_the_pytorch_adapter(tmp_path, tokenizer, arch, rslora):
     base = build(arch, len(tokenizer))
     directory = save_model_dir(base, tokenizer, tmp_path / "model")
-    write_model_gguf(tmp_path / "base.gguf", base, gguf_vocab(tokenizer, directory, base.config.vocab_size), quant="f32")
+    write_model_gguf(
+        tmp_path / "base.gguf", base, gguf_vocab(tokenizer, directory, base.config.vocab_size), quant="f32"
+    )
     adapted = build(arch, len(tokenizer))
     inject_lora(adapted, "all-linear", r=4, alpha=8, dropout=0.0, use_rslora=rslora)
     for module in lora_modules(adapted).values():
@@ -84,10 +93,13 @@ def test_lora_adapter_gguf_applies_like_the_pytorch_adapter(tmp_path, tokenizer,
     assert np.abs(got - expected).max() < 2e-3 * max(1.0, np.abs(expected).max())
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"use_dora": True}, "DoRA"),
-    ({"alpha_pattern": {"model.layers.0.self_attn.q_proj": 3}}, "alpha_pattern"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"alpha_pattern": {"model.layers.0.self_attn.q_proj": 3}}, "alpha_pattern"),
+    ],
+)
 def test_lora_adapter_gguf_refuses_what_llama_cpp_cannot_apply(tmp_path, tokenizer, change, message):
     model = build("llama", len(tokenizer))
     inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)

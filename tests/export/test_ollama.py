@@ -15,8 +15,7 @@ import pytest
 from affinage.errors import AffinageError
 from affinage.export.chat_template import NAMED_JINJA, merged_chat_template, with_default_system
 from affinage.export.go_render import render_with_go
-from affinage.export.ollama import (go_literal, go_template, modelfile_text, ollama_usage, stop_tokens,
-                                    trims_content)
+from affinage.export.ollama import go_literal, go_template, modelfile_text, ollama_usage, stop_tokens, trims_content
 from tests.conftest import CHATML
 
 EMAILS = Path(__file__).resolve().parents[2] / "examples" / "email-router" / "emails.jsonl"
@@ -82,10 +81,10 @@ AWKWARD = (
 
 ROUTER_SYSTEM = "Tu es le routeur d'emails : réponds « RH », « Support », « Finance » ou « SPAM »."
 PROMPTS = [
-    "Résume : « Le café coûte 3 € », d'après \"Le Monde\".\nDeuxième ligne avec {{ accolades }} et {% bloc %}.",
+    'Résume : « Le café coûte 3 € », d\'après "Le Monde".\nDeuxième ligne avec {{ accolades }} et {% bloc %}.',
     "Traduis en japonais : 日本語のテキスト 🙂 — et ça ?\n\n\tFin.",
     "[INST] rediriger l'email suivant vers le bon service de l'entreprise : \"Erreur sur la facture 42\n\nBonjour,"
-    "\nle montant HT est faux.\nCordialement\"[/INST]",
+    '\nle montant HT est faux.\nCordialement"[/INST]',
 ]
 
 
@@ -96,8 +95,11 @@ def _emails(count: int) -> list[dict]:
 def _conversations() -> list[list[dict[str, str]]]:
     """Single-turn prompts and user/assistant/user conversations, with and without a system message."""
     prompts = PROMPTS + [row["prompt"] for row in _emails(2)]
-    multi = [{"role": "user", "content": PROMPTS[2]}, {"role": "assistant", "content": "Finance"},
-             {"role": "user", "content": "Et celui-ci : \"{{ .Prompt }}\" ?"}]
+    multi = [
+        {"role": "user", "content": PROMPTS[2]},
+        {"role": "assistant", "content": "Finance"},
+        {"role": "user", "content": 'Et celui-ci : "{{ .Prompt }}" ?'},
+    ]
     plain = [[{"role": "user", "content": prompt}] for prompt in prompts] + [multi]
     system = {"role": "system", "content": ROUTER_SYSTEM}
     return plain + [[system] + conversation for conversation in plain]
@@ -156,7 +158,11 @@ def test_literal_braces_quotes_and_invisible_characters_survive(tokenizer):
 
 def test_a_late_system_message_is_skipped_not_mangled():
     go = go_template(NAMED_JINJA["chatml"], bos_token=None, eos_token=None, default_system=None)
-    turns = [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}]
+    turns = [
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+    ]
     late = turns[:2] + [{"role": "system", "content": "late"}] + turns[2:]
     assert render_with_go(go, [late]) == render_with_go(go, [turns])
 
@@ -180,26 +186,37 @@ def test_trimming_templates_are_reported():
     assert not trims_content(NAMED_JINJA["chatml"]) and not trims_content(CHATML)
 
 
-@pytest.mark.parametrize("template, eos, stops", [
-    (NAMED_JINJA["chatml"], "<|im_end|>", ["<|im_end|>", "<|im_start|>"]),
-    (NAMED_JINJA["phi3"], "<|endoftext|>", ["<|endoftext|>", "<|end|>", "<|user|>"]),
-    (NAMED_JINJA["llama3"], "<|eot_id|>", ["<|eot_id|>", "<|start_header_id|>"]),
-    (NAMED_JINJA["alpaca"], "</s>", ["</s>", "### Instruction:"]),
-    (GEMMA3, "<eos>", ["<eos>", "<end_of_turn>", "<start_of_turn>"]),
-    (with_default_system(CHATML, ""), "<|im_end|>", ["<|im_end|>", "<|im_start|>"]),
-])
+@pytest.mark.parametrize(
+    "template, eos, stops",
+    [
+        (NAMED_JINJA["chatml"], "<|im_end|>", ["<|im_end|>", "<|im_start|>"]),
+        (NAMED_JINJA["phi3"], "<|endoftext|>", ["<|endoftext|>", "<|end|>", "<|user|>"]),
+        (NAMED_JINJA["llama3"], "<|eot_id|>", ["<|eot_id|>", "<|start_header_id|>"]),
+        (NAMED_JINJA["alpaca"], "</s>", ["</s>", "### Instruction:"]),
+        (GEMMA3, "<eos>", ["<eos>", "<end_of_turn>", "<start_of_turn>"]),
+        (with_default_system(CHATML, ""), "<|im_end|>", ["<|im_end|>", "<|im_start|>"]),
+    ],
+)
 def test_stop_tokens(template, eos, stops):
     assert stop_tokens(template, bos_token="<bos>", eos_token=eos) == stops
 
 
-@pytest.mark.parametrize("template, reason", [
-    ("{% for m in messages %}{{ 'Turn ' + loop.index|string + ': ' + m['content'] + '\n' }}{% endfor %}", "changes"),
-    ("{% for m in messages %}{{ m['role'] + ': ' + m['content']|lower + '\n' }}{% endfor %}", "rewrites"),
-    ("{% for m in messages %}{{ m['content'] + m['content'] }}{% endfor %}", "repeats the content"),
-    ("{% for m in messages %}{% if m['role'] == 'user' %}{{ raise_exception('no') }}{% endif %}{% endfor %}",
-     "refuses"),
-    ("{% for m in messages %}{{ m.content }", "not valid Jinja"),
-])
+@pytest.mark.parametrize(
+    "template, reason",
+    [
+        (
+            "{% for m in messages %}{{ 'Turn ' + loop.index|string + ': ' + m['content'] + '\n' }}{% endfor %}",
+            "changes",
+        ),
+        ("{% for m in messages %}{{ m['role'] + ': ' + m['content']|lower + '\n' }}{% endfor %}", "rewrites"),
+        ("{% for m in messages %}{{ m['content'] + m['content'] }}{% endfor %}", "repeats the content"),
+        (
+            "{% for m in messages %}{% if m['role'] == 'user' %}{{ raise_exception('no') }}{% endif %}{% endfor %}",
+            "refuses",
+        ),
+        ("{% for m in messages %}{{ m.content }", "not valid Jinja"),
+    ],
+)
 def test_untranslatable_templates_are_refused_with_a_fix(template, reason):
     with pytest.raises(AffinageError) as error:
         go_template(template, bos_token=None, eos_token=None, default_system=None)
@@ -295,8 +312,13 @@ def test_the_modelfile_parses_as_ollama_reads_it(tokenizer, tmp_path):
     template = with_default_system(GEMMA3, ROUTER_SYSTEM)
     go = go_template(template, bos_token="<bos>", eos_token="<eos>", default_system=ROUTER_SYSTEM)
     stops = stop_tokens(template, bos_token="<bos>", eos_token="<eos>") + ['say "stop"\nnow']
-    text = modelfile_text(gguf_name="model.gguf", template=go, stops=stops, system=ROUTER_SYSTEM,
-                          parameters={"temperature": 0.2, "top_k": 40, "num_ctx": 4096, "top_p": None})
+    text = modelfile_text(
+        gguf_name="model.gguf",
+        template=go,
+        stops=stops,
+        system=ROUTER_SYSTEM,
+        parameters={"temperature": 0.2, "top_k": 40, "num_ctx": 4096, "top_p": None},
+    )
     (tmp_path / "Modelfile").write_text(text, encoding="utf-8")
     parsed = parse_modelfile((tmp_path / "Modelfile").read_text(encoding="utf-8"))
     (source,) = parsed["model"]
@@ -309,9 +331,15 @@ def test_the_modelfile_parses_as_ollama_reads_it(tokenizer, tmp_path):
 
 
 def test_adapter_modelfile_and_usage():
-    text = modelfile_text(gguf_name="model.gguf", template="{{ range .Messages }}{{ .Content }}{{ end }}",
-                          stops=["<|im_end|>"], system="", parameters={}, adapter_name="adapter.gguf",
-                          base_name="base.gguf")
+    text = modelfile_text(
+        gguf_name="model.gguf",
+        template="{{ range .Messages }}{{ .Content }}{{ end }}",
+        stops=["<|im_end|>"],
+        system="",
+        parameters={},
+        adapter_name="adapter.gguf",
+        base_name="base.gguf",
+    )
     parsed = parse_modelfile(text)
     assert parsed["model"] == ["./base.gguf"] and parsed["adapter"] == ["./adapter.gguf"] and "system" not in parsed
     usage = ollama_usage("email-router", adapter=True)
@@ -320,13 +348,16 @@ def test_adapter_modelfile_and_usage():
     assert "ADAPTER" not in ollama_usage("email-router", adapter=False)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"template": 'say """hi"""'}, '"""'),
-    ({"system": "a\u200bb"}, "U+200B"),
-    ({"parameters": {"num_ctx": 4096.5}}, "integer"),
-    ({"parameters": {"mirostat": 1}}, "unknown"),
-    ({"gguf_name": "../model.gguf"}, "beside the Modelfile"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"template": 'say """hi"""'}, '"""'),
+        ({"system": "a\u200bb"}, "U+200B"),
+        ({"parameters": {"num_ctx": 4096.5}}, "integer"),
+        ({"parameters": {"mirostat": 1}}, "unknown"),
+        ({"gguf_name": "../model.gguf"}, "beside the Modelfile"),
+    ],
+)
 def test_modelfile_refuses_what_ollama_would_misread(kwargs, message):
     arguments = {"gguf_name": "model.gguf", "template": "{{ .Prompt }}", "stops": [], "system": None, "parameters": {}}
     with pytest.raises((AffinageError, ValueError), match=message.replace("+", r"\+")):

@@ -58,8 +58,14 @@ class FakeHub:
 
     def answer(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
         path = request.path.split("?")[0]
-        self.requests.append({"method": request.command, "path": path, "body": body,
-                              "headers": {key.lower(): value for key, value in request.headers.items()}})
+        self.requests.append(
+            {
+                "method": request.command,
+                "path": path,
+                "body": body,
+                "headers": {key.lower(): value for key, value in request.headers.items()},
+            }
+        )
         failing = next((status for fragment, status in self.fail.items() if fragment in path), None)
         if failing:
             status, reply = failing, {"error": "refused by the test"}
@@ -88,8 +94,9 @@ class FakeHub:
     def commit(self, path: str, body: bytes) -> dict[str, Any]:
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
         header = next(line["value"] for line in lines if line["key"] == "header")
-        files = {line["value"]["path"]: base64.b64decode(line["value"]["content"])
-                 for line in lines if line["key"] == "file"}
+        files = {
+            line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines if line["key"] == "file"
+        }
         repo = path.removeprefix("/api/models/").split("/commit/")[0]
         self.commits.append({"repo": repo, "header": header, "files": files})
         oid = f"{len(self.commits):040x}"
@@ -124,8 +131,12 @@ def hub(monkeypatch):
 def run_dir(tmp_path_factory, model_dir) -> Path:
     """A tiny trained run (with base vs fine-tuned metrics) shared by the tests of this file."""
     root = tmp_path_factory.mktemp("push")
-    rows = [{"prompt": f"[INST] rediriger l'email suivant : \"{text} ({variant}{index})\"[/INST]", "completion": label}
-            for label, texts in EMAILS.items() for index, text in enumerate(texts) for variant in range(3)]
+    rows = [
+        {"prompt": f'[INST] rediriger l\'email suivant : "{text} ({variant}{index})"[/INST]', "completion": label}
+        for label, texts in EMAILS.items()
+        for index, text in enumerate(texts)
+        for variant in range(3)
+    ]
     write_jsonl(root / "emails.jsonl", rows)
     config = {
         "base_model": str(model_dir),
@@ -192,8 +203,9 @@ def test_card_names_an_embedded_base_by_hub_id_and_reads_everything_from_the_run
     assert "gguf" in metadata["tags"] and "model-index" not in metadata  # no summary.json: no results claimed
     text = card.text
     assert "llama-cli -m tiny.gguf" in text and "ollama create tiny-router-gguf -f Modelfile" in text
-    rows = {split: len((run / "data" / f"{split}.jsonl").read_text().splitlines())
-            for split in ("train", "valid", "test")}
+    rows = {
+        split: len((run / "data" / f"{split}.jsonl").read_text().splitlines()) for split in ("train", "valid", "test")
+    }
     assert all(f"| {split} | {n} |" in text for split, n in rows.items())
     assert "| RH |" in text and "```yaml\n" in text and "smollm2-135m-instruct" in text
 
@@ -216,8 +228,9 @@ def test_dry_run_lists_the_files_and_the_card_without_any_request(hub, export_di
     assert hub.requests == []
 
 
-@pytest.mark.parametrize("fragment, said", [("/api/repos/create", "nothing was uploaded"),
-                                            ("/commit/", "files were not committed")])
+@pytest.mark.parametrize(
+    "fragment, said", [("/api/repos/create", "nothing was uploaded"), ("/commit/", "files were not committed")]
+)
 def test_http_failures_say_what_failed_and_what_was_uploaded(hub, export_dir, fragment, said):
     hub.fail[fragment] = 403
     with pytest.raises(AffinageError, match="HTTP 403") as error:
@@ -233,10 +246,21 @@ def test_embedded_aliases_resolve_to_hub_ids_and_adapters_name_them(tokenizer, t
     model = tiny_llama(len(tokenizer))
     torch.manual_seed(0)
     inject_lora(model, "all-linear", r=2, alpha=4, dropout=0.0)
-    data = [encode_example(tokenizer, Example(prompt=text, completion=label), 64)
-            for label, texts in EMAILS.items() for text in texts]
-    train(model, data, [], TrainerConfig(max_steps=1, batch_size=4), pad_id=tokenizer.pad_token_id, run_dir=tmp_path,
-          base_model_name="gemma3-270m", progress=False)
+    data = [
+        encode_example(tokenizer, Example(prompt=text, completion=label), 64)
+        for label, texts in EMAILS.items()
+        for text in texts
+    ]
+    train(
+        model,
+        data,
+        [],
+        TrainerConfig(max_steps=1, batch_size=4),
+        pad_id=tokenizer.pad_token_id,
+        run_dir=tmp_path,
+        base_model_name="gemma3-270m",
+        progress=False,
+    )
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "google/gemma-3-270m"
 

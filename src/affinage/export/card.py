@@ -95,8 +95,11 @@ def _label_counts(run_dir: Path) -> dict[str, Counter]:
     try:
         config = read_run_config(run_dir)
         files = {split: run_dir / "data" / f"{split}.jsonl" for split in SPLITS}
-        return {split: Counter(e.completion.strip() for e in load_file(config, path))
-                for split, path in files.items() if path.is_file()}
+        return {
+            split: Counter(e.completion.strip() for e in load_file(config, path))
+            for split, path in files.items()
+            if path.is_file()
+        }
     except (AffinageError, OSError, ValueError, ImportError):
         return {}
 
@@ -106,13 +109,19 @@ def read_run_facts(run_dir: Path, name: str | None = None) -> RunFacts:
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise AffinageError(f"{run_dir} is not an affinage run (no config.yaml)",
-                            fix="pass the --output directory of `affinage train`")
+        raise AffinageError(
+            f"{run_dir} is not an affinage run (no config.yaml)", fix="pass the --output directory of `affinage train`"
+        )
     config_text = config_path.read_text(encoding="utf-8")
     task = _read_json(run_dir / "task.json") or {"task": "generation", "labels": None}
-    facts = RunFacts(name=name or run_dir.resolve().name, config=yaml.safe_load(config_text) or {},
-                     config_text=config_text, task=task, summary=_read_json(run_dir / "summary.json"),
-                     rows={split: _count_rows(run_dir / "data" / f"{split}.jsonl") for split in SPLITS})
+    facts = RunFacts(
+        name=name or run_dir.resolve().name,
+        config=yaml.safe_load(config_text) or {},
+        config_text=config_text,
+        task=task,
+        summary=_read_json(run_dir / "summary.json"),
+        rows={split: _count_rows(run_dir / "data" / f"{split}.jsonl") for split in SPLITS},
+    )
     if task.get("task") == "classification" and task.get("labels"):
         facts.label_counts = _label_counts(run_dir)
     return facts
@@ -133,10 +142,17 @@ def eval_results(facts: RunFacts, model_name: str) -> list[EvalResult]:
     for who, metrics in (("base model, before fine-tuning", base), ("fine-tuned", tuned)):
         for key, (metric_type, label, _) in METRICS.items():
             if isinstance(metrics.get(key), (int, float)):
-                results.append(EvalResult(
-                    task_type="text-classification" if kind == "classification" else "text-generation",
-                    dataset_type=dataset, dataset_name=dataset, dataset_split="test",
-                    metric_type=metric_type, metric_name=f"{label} ({who})", metric_value=metrics[key]))
+                results.append(
+                    EvalResult(
+                        task_type="text-classification" if kind == "classification" else "text-generation",
+                        dataset_type=dataset,
+                        dataset_name=dataset,
+                        dataset_split="test",
+                        metric_type=metric_type,
+                        metric_name=f"{label} ({who})",
+                        metric_value=metrics[key],
+                    )
+                )
     return results
 
 
@@ -152,9 +168,15 @@ def card_data(facts: RunFacts, what: str, model_name: str) -> ModelCardData:
     extra: dict[str, Any] = {}
     if facts.base_hub_id:
         extra["base_model_relation"] = "adapter" if what == "adapter" else "finetune"
-    return ModelCardData(base_model=facts.base_hub_id, library_name=LIBRARY[what], pipeline_tag="text-generation",
-                         tags=tags, model_name=model_name, eval_results=eval_results(facts, model_name) or None,
-                         **extra)
+    return ModelCardData(
+        base_model=facts.base_hub_id,
+        library_name=LIBRARY[what],
+        pipeline_tag="text-generation",
+        tags=tags,
+        model_name=model_name,
+        eval_results=eval_results(facts, model_name) or None,
+        **extra,
+    )
 
 
 def model_card(run_dir: Path, what: str, *, repo_id: str | None = None, gguf_file: str | None = None) -> ModelCard:
@@ -198,8 +220,14 @@ KIND_TEXT = {
 
 def card_body(facts: RunFacts, what: str, repo: str, gguf_file: str) -> str:
     """The Markdown under the metadata: intro, results, data, training, how to use, the run config."""
-    sections = [_intro(facts, what, gguf_file), _results(facts), _data(facts), _training(facts),
-                _usage(facts, what, repo, gguf_file), _config(facts)]
+    sections = [
+        _intro(facts, what, gguf_file),
+        _results(facts),
+        _data(facts),
+        _training(facts),
+        _usage(facts, what, repo, gguf_file),
+        _config(facts),
+    ]
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
@@ -220,8 +248,10 @@ def _task_text(task: dict[str, Any]) -> str:
 
 def _intro(facts: RunFacts, what: str, gguf_file: str) -> str:
     kind = f"{what}-adapter" if gguf_file == "adapter.gguf" and what in ("gguf", "ollama") else what
-    return (f"# {facts.name}\n\n{KIND_TEXT[kind].format(base=_base_link(facts))}, fine-tuned with affinage.\n\n"
-            f"Task: {_task_text(facts.task)}.")
+    return (
+        f"# {facts.name}\n\n{KIND_TEXT[kind].format(base=_base_link(facts))}, fine-tuned with affinage.\n\n"
+        f"Task: {_task_text(facts.task)}."
+    )
 
 
 def _cell(metrics: dict[str, Any], key: str) -> str:
@@ -234,10 +264,14 @@ def _results(facts: RunFacts) -> str:
     if not tuned:
         return "## Results\n\nNo test-split evaluation was recorded for this run (no summary.json, or no test split)."
     rows = ["| metric | base model | fine-tuned |", "|---|---|---|"]
-    rows += [f"| {label} | {_cell(base, key)} | {_cell(tuned, key)} |"
-             for key, (_, label, _) in METRICS.items() if key in tuned or key in base]
-    note = (f"On the {tuned.get('n', '?')} examples of the run's test split; "
-            f"method: {tuned.get('method', 'not recorded')}.")
+    rows += [
+        f"| {label} | {_cell(base, key)} | {_cell(tuned, key)} |"
+        for key, (_, label, _) in METRICS.items()
+        if key in tuned or key in base
+    ]
+    note = (
+        f"On the {tuned.get('n', '?')} examples of the run's test split; method: {tuned.get('method', 'not recorded')}."
+    )
     if not base:
         note += " The base model was not evaluated (trained with `--no-base-eval`)."
     return "## Results\n\n" + "\n".join(rows) + "\n\n" + note
@@ -249,8 +283,10 @@ def _data(facts: RunFacts) -> str:
     if facts.label_counts:
         splits = [split for split in SPLITS if split in facts.label_counts]
         lines += ["", "| label | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
-        lines += [f"| {label} | " + " | ".join(str(facts.label_counts[split][label]) for split in splits) + " |"
-                  for label in labels]
+        lines += [
+            f"| {label} | " + " | ".join(str(facts.label_counts[split][label]) for split in splits) + " |"
+            for label in labels
+        ]
     elif labels:
         lines += ["", "Labels: " + ", ".join(f"`{label}`" for label in labels)]
     return "\n".join(lines)
@@ -260,12 +296,20 @@ def _training(facts: RunFacts) -> str:
     adapter, summary = facts.config.get("adapter") or {}, facts.summary or {}
     lora = ", ".join(f"{key} {adapter[key]}" for key in ("r", "alpha", "dropout", "target_modules") if key in adapter)
     lines = [f"- LoRA: {lora}"] if lora else []
-    facts_text = {"steps": "optimizer steps", "train_examples": "training examples", "train_tokens": "training tokens",
-                  "best_step": "best step (kept adapter)", "best_valid_loss": "best validation loss",
-                  "final_train_loss": "final training loss", "train_seconds": "training seconds", "device": "device",
-                  "precision": "precision"}
-    lines += [f"- {label}: {_number(summary[key])}" for key, label in facts_text.items()
-              if summary.get(key) is not None]
+    facts_text = {
+        "steps": "optimizer steps",
+        "train_examples": "training examples",
+        "train_tokens": "training tokens",
+        "best_step": "best step (kept adapter)",
+        "best_valid_loss": "best validation loss",
+        "final_train_loss": "final training loss",
+        "train_seconds": "training seconds",
+        "device": "device",
+        "precision": "precision",
+    }
+    lines += [
+        f"- {label}: {_number(summary[key])}" for key, label in facts_text.items() if summary.get(key) is not None
+    ]
     return "## Training\n\n" + "\n".join(lines) if lines else ""
 
 
@@ -304,21 +348,29 @@ def _usage(facts: RunFacts, what: str, repo: str, gguf_file: str) -> str:
 
 def _with_peft(facts: RunFacts, repo: str) -> str:
     base = facts.base_hub_id or facts.base_model
-    auto = (f'from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n'
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{base}")')
-    explicit = (f'from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n'
-                f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
-                f'model = PeftModel.from_pretrained(base, "{repo}")')
+    auto = (
+        f"from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{base}")'
+    )
+    explicit = (
+        f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
+        f'model = PeftModel.from_pretrained(base, "{repo}")'
+    )
     local = "" if facts.base_hub_id else "\n\nThe base model is a local directory of the training machine: use a copy."
-    return (f"### With PEFT\n\n{_fenced(auto, 'python')}\n\nor, with the base model loaded yourself:\n\n"
-            f"{_fenced(explicit, 'python')}\n\n{_prompt_note(facts)}{local}")
+    return (
+        f"### With PEFT\n\n{_fenced(auto, 'python')}\n\nor, with the base model loaded yourself:\n\n"
+        f"{_fenced(explicit, 'python')}\n\n{_prompt_note(facts)}{local}"
+    )
 
 
 def _with_affinage_run() -> str:
     commands = 'affinage predict RUN "your text"\naffinage eval RUN'
-    return (f"### With affinage\n\n{_fenced(commands, 'bash')}\n\n`RUN` is the run directory this adapter was exported "
-            "from (`affinage train CONFIG --output RUN`); affinage formats prompts as in training.")
+    return (
+        f"### With affinage\n\n{_fenced(commands, 'bash')}\n\n`RUN` is the run directory this adapter was exported "
+        "from (`affinage train CONFIG --output RUN`); affinage formats prompts as in training."
+    )
 
 
 def _generate_args(facts: RunFacts) -> str:
@@ -328,16 +380,20 @@ def _generate_args(facts: RunFacts) -> str:
 
 
 def _with_transformers(facts: RunFacts, repo: str) -> str:
-    code = (f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}")\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")\n'
-            f'messages = [{{"role": "user", "content": "your text"}}]\n'
-            f'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",\n'
-            f'                                       return_dict=True)\n'
-            f'output = model.generate(**inputs{_generate_args(facts)})\n'
-            f'print(tokenizer.decode(output[0][inputs["input_ids"].shape[-1]:], skip_special_tokens=True))')
-    return (f"### With transformers\n\n{_fenced(code, 'python')}\n\n"
-            "The tokenizer's chat template formats prompts the way the model was trained.")
+    code = (
+        f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{repo}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")\n'
+        f'messages = [{{"role": "user", "content": "your text"}}]\n'
+        f'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",\n'
+        f"                                       return_dict=True)\n"
+        f"output = model.generate(**inputs{_generate_args(facts)})\n"
+        f'print(tokenizer.decode(output[0][inputs["input_ids"].shape[-1]:], skip_special_tokens=True))'
+    )
+    return (
+        f"### With transformers\n\n{_fenced(code, 'python')}\n\n"
+        "The tokenizer's chat template formats prompts the way the model was trained."
+    )
 
 
 def _with_affinage_download(facts: RunFacts, repo: str) -> str:
@@ -356,7 +412,9 @@ def _gguf_layout(gguf_file: str) -> tuple[str, str]:
 def _with_llama_cpp(repo: str, gguf_file: str) -> str:
     files, arguments = _gguf_layout(gguf_file)
     commands = f"hf download {repo} {files} --local-dir .\nllama-cli {arguments} -cnv"
-    return f"### With llama.cpp\n\n{_fenced(commands, 'bash')}\n\nllama.cpp formats the chat with the file's own template."
+    return (
+        f"### With llama.cpp\n\n{_fenced(commands, 'bash')}\n\nllama.cpp formats the chat with the file's own template."
+    )
 
 
 def _with_ollama(facts: RunFacts, what: str, repo: str, gguf_file: str) -> str:
@@ -366,9 +424,13 @@ def _with_ollama(facts: RunFacts, what: str, repo: str, gguf_file: str) -> str:
         usage = ollama_usage(name, adapter=gguf_file == "adapter.gguf").replace("## Run with Ollama\n\n", "")
         return f"### With Ollama\n\n{_fenced(fetch, 'bash')}\n\n{usage}"
     files, _ = _gguf_layout(gguf_file)
-    lines = ('FROM ./base.gguf\\nADAPTER ./adapter.gguf' if gguf_file == "adapter.gguf" else f"FROM ./{gguf_file}")
-    commands = (f"hf download {repo} {files} --local-dir .\nprintf '{lines}\\n' > Modelfile\n"
-                f"ollama create {name} -f Modelfile\nollama run {name}")
-    note = ("This bare Modelfile uses the chat template stored in the GGUF; `affinage export --format ollama` "
-            "writes a Modelfile with the TEMPLATE, stop strings and parameters checked against training.")
+    lines = "FROM ./base.gguf\\nADAPTER ./adapter.gguf" if gguf_file == "adapter.gguf" else f"FROM ./{gguf_file}"
+    commands = (
+        f"hf download {repo} {files} --local-dir .\nprintf '{lines}\\n' > Modelfile\n"
+        f"ollama create {name} -f Modelfile\nollama run {name}"
+    )
+    note = (
+        "This bare Modelfile uses the chat template stored in the GGUF; `affinage export --format ollama` "
+        "writes a Modelfile with the TEMPLATE, stop strings and parameters checked against training."
+    )
     return f"### With Ollama\n\n{_fenced(commands, 'bash')}\n\n{note}"

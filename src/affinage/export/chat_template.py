@@ -44,13 +44,18 @@ NAMED_JINJA = {"alpaca": ALPACA_JINJA, "chatml": CHATML_JINJA, "phi3": PHI3_JINJ
 
 def with_default_system(template: str, system: str) -> str:
     """``template`` with ``system`` as the system message whenever the conversation has none."""
-    default = "{%- if not messages or messages[0]['role'] != 'system' %}" + \
-        "{%- set messages = [{'role': 'system', 'content': " + json.dumps(system) + "}] + messages %}{%- endif %}"
+    default = (
+        "{%- if not messages or messages[0]['role'] != 'system' %}"
+        + "{%- set messages = [{'role': 'system', 'content': "
+        + json.dumps(system)
+        + "}] + messages %}{%- endif %}"
+    )
     return default + template
 
 
-def merged_chat_template(base_template: str | None, prompt_template: str | None, system: str | None,
-                         adds_bos: bool = False) -> tuple[str | None, str]:
+def merged_chat_template(
+    base_template: str | None, prompt_template: str | None, system: str | None, adds_bos: bool = False
+) -> tuple[str | None, str]:
     """(the template to save, a note for the merge report).
 
     ``adds_bos``: training put the tokenizer's BOS before a named template's text (alpaca,
@@ -62,7 +67,9 @@ def merged_chat_template(base_template: str | None, prompt_template: str | None,
     name = template_name(prompt_template)
     if prompt_template is None:
         if base_template and system is not None:
-            return with_default_system(base_template, system), f"the model's chat template with the run's system message {system!r} as default"
+            return with_default_system(
+                base_template, system
+            ), f"the model's chat template with the run's system message {system!r} as default"
         return base_template, "the model's own chat template"
     if name in NAMED_JINJA:
         template = NAMED_JINJA[name]
@@ -71,8 +78,10 @@ def merged_chat_template(base_template: str | None, prompt_template: str | None,
         if adds_bos:
             template = "{{ bos_token }}" + template
         return template, f"the '{name}' template the run was trained with"
-    return base_template, (f"the base model's chat template: the run's template {prompt_template!r} has no chat-template form; "
-                           "render prompts with affinage (BasicModelRunner) to match training")
+    return base_template, (
+        f"the base model's chat template: the run's template {prompt_template!r} has no chat-template form; "
+        "render prompts with affinage (BasicModelRunner) to match training"
+    )
 
 
 def run_chat_template(tokenizer: Any, template: str | None, system: str | None) -> tuple[str | None, str, bool]:
@@ -85,7 +94,11 @@ def run_chat_template(tokenizer: Any, template: str | None, system: str | None) 
 
     name = template_name(template)
     base = getattr(tokenizer, "chat_template", None)
-    bos = name in NAMED_JINJA and adds_special_tokens(tokenizer, template) and tokenizer_adds(tokenizer, tokenizer.bos_token_id)
+    bos = (
+        name in NAMED_JINJA
+        and adds_special_tokens(tokenizer, template)
+        and tokenizer_adds(tokenizer, tokenizer.bos_token_id)
+    )
     exported, note = merged_chat_template(base, template, system, adds_bos=bos)
     exact = name in NAMED_JINJA or uses_chat_template(tokenizer, template)
     return exported, note, exact

@@ -17,7 +17,13 @@ from affinage.errors import AffinageError
 from affinage.evaluate import match_label
 from affinage.export.go_render import go_available, render_with_go
 from affinage.export.llamacpp_check import (
-    INSTALL_HINT, agreement_report, chat_messages, llama_cpp_answer, llama_cpp_available, llama_cpp_prompt_ids, open_gguf,
+    INSTALL_HINT,
+    agreement_report,
+    chat_messages,
+    llama_cpp_answer,
+    llama_cpp_available,
+    llama_cpp_prompt_ids,
+    open_gguf,
 )
 
 GGUF_FORMATS = ("gguf", "gguf-lora", "ollama")
@@ -28,8 +34,10 @@ def require_checkers(fmt: str) -> None:
     if fmt in GGUF_FORMATS and not llama_cpp_available():
         raise AffinageError("verifying a GGUF export needs llama.cpp (llama-cpp-python)", fix=INSTALL_HINT)
     if fmt == "ollama" and not go_available():
-        raise AffinageError("verifying an Ollama TEMPLATE needs Go (it renders the template as Ollama does)",
-                            fix="apt-get install golang-go, or pass --no-check")
+        raise AffinageError(
+            "verifying an Ollama TEMPLATE needs Go (it renders the template as Ollama does)",
+            fix="apt-get install golang-go, or pass --no-check",
+        )
 
 
 def task_metric(run: Any, examples: Sequence[Any], answers: Sequence[str]) -> dict[str, float] | None:
@@ -51,24 +59,35 @@ def check_gguf(shipment: Any, examples: Sequence[Any], answers: Sequence[str]) -
     run, options = shipment.run, shipment.options
     tokenizer, prompt = run.tokenizer, run.config.prompt
     chat = shipment.chat_exact and bool(shipment.chat_template)
-    llm = open_gguf(shipment.model_gguf, lora_path=shipment.lora_gguf, n_ctx=max(2048, 2 * run.config.trainer.max_seq_len))
+    llm = open_gguf(
+        shipment.model_gguf, lora_path=shipment.lora_gguf, n_ctx=max(2048, 2 * run.config.trainer.max_seq_len)
+    )
     try:
         formatter = _chat_formatter(llm, shipment.chat_template) if chat else None
         theirs, same_prompt = [], []
         for example in examples:
-            ours_ids = tokenizer(text := render_prompt(tokenizer, example, prompt.template, prompt.system),
-                                 add_special_tokens=adds_special_tokens(tokenizer, prompt.template))["input_ids"]
+            ours_ids = tokenizer(
+                text := render_prompt(tokenizer, example, prompt.template, prompt.system),
+                add_special_tokens=adds_special_tokens(tokenizer, prompt.template),
+            )["input_ids"]
             if formatter is not None:
                 their_ids = llama_cpp_prompt_ids(llm, formatter(messages=chat_messages(example)).prompt, add_bos=False)
             else:
                 their_ids = llama_cpp_prompt_ids(llm, text, add_bos=adds_special_tokens(tokenizer, prompt.template))
             same_prompt.append(list(ours_ids) == their_ids)
-            theirs.append(llama_cpp_answer(llm, example, chat=chat, prompt_text=text, max_new_tokens=options.check_tokens))
+            theirs.append(
+                llama_cpp_answer(llm, example, chat=chat, prompt_text=text, max_new_tokens=options.check_tokens)
+            )
     finally:
         llm.close()
     report = agreement_report(answers, theirs, same_prompt, examples)
-    report["through"] = "create_chat_completion (the GGUF's chat template)" if chat else "create_completion (affinage's prompt)"
-    report["task_metric"] = {"affinage": task_metric(run, examples, answers), "llama.cpp": task_metric(run, examples, theirs)}
+    report["through"] = (
+        "create_chat_completion (the GGUF's chat template)" if chat else "create_completion (affinage's prompt)"
+    )
+    report["task_metric"] = {
+        "affinage": task_metric(run, examples, answers),
+        "llama.cpp": task_metric(run, examples, theirs),
+    }
     return report
 
 

@@ -33,12 +33,16 @@ def lora_alpha(adapter_config: dict[str, Any], ranks: set[int]) -> float:
     """The single alpha llama.cpp applies as ``alpha / rank``; refuses what one alpha cannot say."""
     where = CONFIG_NAME
     if adapter_config.get("use_dora"):
-        raise AffinageError("a DoRA adapter has a magnitude vector llama.cpp's LoRA cannot apply", where=where,
-                            fix=MERGED_FIX)
+        raise AffinageError(
+            "a DoRA adapter has a magnitude vector llama.cpp's LoRA cannot apply", where=where, fix=MERGED_FIX
+        )
     alphas = set((adapter_config.get("alpha_pattern") or {}).values()) - {adapter_config["lora_alpha"]}
     if alphas:
-        raise AffinageError("per-module alphas (alpha_pattern) cannot be written as one llama.cpp adapter alpha",
-                            where=where, fix=MERGED_FIX)
+        raise AffinageError(
+            "per-module alphas (alpha_pattern) cannot be written as one llama.cpp adapter alpha",
+            where=where,
+            fix=MERGED_FIX,
+        )
     alpha = float(adapter_config["lora_alpha"])
     if adapter_config.get("use_rslora"):
         if len(ranks) != 1:
@@ -57,8 +61,12 @@ def adapter_pairs(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
                 pairs.setdefault(name.removesuffix(suffix), {})[kind] = tensor.to(torch.float32)
                 break
         else:
-            raise AffinageError(f"the adapter holds '{key}', which a llama.cpp LoRA adapter cannot carry "
-                                "(LoRA on embeddings, DoRA, or saved base weights)", where=WEIGHTS_NAME, fix=MERGED_FIX)
+            raise AffinageError(
+                f"the adapter holds '{key}', which a llama.cpp LoRA adapter cannot carry "
+                "(LoRA on embeddings, DoRA, or saved base weights)",
+                where=WEIGHTS_NAME,
+                fix=MERGED_FIX,
+            )
     return pairs
 
 
@@ -71,8 +79,10 @@ def write_adapter_gguf(path: Path, adapter_dir: Path, model_config: Any) -> dict
     if tied and "lm_head" in pairs:
         raise AffinageError("LoRA on a head tied to the embeddings has no llama.cpp form", fix=MERGED_FIX)
     alpha = lora_alpha(adapter_config, {pair["A"].shape[0] for pair in pairs.values()})
-    tensors = [(gguf_tensor_name(names, f"{module}.weight"), _oriented(module, pair, model_config))
-               for module, pair in sorted(pairs.items())]
+    tensors = [
+        (gguf_tensor_name(names, f"{module}.weight"), _oriented(module, pair, model_config))
+        for module, pair in sorted(pairs.items())
+    ]
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.arch])

@@ -39,7 +39,9 @@ def rope_theta(config: Any, layer_type: str | None = None) -> float:
     if layer_type is not None and layer_type in params:
         params = params[layer_type]
     if params.get("rope_type", "default") != "default":
-        raise AffinageError(f"rotary scaling '{params['rope_type']}' is not written to GGUF by affinage", fix=MERGED_HINT)
+        raise AffinageError(
+            f"rotary scaling '{params['rope_type']}' is not written to GGUF by affinage", fix=MERGED_HINT
+        )
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is None:
         raise AffinageError("the model config has no rope_theta", fix=MERGED_HINT)
@@ -95,7 +97,8 @@ def _gemma3_keys(writer: gguf.GGUFWriter, config: Any) -> None:
     scalar = getattr(config, "query_pre_attn_scalar", None)
     if scalar is not None and int(scalar) != head_dim(config):
         raise AffinageError(
-            f"this Gemma 3 scales queries by 1/√{scalar}, llama.cpp by 1/√head_dim ({head_dim(config)})", fix=MERGED_HINT
+            f"this Gemma 3 scales queries by 1/√{scalar}, llama.cpp by 1/√head_dim ({head_dim(config)})",
+            fix=MERGED_HINT,
         )
     for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(config, cap, None):
@@ -126,8 +129,9 @@ def architecture(config: Any) -> Architecture:
         return ARCHITECTURES[config.model_type]
     except KeyError:
         known = ", ".join(sorted(ARCHITECTURES))
-        raise AffinageError(f"GGUF export of '{config.model_type}' models is not supported (supported: {known})",
-                            fix=MERGED_HINT) from None
+        raise AffinageError(
+            f"GGUF export of '{config.model_type}' models is not supported (supported: {known})", fix=MERGED_HINT
+        ) from None
 
 
 def tensor_name_map(config: Any) -> gguf.TensorNameMap:

@@ -30,10 +30,19 @@ _SPLIT_PATTERNS = [
 ]
 
 TOKENIZER_KEYS = (
-    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
-    "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
-    "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
-    "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix",
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.pre",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.scores",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_eos_token",
+    "tokenizer.ggml.add_space_prefix",
 )
 
 
@@ -62,8 +71,12 @@ class GGUFVocab:
             writer.add_token_scores(self.scores)
         if self.merges:
             writer.add_token_merges(self.merges)
-        setters = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id,
-                   "unk": writer.add_unk_token_id, "pad": writer.add_pad_token_id}
+        setters = {
+            "bos": writer.add_bos_token_id,
+            "eos": writer.add_eos_token_id,
+            "unk": writer.add_unk_token_id,
+            "pad": writer.add_pad_token_id,
+        }
         for kind, token_id in self.special_ids.items():
             setters[kind](token_id)
         writer.add_add_bos_token(self.add_bos)
@@ -75,8 +88,11 @@ class GGUFVocab:
 def gguf_vocab(tokenizer: Any, model_dir: Path, vocab_size: int) -> GGUFVocab:
     """The GGUF vocabulary of ``tokenizer`` (loaded from ``model_dir``), padded to ``vocab_size`` rows."""
     source = _source_gguf(model_dir)
-    spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")) \
-        if (model_dir / "tokenizer.json").is_file() else {}
+    spec = (
+        json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        if (model_dir / "tokenizer.json").is_file()
+        else {}
+    )
     if _is_byte_level(spec):
         vocab = _byte_level_bpe(tokenizer, spec, vocab_size)
     elif source is not None and _field(source, "tokenizer.ggml.model") == "llama":
@@ -84,8 +100,10 @@ def gguf_vocab(tokenizer: Any, model_dir: Path, vocab_size: int) -> GGUFVocab:
     elif spec:
         vocab = _sentencepiece_from_hf(model_dir, vocab_size)
     else:
-        raise AffinageError(f"{model_dir}: no tokenizer.json, so the tokenizer cannot be written to GGUF",
-                            fix="use a model directory with a fast tokenizer (tokenizer.json)")
+        raise AffinageError(
+            f"{model_dir}: no tokenizer.json, so the tokenizer cannot be written to GGUF",
+            fix="use a model directory with a fast tokenizer (tokenizer.json)",
+        )
     vocab.special_ids = _special_ids(tokenizer)
     vocab.add_bos = tokenizer_adds(tokenizer, tokenizer.bos_token_id, first=True)
     vocab.add_eos = tokenizer_adds(tokenizer, tokenizer.eos_token_id, first=False)
@@ -126,7 +144,7 @@ def pre_tokenizer_name(spec: dict[str, Any]) -> str:
         if json.dumps(piece)[1:-1] in text:
             return name
     raise AffinageError(
-        f"the tokenizer's pre-tokenizer ({', '.join(str(k) for k in kinds)}) is not one affinage can name for llama.cpp",
+        f"the tokenizer's pre-tokenizer ({', '.join(str(k) for k in kinds)}) has no llama.cpp name affinage knows",
         fix="export the merged model (`--format merged`) and convert it with llama.cpp's convert_hf_to_gguf.py",
     )
 
@@ -146,14 +164,17 @@ def _byte_level_bpe(tokenizer: Any, spec: dict[str, Any], vocab_size: int) -> GG
             tokens.append(f"[PAD{token_id}]")
             types.append(gguf.TokenType.UNUSED)
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in spec["model"].get("merges", [])]
-    return GGUFVocab(model="gpt2", pre=pre_tokenizer_name(spec), tokens=tokens, types=[int(t) for t in types],
-                     merges=merges)
+    return GGUFVocab(
+        model="gpt2", pre=pre_tokenizer_name(spec), tokens=tokens, types=[int(t) for t in types], merges=merges
+    )
 
 
 def _from_gguf(reader: gguf.GGUFReader) -> GGUFVocab:
     """A SentencePiece vocabulary exactly as llama.cpp's own converter wrote it."""
     return GGUFVocab(
-        model="llama", pre=_field(reader, "tokenizer.ggml.pre"), tokens=list(_field(reader, "tokenizer.ggml.tokens")),
+        model="llama",
+        pre=_field(reader, "tokenizer.ggml.pre"),
+        tokens=list(_field(reader, "tokenizer.ggml.tokens")),
         types=[int(t) for t in _field(reader, "tokenizer.ggml.token_type")],
         scores=[float(s) for s in _field(reader, "tokenizer.ggml.scores")],
         add_space_prefix=_field(reader, "tokenizer.ggml.add_space_prefix"),
@@ -174,6 +195,10 @@ def _sentencepiece_from_hf(model_dir: Path, vocab_size: int) -> GGUFVocab:
 
 
 def _special_ids(tokenizer: Any) -> dict[str, int]:
-    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id,
-           "pad": tokenizer.pad_token_id}
+    ids = {
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "unk": tokenizer.unk_token_id,
+        "pad": tokenizer.pad_token_id,
+    }
     return {kind: int(token_id) for kind, token_id in ids.items() if token_id is not None}

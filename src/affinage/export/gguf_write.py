@@ -27,8 +27,10 @@ QUANTS: dict[str, tuple[Q, gguf.LlamaFileType]] = {
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
-K_QUANT_HINT = ("K-quants (q4_k_m, q5_k_m, q6_k...) need llama.cpp: export --quant f16, then run "
-                "`llama-quantize model.gguf model-q4_k_m.gguf Q4_K_M`")
+K_QUANT_HINT = (
+    "K-quants (q4_k_m, q5_k_m, q6_k...) need llama.cpp: export --quant f16, then run "
+    "`llama-quantize model.gguf model-q4_k_m.gguf Q4_K_M`"
+)
 
 
 def check_quant(quant: str) -> None:
@@ -59,7 +61,12 @@ def encode(array: np.ndarray, kind: Q) -> np.ndarray:
 
 
 def write_model_gguf(
-    path: Path, model: Any, vocab: GGUFVocab, *, quant: str = "q8_0", chat_template: str | None = None,
+    path: Path,
+    model: Any,
+    vocab: GGUFVocab,
+    *,
+    quant: str = "q8_0",
+    chat_template: str | None = None,
     name: str | None = None,
 ) -> dict[str, Any]:
     """Write ``model`` (merged, any dtype) to ``path`` atomically; returns what was written."""
@@ -89,5 +96,10 @@ def write_model_gguf(
         writer.close()
 
     write_file_atomic(path, write)
-    return {"file": str(path), "quant": quant, "architecture": gguf.MODEL_ARCH_NAMES[arch.arch],
-            "tensor_types": counts, "bytes": path.stat().st_size}
+    return {
+        "file": str(path),
+        "quant": quant,
+        "architecture": gguf.MODEL_ARCH_NAMES[arch.arch],
+        "tensor_types": counts,
+        "bytes": path.stat().st_size,
+    }

@@ -45,8 +45,9 @@ def renderer_binary() -> Path:
 
     go = shutil.which("go")
     if go is None:
-        raise AffinageError("checking the Ollama template needs Go (Ollama renders prompts with Go's text/template)",
-                            fix=INSTALL_FIX)
+        raise AffinageError(
+            "checking the Ollama template needs Go (Ollama renders prompts with Go's text/template)", fix=INSTALL_FIX
+        )
     source = _source()
     root = cache_dir() / "go"
     binary = root / f"render-{hashlib.sha256(source).hexdigest()[:16]}"
@@ -56,28 +57,33 @@ def renderer_binary() -> Path:
     with tempfile.TemporaryDirectory(dir=root, prefix=".build.") as tmp:
         (Path(tmp) / "render.go").write_bytes(source)
         built = Path(tmp) / "render"
-        result = subprocess.run([go, "build", "-o", str(built), "render.go"], cwd=tmp, env=_go_env(root),
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [go, "build", "-o", str(built), "render.go"], cwd=tmp, env=_go_env(root), capture_output=True, text=True
+        )
         if result.returncode != 0:
-            raise AffinageError(f"building the Go template renderer failed:\n{result.stderr.strip()}",
-                                fix="check `go version` (Go 1.18 or later is needed), "
-                                "or skip the check with --no-check")
+            raise AffinageError(
+                f"building the Go template renderer failed:\n{result.stderr.strip()}",
+                fix="check `go version` (Go 1.18 or later is needed), or skip the check with --no-check",
+            )
         os.replace(built, binary)  # atomic: a concurrent build leaves one complete binary
     return binary
 
 
 def render_with_go(template: str, conversations: list[list[dict]]) -> list[str]:
     """Each conversation rendered by ``template`` the way Ollama renders a chat request."""
-    cases = [{"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
-             for messages in conversations]
+    cases = [
+        {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]} for messages in conversations
+    ]
     request = json.dumps({"template": template, "cases": cases})
     result = subprocess.run([str(renderer_binary())], input=request, capture_output=True, text=True, encoding="utf-8")
     if result.returncode != 0:
         raise AffinageError(f"the Go template renderer failed: {result.stderr.strip()}")
     response = json.loads(result.stdout)
     if response.get("error"):
-        raise AffinageError(f"Ollama would reject this TEMPLATE: {response['error']}",
-                            fix="report this as an affinage bug, or write the TEMPLATE by hand")
+        raise AffinageError(
+            f"Ollama would reject this TEMPLATE: {response['error']}",
+            fix="report this as an affinage bug, or write the TEMPLATE by hand",
+        )
     for index, error in enumerate(response["errors"]):
         if error:
             raise AffinageError(f"Ollama's template execution fails on conversation {index}: {error}")

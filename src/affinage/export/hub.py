@@ -19,8 +19,16 @@ from huggingface_hub.utils import HFValidationError, filter_repo_objects, valida
 from affinage.errors import AffinageError
 
 # What upload_folder itself never uploads (huggingface_hub's DEFAULT_IGNORE_PATTERNS): a dry run lists the same files.
-IGNORED = [".git", ".git/*", "*/.git", "**/.git/**", ".cache/huggingface", ".cache/huggingface/*",
-           "*/.cache/huggingface", "**/.cache/huggingface/**"]
+IGNORED = [
+    ".git",
+    ".git/*",
+    "*/.git",
+    "**/.git/**",
+    ".cache/huggingface",
+    ".cache/huggingface/*",
+    "*/.cache/huggingface",
+    "**/.cache/huggingface/**",
+]
 LOGIN_FIX = "run `hf auth login` (`huggingface-cli login` with older huggingface_hub), or `export HF_TOKEN=hf_...`"
 
 
@@ -40,16 +48,19 @@ def _check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise AffinageError(f"'{repo_id}' is not a valid Hub repository id: {error}",
-                            fix="use NAME or NAMESPACE/NAME (letters, digits, '-', '_', '.')") from None
+        raise AffinageError(
+            f"'{repo_id}' is not a valid Hub repository id: {error}",
+            fix="use NAME or NAMESPACE/NAME (letters, digits, '-', '_', '.')",
+        ) from None
 
 
 def resolve_token(token: str | None) -> str:
     """The caller's token, else HF_TOKEN, else the login cache: refused before any request when there is none."""
     found = token or get_token()
     if not found:
-        raise AffinageError("no Hugging Face token: pushing needs one with write access (nothing was uploaded)",
-                            fix=LOGIN_FIX)
+        raise AffinageError(
+            "no Hugging Face token: pushing needs one with write access (nothing was uploaded)", fix=LOGIN_FIX
+        )
     return found
 
 
@@ -80,8 +91,15 @@ def _failure(error: BaseException, action: str, uploaded: str, endpoint: str) ->
     return AffinageError(f"{action} failed ({reason}{': ' + detail if detail else ''}); {uploaded}", fix=fix)
 
 
-def push_folder(folder: Path, repo_id: str, *, private: bool = False, dry_run: bool = False, token: str | None = None,
-                commit_message: str | None = None) -> dict[str, Any]:
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    dry_run: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> dict[str, Any]:
     """Create ``repo_id`` (if needed) and upload ``folder`` to it in one commit.
 
     ``dry_run`` touches no network: it lists the files (with sizes) and returns the card
@@ -90,8 +108,9 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, dry_run: b
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise AffinageError(f"nothing to push: {folder} is not a directory",
-                            fix="export the run first, then push that folder")
+        raise AffinageError(
+            f"nothing to push: {folder} is not a directory", fix="export the run first, then push that folder"
+        )
     _check_repo_id(repo_id)
     files = folder_files(folder)
     if not files:
@@ -100,8 +119,12 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, dry_run: b
     result: dict[str, Any] = {"repo_id": repo_id, "url": f"{endpoint}/{repo_id}", "files": files}
     if dry_run:
         card = folder / "README.md"
-        return {**result, "dry_run": True, "private": private,
-                "card": card.read_text(encoding="utf-8") if card.is_file() else None}
+        return {
+            **result,
+            "dry_run": True,
+            "private": private,
+            "card": card.read_text(encoding="utf-8") if card.is_file() else None,
+        }
     api = HfApi(endpoint=endpoint, token=resolve_token(token), library_name="affinage")
     errors = _network_errors()
     try:
@@ -111,10 +134,16 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, dry_run: b
         raise _failure(error, action, "nothing was uploaded", endpoint) from error
     full_id = getattr(repo_url, "repo_id", None) or repo_id
     try:
-        commit = api.upload_folder(folder_path=folder, repo_id=full_id, ignore_patterns=list(IGNORED),
-                                   commit_message=commit_message or f"Upload {folder.name} with affinage")
+        commit = api.upload_folder(
+            folder_path=folder,
+            repo_id=full_id,
+            ignore_patterns=list(IGNORED),
+            commit_message=commit_message or f"Upload {folder.name} with affinage",
+        )
     except errors as error:
-        uploaded = (f"the repository {repo_url} exists, but the files were not committed (or not all of them): "
-                    "re-run the push, unchanged files are skipped")
+        uploaded = (
+            f"the repository {repo_url} exists, but the files were not committed (or not all of them): "
+            "re-run the push, unchanged files are skipped"
+        )
         raise _failure(error, f"uploading {len(files)} files to {full_id}", uploaded, endpoint) from error
     return {**result, "repo_id": full_id, "url": str(repo_url), "commit_url": commit.commit_url, "commit": commit.oid}

@@ -18,8 +18,10 @@ from typing import Any, Sequence
 from affinage.data.formats import Example
 from affinage.errors import AffinageError
 
-INSTALL_HINT = ('CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install "affinage[export]" (builds llama-cpp-python, '
-                "~10 min on 2 cores), or pass --no-check to write the export unverified")
+INSTALL_HINT = (
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install "affinage[export]" (builds llama-cpp-python, '
+    "~10 min on 2 cores), or pass --no-check to write the export unverified"
+)
 
 
 def llama_cpp_available() -> bool:
@@ -33,8 +35,15 @@ def open_gguf(model_path: Path, *, lora_path: Path | None = None, n_ctx: int = 2
     from llama_cpp import Llama
 
     threads = int(os.environ.get("AFFINAGE_THREADS") or len(os.sched_getaffinity(0)))
-    return Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None, n_ctx=n_ctx,
-                 n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+    return Llama(
+        model_path=str(model_path),
+        lora_path=str(lora_path) if lora_path else None,
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+        seed=0,
+    )
 
 
 def chat_messages(example: Example) -> list[dict[str, str]]:
@@ -65,13 +74,17 @@ def llama_cpp_prompt_ids(llm: Any, text: str, add_bos: bool) -> list[int]:
 
 
 def agreement_report(
-    ours: Sequence[str], theirs: Sequence[str], same_prompt: Sequence[bool], examples: Sequence[Example],
+    ours: Sequence[str],
+    theirs: Sequence[str],
+    same_prompt: Sequence[bool],
+    examples: Sequence[Example],
 ) -> dict[str, Any]:
     same = [a == b for a, b in zip(ours, theirs)]
     n = max(len(same), 1)
     differences = [
         {"prompt": (e.prompt or "")[:200], "affinage": a, "llama.cpp": b, "same_prompt_tokens": p}
-        for e, a, b, p, s in zip(examples, ours, theirs, same_prompt, same) if not s
+        for e, a, b, p, s in zip(examples, ours, theirs, same_prompt, same)
+        if not s
     ]
     return {
         "n": len(same),

@@ -36,9 +36,14 @@ def save_merged(run: Any, directory: Path) -> dict[str, Any]:
     template, template_note, _ = run_chat_template(tokenizer, run.config.prompt.template, run.config.prompt.system)
     tokenizer.chat_template = template
     tokenizer.save_pretrained(directory)
-    info = {"chat_template": template_note, "merged_from": str(Path(run.path).resolve()),
-            "base_model": run.config.base_model, "prompt_template": run.config.prompt.template,
-            "system": run.config.prompt.system, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "dequantized_base": run.config.quantization is not None}
+    info = {
+        "chat_template": template_note,
+        "merged_from": str(Path(run.path).resolve()),
+        "base_model": run.config.base_model,
+        "prompt_template": run.config.prompt.template,
+        "system": run.config.prompt.system,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dequantized_base": run.config.quantization is not None,
+    }
     (directory / "affinage_merge.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
     return info

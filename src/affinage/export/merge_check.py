@@ -14,7 +14,9 @@ import torch
 
 
 @torch.no_grad()
-def check_merged(run_dir: str | Path, merged_dir: str | Path, rows: list[dict[str, Any]], max_new_tokens: int = 16) -> dict[str, Any]:
+def check_merged(
+    run_dir: str | Path, merged_dir: str | Path, rows: list[dict[str, Any]], max_new_tokens: int = 16
+) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from affinage.evaluate import generate
@@ -30,14 +32,20 @@ def check_merged(run_dir: str | Path, merged_dir: str | Path, rows: list[dict[st
     model = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
     merged_outputs = []
     for example in examples:
-        messages = list(example.messages or []) + ([{"role": "user", "content": example.prompt}] if example.prompt is not None else [])
+        messages = list(example.messages or []) + (
+            [{"role": "user", "content": example.prompt}] if example.prompt is not None else []
+        )
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-        merged_outputs.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).rstrip("\ufffd").strip())
+        merged_outputs.append(
+            tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).rstrip("\ufffd").strip()
+        )
     same = [a == m for a, m in zip(adapter_outputs, merged_outputs)]
     return {
         "prompts": len(rows),
         "same_greedy_generation": round(sum(same) / max(len(same), 1), 4),
         "max_new_tokens": max_new_tokens,
-        "differences": [{"adapter": a, "merged": m} for a, m, s in zip(adapter_outputs, merged_outputs, same) if not s][:10],
+        "differences": [{"adapter": a, "merged": m} for a, m, s in zip(adapter_outputs, merged_outputs, same) if not s][
+            :10
+        ],
     }

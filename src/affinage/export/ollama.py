@@ -20,15 +20,24 @@ from affinage.errors import AffinageError
 
 START, END = "", "END"
 ROLES = ("system", "user", "assistant")
-UNTRANSLATABLE_FIX = ("train with a named template (prompt.template: chatml, llama3, phi3 or alpaca), "
-                      "or write the Modelfile's TEMPLATE by hand (Go text/template over .Messages)")
-GENERATION_PARAMETERS = {"temperature": float, "top_p": float, "top_k": int, "repeat_penalty": float,
-                         "num_predict": int, "num_ctx": int}
+UNTRANSLATABLE_FIX = (
+    "train with a named template (prompt.template: chatml, llama3, phi3 or alpaca), "
+    "or write the Modelfile's TEMPLATE by hand (Go text/template over .Messages)"
+)
+GENERATION_PARAMETERS = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "repeat_penalty": float,
+    "num_predict": int,
+    "num_ctx": int,
+}
 
 
 def _untranslatable(reason: str) -> AffinageError:
-    return AffinageError(f"the chat template can't be expressed as an Ollama template: {reason}",
-                         fix=UNTRANSLATABLE_FIX)
+    return AffinageError(
+        f"the chat template can't be expressed as an Ollama template: {reason}", fix=UNTRANSLATABLE_FIX
+    )
 
 
 # --- rendering the Jinja template on sentinel conversations ----------------------------------
@@ -82,8 +91,12 @@ class _Renderer:
         import jinja2
 
         try:
-            return self.template.render(messages=messages, add_generation_prompt=generation_prompt,
-                                        bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            return self.template.render(
+                messages=messages,
+                add_generation_prompt=generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
         except jinja2.exceptions.TemplateError:
             return None  # raise_exception (e.g. "system role not supported") or a template bug
 
@@ -120,8 +133,10 @@ class Transitions:
         for key, text in pieces:
             if self.between.setdefault(key, text) != text:
                 before, after = key[0] or "the start", "the generation prompt" if key[1] == END else key[1]
-                raise _untranslatable(f"the text between {before} and {after} changes with the position in the "
-                                      f"conversation ({self.between[key]!r}, then {text!r})")
+                raise _untranslatable(
+                    f"the text between {before} and {after} changes with the position in the "
+                    f"conversation ({self.between[key]!r}, then {text!r})"
+                )
 
 
 def _system_mode(render: _Renderer) -> str:
@@ -143,7 +158,7 @@ def transitions(chat_template: str, bos_token: str | None, eos_token: str | None
     """The template's transitions; :class:`AffinageError` when it is not transition-shaped."""
     render = _Renderer(chat_template, bos_token, eos_token)
     found = Transitions(between={}, system=_system_mode(render), turn_end="")
-    for system in ((True, False) if found.system == "keep" else (False,)):
+    for system in (True, False) if found.system == "keep" else (False,):
         for turns in (1, 2, 3):
             messages = _probe(system, turns)
             text = render(messages)
@@ -217,8 +232,10 @@ def _branches(variable: str, cases: list[tuple[str, str]]) -> str:
     parts = [(value, text) for value, text in cases if text]
     if not parts:
         return ""
-    chain = "".join(("{{- if " if i == 0 else "{{ else if ") + f'eq {variable} "{value}" }}}}' + go_literal(text)
-                    for i, (value, text) in enumerate(parts))
+    chain = "".join(
+        ("{{- if " if i == 0 else "{{ else if ") + f'eq {variable} "{value}" }}}}' + go_literal(text)
+        for i, (value, text) in enumerate(parts)
+    )
     return "\n" + chain + "{{ end }}"
 
 
@@ -230,8 +247,12 @@ def _role_block(between: dict[tuple[str, str], str], role: str, first: bool) -> 
     """
     head = f'\n{{{{- {"if" if first else "else if"} eq .Role "{role}" }}}}'
     if role == "system":
-        return head + '\n{{- if eq $prev "" }}' + go_literal(between.get((START, role), "")) + \
-            "{{ .Content }}{{ $prev = .Role }}{{ end }}"
+        return (
+            head
+            + '\n{{- if eq $prev "" }}'
+            + go_literal(between.get((START, role), ""))
+            + "{{ .Content }}{{ $prev = .Role }}{{ end }}"
+        )
     cases = [(prev, text) for (prev, nxt), text in between.items() if nxt == role]
     return head + _branches("$prev", cases) + "\n{{- .Content }}{{ $prev = .Role }}"
 
@@ -248,8 +269,14 @@ def _check_default_system(chat_template: str, bos_token: str | None, eos_token: 
         )
 
 
-def go_template(chat_template: str, *, bos_token: str | None, eos_token: str | None, default_system: str | None,
-                drop_bos: bool = False) -> str:
+def go_template(
+    chat_template: str,
+    *,
+    bos_token: str | None,
+    eos_token: str | None,
+    default_system: str | None,
+    drop_bos: bool = False,
+) -> str:
     """The Ollama (Go text/template) TEMPLATE rendering what ``chat_template`` renders.
 
     ``default_system``: the run's system message, which the Modelfile's SYSTEM makes Ollama
@@ -266,7 +293,7 @@ def go_template(chat_template: str, *, bos_token: str | None, eos_token: str | N
     roles = ROLES if found.system == "keep" else ROLES[1:]  # a dropped/refused system message is skipped
     body = "".join(_role_block(between, role, index == 0) for index, role in enumerate(roles))
     generation = _branches("$prev", [("user", between.get(("user", END), ""))])
-    return "{{- $prev := \"\" }}\n{{- range .Messages }}" + body + "\n{{- end }}\n{{- end }}" + generation
+    return '{{- $prev := "" }}\n{{- range .Messages }}' + body + "\n{{- end }}\n{{- end }}" + generation
 
 
 def stop_tokens(chat_template: str, *, bos_token: str | None, eos_token: str | None) -> list[str]:
@@ -287,13 +314,17 @@ def stop_tokens(chat_template: str, *, bos_token: str | None, eos_token: str | N
 def _check_modelfile_text(text: str, what: str) -> None:
     """Ollama's Modelfile parser ends a triple-quoted value at ``\"\"\"`` and drops unprintable characters."""
     if '"""' in text:
-        raise AffinageError(f'the {what} contains """, which would end its triple-quoted Modelfile value early',
-                            fix=f'remove the """ from the {what}, or write that Modelfile line by hand')
+        raise AffinageError(
+            f'the {what} contains """, which would end its triple-quoted Modelfile value early',
+            fix=f'remove the """ from the {what}, or write that Modelfile line by hand',
+        )
     bad = sorted({char for char in text if char not in " \t\r\n" and not char.isprintable()})
     if bad:
-        raise AffinageError(f"the {what} contains characters Ollama's Modelfile parser drops: "
-                            + ", ".join(f"U+{ord(char):04X}" for char in bad),
-                            fix=f"remove them from the {what}")
+        raise AffinageError(
+            f"the {what} contains characters Ollama's Modelfile parser drops: "
+            + ", ".join(f"U+{ord(char):04X}" for char in bad),
+            fix=f"remove them from the {what}",
+        )
 
 
 def _triple_quoted(text: str, what: str) -> str:
@@ -328,8 +359,16 @@ def _parameter_value(name: str, value: object) -> str:
     return repr(float(value))
 
 
-def modelfile_text(*, gguf_name: str, template: str, stops: list[str], system: str | None,
-                   parameters: dict[str, object], adapter_name: str | None = None, base_name: str | None = None) -> str:
+def modelfile_text(
+    *,
+    gguf_name: str,
+    template: str,
+    stops: list[str],
+    system: str | None,
+    parameters: dict[str, object],
+    adapter_name: str | None = None,
+    base_name: str | None = None,
+) -> str:
     """The Modelfile for ``ollama create NAME -f Modelfile`` (docs/modelfile.md in ollama/ollama).
 
     With ``adapter_name``, FROM is the base GGUF (``base_name``, else ``gguf_name``) and ADAPTER
@@ -340,8 +379,9 @@ def modelfile_text(*, gguf_name: str, template: str, stops: list[str], system: s
         lines.append(f"ADAPTER {_file_arg(adapter_name)}")
     lines.append(f"TEMPLATE {_triple_quoted(template, 'Ollama template')}")
     lines += [f"PARAMETER stop {_quoted(stop, 'stop string')}" for stop in dict.fromkeys(stops) if stop]
-    lines += [f"PARAMETER {name} {_parameter_value(name, value)}"
-              for name, value in parameters.items() if value is not None]
+    lines += [
+        f"PARAMETER {name} {_parameter_value(name, value)}" for name, value in parameters.items() if value is not None
+    ]
     if system:
         lines.append(f"SYSTEM {_triple_quoted(system, 'system message')}")
     return "\n".join(lines) + "\n"

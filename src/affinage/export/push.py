@@ -17,8 +17,16 @@ from affinage.export.run_export import CARD_KIND, ExportOptions, export_run
 WHAT_FORMAT = {"adapter": "peft", "merged": "merged", "gguf": "gguf"}
 
 
-def push_run(run_dir: str | Path, repo_id: str, *, what: str = "adapter", private: bool = False,
-             dry_run: bool = False, token: str | None = None, options: ExportOptions | None = None) -> dict[str, Any]:
+def push_run(
+    run_dir: str | Path,
+    repo_id: str,
+    *,
+    what: str = "adapter",
+    private: bool = False,
+    dry_run: bool = False,
+    token: str | None = None,
+    options: ExportOptions | None = None,
+) -> dict[str, Any]:
     fmt = WHAT_FORMAT[what]
     options = options or ExportOptions()
     if dry_run:

@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from affinage.data.template import tokenizer_adds
 from affinage.errors import AffinageError
 from affinage.export.card import write_card
 from affinage.export.chat_template import run_chat_template
 from affinage.export.export_checks import check_gguf, check_ollama_template, require_checkers
 from affinage.export.gguf_lora import write_adapter_gguf
-from affinage.data.template import tokenizer_adds
 from affinage.export.gguf_vocab import gguf_vocab
 from affinage.export.gguf_write import check_quant, write_model_gguf
 from affinage.export.merge import save_merged
@@ -58,9 +58,14 @@ class Shipment:
     lora_gguf: Path | None = None
 
 
-def export_run(run_dir: str | Path, fmt: str, output: str | Path, options: ExportOptions | None = None,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write the export of ``run_dir`` in ``fmt`` to ``output``; returns the report (also in DIR/affinage_export.json)."""
+def export_run(
+    run_dir: str | Path,
+    fmt: str,
+    output: str | Path,
+    options: ExportOptions | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Write the export of ``run_dir`` in ``fmt`` to ``output``; the report is returned and kept in the export."""
     from affinage.run import load_run, read_run_config
 
     options = options or ExportOptions()
@@ -68,7 +73,9 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, options: Expor
     _check_request(run_dir, fmt, output, options)
     read_run_config(run_dir)  # "is this a run?" before anything loads
     if not (run_dir / "adapter" / CONFIG_NAME).is_file():
-        raise AffinageError(f"{run_dir} has no trained adapter yet", fix="let `affinage train` finish (it resumes if killed)")
+        raise AffinageError(
+            f"{run_dir} has no trained adapter yet", fix="let `affinage train` finish (it resumes if killed)"
+        )
     if options.check:
         require_checkers(fmt)
     partial = output.parent / f"{output.name}.partial"
@@ -76,8 +83,14 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, options: Expor
     partial.mkdir(parents=True)
     run = load_run(run_dir, quantized=False)  # a 4-bit base is exported from its full-precision weights
     template, _, exact = run_chat_template(run.tokenizer, run.config.prompt.template, run.config.prompt.system)
-    shipment = Shipment(run=run, directory=partial, options=options, chat_template=template, chat_exact=exact,
-                        drop_bos=tokenizer_adds(run.tokenizer, run.tokenizer.bos_token_id))
+    shipment = Shipment(
+        run=run,
+        directory=partial,
+        options=options,
+        chat_template=template,
+        chat_exact=exact,
+        drop_bos=tokenizer_adds(run.tokenizer, run.tokenizer.bos_token_id),
+    )
     report: dict[str, Any] = {"format": fmt, "run": str(run_dir.resolve()), "options": asdict(options)}
     examples = _check_examples(run, options) if options.check else []
     answers = _affinage_answers(run, examples, options) if examples else []
@@ -98,12 +111,18 @@ def _check_request(run_dir: Path, fmt: str, output: Path, options: ExportOptions
         raise AffinageError(f"unknown export format '{fmt}'", where="--format", fix=f"use one of {', '.join(FORMATS)}")
     check_quant(options.quant)
     if options.adapter and fmt != "ollama":
-        raise AffinageError("--adapter applies to --format ollama", fix="use --format gguf-lora for a llama.cpp adapter")
+        raise AffinageError(
+            "--adapter applies to --format ollama", fix="use --format gguf-lora for a llama.cpp adapter"
+        )
     if output.resolve() == run_dir.resolve() or run_dir.resolve() in output.resolve().parents:
-        raise AffinageError(f"the export directory {output} is inside the run", fix="choose an --output outside the run")
+        raise AffinageError(
+            f"the export directory {output} is inside the run", fix="choose an --output outside the run"
+        )
     if output.exists() and any(output.iterdir()) and not (output / REPORT_NAME).is_file():
-        raise AffinageError(f"{output} exists and is not an affinage export: it is never overwritten",
-                            fix="choose another --output, or empty that directory")
+        raise AffinageError(
+            f"{output} exists and is not an affinage export: it is never overwritten",
+            fix="choose another --output, or empty that directory",
+        )
     if not 0.0 <= options.min_agreement <= 1.0:
         raise AffinageError(f"--min-agreement {options.min_agreement} must be between 0 and 1")
 
@@ -111,8 +130,10 @@ def _check_request(run_dir: Path, fmt: str, output: Path, options: ExportOptions
 def _check_examples(run: Any, options: ExportOptions) -> list:
     examples = run.examples()
     if not examples:
-        raise AffinageError(f"{run.path} has no test rows to verify the export on",
-                            fix="train with a test split, or pass --no-check to write the export unverified")
+        raise AffinageError(
+            f"{run.path} has no test rows to verify the export on",
+            fix="train with a test split, or pass --no-check to write the export unverified",
+        )
     return examples[: options.check_limit] if options.check_limit else examples
 
 
@@ -137,8 +158,14 @@ def _write_merged_gguf(shipment: Shipment, name: str, log: Callable[[str], None]
     fuse_lora(run.model)
     vocab = gguf_vocab(run.tokenizer, _model_dir(run), run.model.config.vocab_size)
     path = shipment.directory / name
-    info = write_model_gguf(path, run.model, vocab, quant=shipment.options.quant, chat_template=shipment.chat_template,
-                            name=Path(run.path).name)
+    info = write_model_gguf(
+        path,
+        run.model,
+        vocab,
+        quant=shipment.options.quant,
+        chat_template=shipment.chat_template,
+        name=Path(run.path).name,
+    )
     log(f"wrote {path.name}: {info['architecture']}, {info['quant']}, {info['bytes'] / 1e6:.1f} MB")
     shipment.model_gguf = path
     return path
@@ -151,11 +178,19 @@ def _write_base_and_adapter(shipment: Shipment, log: Callable[[str], None]) -> d
     base = load_base_model(run.config.base_model, trust_remote_code=run.config.trust_remote_code).model
     vocab = gguf_vocab(run.tokenizer, _model_dir(run), base.config.vocab_size)
     base_path, lora_path = shipment.directory / "base.gguf", shipment.directory / "adapter.gguf"
-    info = write_model_gguf(base_path, base, vocab, quant=shipment.options.quant, chat_template=shipment.chat_template,
-                            name=str(run.config.base_model))
+    info = write_model_gguf(
+        base_path,
+        base,
+        vocab,
+        quant=shipment.options.quant,
+        chat_template=shipment.chat_template,
+        name=str(run.config.base_model),
+    )
     lora = write_adapter_gguf(lora_path, Path(run.path) / "adapter", base.config)
-    log(f"wrote base.gguf ({info['quant']}, {info['bytes'] / 1e6:.1f} MB) and adapter.gguf "
-        f"({lora['tensor_pairs']} LoRA pairs, alpha {lora['alpha']:g})")
+    log(
+        f"wrote base.gguf ({info['quant']}, {info['bytes'] / 1e6:.1f} MB) and adapter.gguf "
+        f"({lora['tensor_pairs']} LoRA pairs, alpha {lora['alpha']:g})"
+    )
     shipment.model_gguf, shipment.lora_gguf = base_path, lora_path
     return {"base": base_path.name, "adapter": lora_path.name}
 
@@ -173,21 +208,39 @@ def ollama_template(shipment: Shipment) -> str:
     tokenizer = shipment.run.tokenizer
     if not shipment.chat_exact or not shipment.chat_template:
         return "{{ .Prompt }}"
-    return go_template(shipment.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
-                       default_system=shipment.run.config.prompt.system, drop_bos=shipment.drop_bos)
+    return go_template(
+        shipment.chat_template,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        default_system=shipment.run.config.prompt.system,
+        drop_bos=shipment.drop_bos,
+    )
 
 
 def _write_ollama(shipment: Shipment, log: Callable[[str], None]) -> dict[str, str]:
     files = _write_base_and_adapter(shipment, log) if shipment.options.adapter else _write_gguf(shipment, log)
     tokenizer, config = shipment.run.tokenizer, shipment.run.config
-    stops = stop_tokens(shipment.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token) \
-        if shipment.chat_exact and shipment.chat_template else [tokenizer.eos_token]
+    stops = (
+        stop_tokens(shipment.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+        if shipment.chat_exact and shipment.chat_template
+        else [tokenizer.eos_token]
+    )
     generation = config.generation
-    parameters = {"temperature": generation.temperature, "top_p": generation.top_p,
-                  "num_predict": generation.max_new_tokens, "num_ctx": max(2048, config.trainer.max_seq_len)}
-    text = modelfile_text(gguf_name="model.gguf", template=ollama_template(shipment), stops=stops,
-                          system=config.prompt.system, parameters=parameters,
-                          adapter_name="adapter.gguf" if shipment.options.adapter else None, base_name="base.gguf")
+    parameters = {
+        "temperature": generation.temperature,
+        "top_p": generation.top_p,
+        "num_predict": generation.max_new_tokens,
+        "num_ctx": max(2048, config.trainer.max_seq_len),
+    }
+    text = modelfile_text(
+        gguf_name="model.gguf",
+        template=ollama_template(shipment),
+        stops=stops,
+        system=config.prompt.system,
+        parameters=parameters,
+        adapter_name="adapter.gguf" if shipment.options.adapter else None,
+        base_name="base.gguf",
+    )
     (shipment.directory / "Modelfile").write_text(text, encoding="utf-8")
     log(f"wrote Modelfile ({len(stops)} stop strings)")
     return {**files, "modelfile": "Modelfile"}
@@ -208,7 +261,10 @@ def _write_merged(shipment: Shipment, log: Callable[[str], None]) -> dict[str, s
 
 
 WRITERS: dict[str, Callable[[Shipment, Callable[[str], None]], dict[str, str]]] = {
-    "gguf": _write_gguf, "gguf-lora": _write_gguf_lora, "ollama": _write_ollama, "peft": _write_peft,
+    "gguf": _write_gguf,
+    "gguf-lora": _write_gguf_lora,
+    "ollama": _write_ollama,
+    "peft": _write_peft,
     "merged": _write_merged,
 }
 
@@ -221,8 +277,10 @@ def _run_checks(fmt: str, shipment: Shipment, examples: list, answers: list[str]
     if shipment.model_gguf is not None:
         checks["llama.cpp"] = check_gguf(shipment, examples, answers)
         found = checks["llama.cpp"]
-        log(f"llama.cpp vs affinage on {found['n']} test prompts: {found['agreement']:.1%} same greedy answer, "
-            f"{found['same_prompt_tokens']:.1%} same prompt tokens")
+        log(
+            f"llama.cpp vs affinage on {found['n']} test prompts: {found['agreement']:.1%} same greedy answer, "
+            f"{found['same_prompt_tokens']:.1%} same prompt tokens"
+        )
     if fmt == "ollama":
         checks["ollama_template"] = check_ollama_template(shipment, examples)
         found = checks["ollama_template"]
