@@ -7,15 +7,24 @@ import pytest
 import yaml
 
 from affinage.cli import main
+from affinage.export.llamacpp_check import Answer, same_answer
 from tests.conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, model_dir):
     """A tiny trained email router (the real one's settings: the model's chat template, an empty system turn)."""
+    return train_tiny(tmp_path_factory.mktemp("export-run"), model_dir, "category")
+
+
+@pytest.fixture(scope="module")
+def generation_run(tmp_path_factory, model_dir):
+    return train_tiny(tmp_path_factory.mktemp("export-generation-run"), model_dir, "text")
+
+
+def train_tiny(root, model_dir, output_type):
     from tests.conftest import EMAILS
 
-    root = tmp_path_factory.mktemp("export-run")
     rows = [
         {"prompt": f'[INST] rediriger l\'email suivant : "{text} ({v}{i})"[/INST]', "completion": label}
         for label, texts in EMAILS.items()
@@ -27,7 +36,8 @@ def run(tmp_path_factory, model_dir):
         "base_model": str(model_dir),
         "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
         "prompt": {"system": ""},
-        "output_features": [{"name": "completion", "type": "category"}],
+        "output_features": [{"name": "completion", "type": output_type}],
+        "eval": {"task": "classification" if output_type == "category" else "generation"},
         "data": {"dataset": "emails.jsonl"},
         "trainer": {"max_steps": 6, "batch_size": 4, "learning_rate": 0.01, "eval_every": 3, "max_seq_len": 96},
     }
@@ -87,7 +97,7 @@ def test_ollama_export_has_a_modelfile_whose_template_renders_the_training_promp
 def test_a_failed_check_leaves_the_export_in_partial(run, tmp_path, monkeypatch, capsys):
     import affinage.export.export_checks as checks
 
-    monkeypatch.setattr(checks, "llama_cpp_answer", lambda *args, **kwargs: "gibberish that never stops")
+    monkeypatch.setattr(checks, "llama_cpp_answer", lambda *args, **kwargs: Answer("gibberish that never stops", cut=True))
     code, output = export(run, tmp_path, "gguf")
     assert code == 2 and not output.exists()
     partial = tmp_path / "gguf.partial"
@@ -115,3 +125,17 @@ def test_peft_and_merged_exports_carry_a_model_card(run, tmp_path):
         assert ModelCard.load(output / "README.md").data.to_dict()["library_name"] == library
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_an_answer_cut_inside_an_emoji_is_the_same_answer():
+    assert same_answer("La 💔 capitale 💔 de", Answer("La 💔 capitale 💔 de 💔", cut=True))
+    assert not same_answer("La 💔 capitale 💔 de", Answer("La 💔 capitale 💔 de 💔", cut=False))  # it chose to stop
+    assert not same_answer("Finance", Answer("Finance is", cut=True))  # a word more is another answer
+    assert not same_answer("SPAM", Answer("Support", cut=False))
+
+
+def test_free_generation_is_gated_on_the_next_token_given_the_same_prefix(generation_run, tmp_path):
+    code, output = export(generation_run, tmp_path, "gguf")
+    checks = report(output)["checks"]["llama.cpp"]
+    assert code == 0 and checks["gate"] == "token_agreement" and checks["token_agreement"] >= 0.95
+    assert checks["task_metric"]["affinage"] is None  # generation: no label or pattern metric to compare

@@ -17,6 +17,8 @@ from affinage.errors import AffinageError
 from affinage.evaluate import match_label
 from affinage.export.go_render import go_available, render_with_go
 from affinage.export.llamacpp_check import (
+    Compared,
+    same_top_tokens,
     INSTALL_HINT,
     agreement_report,
     chat_messages,
@@ -56,39 +58,50 @@ def task_metric(run: Any, examples: Sequence[Any], answers: Sequence[str]) -> di
 
 
 def check_gguf(shipment: Any, examples: Sequence[Any], answers: Sequence[str]) -> dict[str, Any]:
-    run, options = shipment.run, shipment.options
-    tokenizer, prompt = run.tokenizer, run.config.prompt
+    """llama.cpp's answers, prompt tokens and top tokens against the run's, on ``examples``.
+
+    The gate is the share of identical answers for a label task (the label is the answer), and
+    for free generation the share of answer tokens llama.cpp would also pick given the same
+    prefix: two free-running generations part at the first near-tie (which of seven hearts) and
+    never meet again, while a broken file (wrong weights, tokenizer or template) fails both.
+    """
+    run = shipment.run
     chat = shipment.chat_exact and bool(shipment.chat_template)
-    llm = open_gguf(
-        shipment.model_gguf, lora_path=shipment.lora_gguf, n_ctx=max(2048, 2 * run.config.trainer.max_seq_len)
-    )
+    n_ctx = max(2048, 2 * run.config.trainer.max_seq_len)
+    llm = open_gguf(shipment.model_gguf, lora_path=shipment.lora_gguf, n_ctx=n_ctx, logits_all=True)
     try:
         formatter = _chat_formatter(llm, shipment.chat_template) if chat else None
-        theirs, same_prompt = [], []
-        for example in examples:
-            ours_ids = tokenizer(
-                text := render_prompt(tokenizer, example, prompt.template, prompt.system),
-                add_special_tokens=adds_special_tokens(tokenizer, prompt.template),
-            )["input_ids"]
-            if formatter is not None:
-                their_ids = llama_cpp_prompt_ids(llm, formatter(messages=chat_messages(example)).prompt, add_bos=False)
-            else:
-                their_ids = llama_cpp_prompt_ids(llm, text, add_bos=adds_special_tokens(tokenizer, prompt.template))
-            same_prompt.append(list(ours_ids) == their_ids)
-            theirs.append(
-                llama_cpp_answer(llm, example, chat=chat, prompt_text=text, max_new_tokens=options.check_tokens)
-            )
+        compared = [_compare(llm, formatter, shipment, example, ours) for example, ours in zip(examples, answers)]
     finally:
         llm.close()
-    report = agreement_report(answers, theirs, same_prompt, examples)
+    report = agreement_report(answers, compared, examples)
     report["through"] = (
         "create_chat_completion (the GGUF's chat template)" if chat else "create_completion (affinage's prompt)"
     )
+    report["gate"] = "agreement" if run.task.get("task") == "classification" else "token_agreement"
     report["task_metric"] = {
         "affinage": task_metric(run, examples, answers),
-        "llama.cpp": task_metric(run, examples, theirs),
+        "llama.cpp": task_metric(run, examples, [c.answer.text for c in compared]),
     }
     return report
+
+
+def _compare(llm: Any, formatter: Any, shipment: Any, example: Any, ours: str) -> Compared:
+    tokenizer, prompt = shipment.run.tokenizer, shipment.run.config.prompt
+    add_bos = adds_special_tokens(tokenizer, prompt.template)
+    text = render_prompt(tokenizer, example, prompt.template, prompt.system)
+    ours_ids = tokenizer(text, add_special_tokens=add_bos)["input_ids"]
+    if formatter is not None:
+        their_ids = llama_cpp_prompt_ids(llm, formatter(messages=chat_messages(example)).prompt, add_bos=False)
+    else:
+        their_ids = llama_cpp_prompt_ids(llm, text, add_bos=add_bos)
+    budget = shipment.options.check_tokens
+    answer = llama_cpp_answer(llm, example, chat=formatter is not None, prompt_text=text, max_new_tokens=budget)
+    answer_ids = tokenizer(ours, add_special_tokens=False)["input_ids"][:budget]
+    if len(answer_ids) < budget:  # affinage stopped before the budget: at its EOS, which llama.cpp must pick too
+        answer_ids.append(tokenizer.eos_token_id)
+    same_top = same_top_tokens(llm, their_ids, answer_ids)
+    return Compared(answer, list(ours_ids) == their_ids, same_top, len(answer_ids))
 
 
 def _chat_formatter(llm: Any, template: str) -> Any:

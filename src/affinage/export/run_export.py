@@ -279,7 +279,7 @@ def _run_checks(fmt: str, shipment: Shipment, examples: list, answers: list[str]
         found = checks["llama.cpp"]
         log(
             f"llama.cpp vs affinage on {found['n']} test prompts: {found['agreement']:.1%} same greedy answer, "
-            f"{found['same_prompt_tokens']:.1%} same prompt tokens"
+            f"{found['token_agreement']:.1%} same next token, {found['same_prompt_tokens']:.1%} same prompt tokens"
         )
     if fmt == "ollama":
         checks["ollama_template"] = check_ollama_template(shipment, examples)
@@ -291,9 +291,10 @@ def _run_checks(fmt: str, shipment: Shipment, examples: list, answers: list[str]
 def _fail_if_disagrees(report: dict[str, Any], partial: Path, options: ExportOptions) -> None:
     checks = report.get("checks", {})
     llama = checks.get("llama.cpp")
-    if llama is not None and llama["agreement"] < options.min_agreement:
+    if llama is not None and llama[llama["gate"]] < options.min_agreement:
+        what = "answers" if llama["gate"] == "agreement" else "next tokens (given the same prefix)"
         raise ExportCheckFailed(
-            f"llama.cpp answers like affinage on {llama['agreement']:.1%} of the test prompts, below "
+            f"llama.cpp gives affinage's {what} on {llama[llama['gate']]:.1%} of the test prompts, below "
             f"--min-agreement {options.min_agreement:.0%}; the export is left in {partial} (see {REPORT_NAME})",
             fix="look at the differences in the report; a lower --quant loses less (f16), or pass --no-check",
         )
