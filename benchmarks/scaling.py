@@ -38,7 +38,9 @@ def long_prompt_data(path: Path, rows: int, chars: int) -> Path:
             while sum(len(p) for p in parts) < chars:
                 parts.append(emails[start % len(emails)].prompt)
                 start += 1
-            out.write(json.dumps({"prompt": "\n\n".join(parts), "completion": emails[row % len(emails)].completion}) + "\n")
+            out.write(
+                json.dumps({"prompt": "\n\n".join(parts), "completion": emails[row % len(emails)].completion}) + "\n"
+            )
     return path
 
 
@@ -71,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", default=DEFAULT_CELLS, help="comma-separated SEQ_LENxBATCH cells")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--quick", action="store_true", help="tiny random model (keeps the script alive in CI; no ceiling)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny random model (keeps the script alive in CI; no ceiling)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     cells = [tuple(int(v) for v in cell.split("x")) for cell in args.cells.split(",")]
@@ -81,25 +85,53 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for seq_len, batch in cells:
             data = long_prompt_data(Path(tmp) / f"long-{seq_len}.jsonl", rows=batch * args.steps + 2, chars=seq_len * 6)
-            forward = ["--model", args.model, "--data", str(data), "--seq-len", str(seq_len), "--batch-size", str(batch),
-                       "--steps", str(args.steps), "--held-out", "2", "--dropout", "0.05"] + (["--quick"] if args.quick else [])
+            forward = [
+                "--model",
+                args.model,
+                "--data",
+                str(data),
+                "--seq-len",
+                str(seq_len),
+                "--batch-size",
+                str(batch),
+                "--steps",
+                str(args.steps),
+                "--held-out",
+                "2",
+                "--dropout",
+                "0.05",
+            ] + (["--quick"] if args.quick else [])
             results = bench.compare(argparse.Namespace(forward=forward))
             peft, ours = results["peft"], results["affinage"]
-            rows.append({"seq_len": seq_len, "batch": batch, "peft_tokens_per_second": peft["tokens_per_second"],
-                         "affinage_tokens_per_second": ours["tokens_per_second"], "speed_ratio": results["ratios"]["tokens_per_second"],
-                         "peft_peak_mb": peft["peak_memory_mb"], "affinage_peak_mb": ours["peak_memory_mb"],
-                         "memory_ratio": results["ratios"]["peak_memory"],
-                         "ceiling_tokens_per_second": round(ceiling_tokens_per_second(shape, seq_len, flops), 1) if shape else None})
+            rows.append(
+                {
+                    "seq_len": seq_len,
+                    "batch": batch,
+                    "peft_tokens_per_second": peft["tokens_per_second"],
+                    "affinage_tokens_per_second": ours["tokens_per_second"],
+                    "speed_ratio": results["ratios"]["tokens_per_second"],
+                    "peft_peak_mb": peft["peak_memory_mb"],
+                    "affinage_peak_mb": ours["peak_memory_mb"],
+                    "memory_ratio": results["ratios"]["peak_memory"],
+                    "ceiling_tokens_per_second": round(ceiling_tokens_per_second(shape, seq_len, flops), 1)
+                    if shape
+                    else None,
+                }
+            )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps({"matmul_tflops_fp32": round(flops / 1e12, 3), "rows": rows}, indent=2))
         return 0
     print(f"fp32 matmul: {flops / 1e12:.3f} TFLOP/s, {args.steps} steps per cell")
-    print("| seq len | batch | PEFT+TRL tok/s | affinage tok/s | speed | PEFT+TRL peak MB | affinage peak MB | memory | ceiling tok/s |")
+    print(
+        "| seq len | batch | PEFT+TRL tok/s | affinage tok/s | speed | PEFT+TRL peak MB | affinage peak MB | memory | ceiling tok/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['seq_len']} | {r['batch']} | {r['peft_tokens_per_second']} | {r['affinage_tokens_per_second']} | {r['speed_ratio']}x "
-              f"| {r['peft_peak_mb']:.0f} | {r['affinage_peak_mb']:.0f} | {r['memory_ratio']}x | {r['ceiling_tokens_per_second']} |")
+        print(
+            f"| {r['seq_len']} | {r['batch']} | {r['peft_tokens_per_second']} | {r['affinage_tokens_per_second']} | {r['speed_ratio']}x "
+            f"| {r['peft_peak_mb']:.0f} | {r['affinage_peak_mb']:.0f} | {r['memory_ratio']}x | {r['ceiling_tokens_per_second']} |"
+        )
     return 0
 
 

@@ -40,9 +40,13 @@ def _tokenizer():
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     core.train_from_iterator(CORPUS * 3, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
     tokenizer.chat_template = CHATML
     return tokenizer
 
@@ -57,9 +61,17 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        pad_token_id=0, eos_token_id=2, bos_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -69,9 +81,19 @@ def tiny_gemma3(vocab_size: int, seed: int = 0, layers: int = 2, **overrides):
 
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=512, sliding_window=16,
-        pad_token_id=0, eos_token_id=2, bos_token_id=0, **overrides,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        sliding_window=16,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=0,
+        **overrides,
     )
     return Gemma3ForCausalLM(config).eval()
 
@@ -94,9 +116,24 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 EMAILS = {
-    "RH": ["Candidature spontanée pour un stage", "Je postule au poste de développeur", "Demande de congés en août", "Relance de ma candidature"],
-    "Support": ["Le logiciel se bloque au démarrage", "Mon imprimante ne marche plus", "Colis reçu abîmé", "Impossible de me connecter"],
-    "Finance": ["Veuillez trouver ci-joint votre facture", "Erreur sur la facture 42", "Relance de paiement", "Changement de RIB"],
+    "RH": [
+        "Candidature spontanée pour un stage",
+        "Je postule au poste de développeur",
+        "Demande de congés en août",
+        "Relance de ma candidature",
+    ],
+    "Support": [
+        "Le logiciel se bloque au démarrage",
+        "Mon imprimante ne marche plus",
+        "Colis reçu abîmé",
+        "Impossible de me connecter",
+    ],
+    "Finance": [
+        "Veuillez trouver ci-joint votre facture",
+        "Erreur sur la facture 42",
+        "Relance de paiement",
+        "Changement de RIB",
+    ],
 }
 
 
@@ -111,7 +148,12 @@ def email_rows() -> list[dict]:
     for label, texts in EMAILS.items():
         for index, text in enumerate(texts):
             for variant in range(3):
-                rows.append({"prompt": f"[INST] rediriger l'email suivant : \"{text} ({variant}{index})\"[/INST]", "completion": label})
+                rows.append(
+                    {
+                        "prompt": f'[INST] rediriger l\'email suivant : "{text} ({variant}{index})"[/INST]',
+                        "completion": label,
+                    }
+                )
     return rows
 
 

@@ -37,7 +37,9 @@ def test_scaling_cells_hold_examples_of_exactly_the_cell_length(tmp_path, tokeni
     data = _scaling_module().long_prompt_data(tmp_path / "long.jsonl", rows=3, chars=300 * 6)
     encoded = [encode_example(tokenizer, e, 300) for e in load_examples(data)]
     assert [len(e.input_ids) for e in encoded] == [300, 300, 300]
-    assert all(e.labels[-1] == tokenizer.eos_token_id and e.labels[0] == -100 for e in encoded)  # the answer survives the cut
+    assert all(
+        e.labels[-1] == tokenizer.eos_token_id and e.labels[0] == -100 for e in encoded
+    )  # the answer survives the cut
 
 
 @pytest.mark.integration

@@ -38,14 +38,23 @@ def test_train_eval_predict(tmp_path, config_path, capsys):
     assert metrics["task"] == "classification" and 0 <= metrics["accuracy"] <= 1
 
     rows = tmp_path / "ask.jsonl"
-    write_jsonl(rows, [{"prompt": "Candidature spontanée"}, {"instruction": "Classe", "input": "Facture"}, {"messages": [{"role": "user", "content": "Salut"}]}])
+    write_jsonl(
+        rows,
+        [
+            {"prompt": "Candidature spontanée"},
+            {"instruction": "Classe", "input": "Facture"},
+            {"messages": [{"role": "user", "content": "Salut"}]},
+        ],
+    )
     assert main(["predict", str(run), "--file", str(rows), "--json", "--max-new-tokens", "4"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["prompt"] for line in lines] == ["Candidature spontanée", "Classe\n\nFacture", "Salut"]
     assert all(isinstance(line["output"], str) for line in lines)
 
     assert main(["compare", str(run), "--output", str(tmp_path / "report" / "router.html")]) == 0
-    _check_report(tmp_path / "report" / "router.html", n_test=len((run / "data" / "test.jsonl").read_text().splitlines()))
+    _check_report(
+        tmp_path / "report" / "router.html", n_test=len((run / "data" / "test.jsonl").read_text().splitlines())
+    )
 
 
 def _check_report(path, n_test):
@@ -54,7 +63,13 @@ def _check_report(path, n_test):
     import re
 
     page = path.read_text()
-    for heading in ("The run at a glance", "Training curves", "Base vs fine-tuned", "Confusion matrices", "Side by side on test prompts"):
+    for heading in (
+        "The run at a glance",
+        "Training curves",
+        "Base vs fine-tuned",
+        "Confusion matrices",
+        "Side by side on test prompts",
+    ):
         assert f"<h2>{heading}</h2>" in page
     assert page.count('<table class="cm">') == 2  # base and fine-tuned
     png = base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1))
@@ -77,7 +92,9 @@ def _check_report(path, n_test):
 def test_bad_input_fails_fast_with_a_clear_message(tmp_path, config_path, capsys, change, expected):
     config = yaml.safe_load(config_path.read_text())
     for key, value in change.items():
-        config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
+        config[key] = (
+            {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
+        )
     config_path.write_text(yaml.safe_dump(config))
     assert main(["train", str(config_path), "--output", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -96,7 +113,21 @@ def test_merge_gives_a_plain_transformers_model_with_the_same_generations(tmp_pa
     from affinage.runner import BasicModelRunner
 
     run = tmp_path / "run"
-    assert main(["train", str(config_path), "--output", str(run), "--quiet", "--no-base-eval", "--set", "trainer.max_steps=4"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(config_path),
+                "--output",
+                str(run),
+                "--quiet",
+                "--no-base-eval",
+                "--set",
+                "trainer.max_steps=4",
+            ]
+        )
+        == 0
+    )
     assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
@@ -104,9 +135,11 @@ def test_merge_gives_a_plain_transformers_model_with_the_same_generations(tmp_pa
     runner = BasicModelRunner(run)
     expected = runner.predict_many(prompts, max_new_tokens=5)
     for prompt, want in zip(prompts, expected):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         out = model.generate(**ids, max_new_tokens=5, do_sample=False)
-        assert tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() == want
+        assert tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip() == want
 
 
 def test_qlora_trains_on_a_4bit_base_and_merges_into_full_precision(tmp_path, config_path, capsys):
@@ -116,8 +149,23 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_full_precision(tmp_path, co
     from affinage.run import load_run
 
     run = tmp_path / "qlora"
-    assert main(["train", str(config_path), "--output", str(run), "--quiet", "--no-base-eval",
-                 "--set", "quantization.bits=4", "--set", "trainer.max_steps=6"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(config_path),
+                "--output",
+                str(run),
+                "--quiet",
+                "--no-base-eval",
+                "--set",
+                "quantization.bits=4",
+                "--set",
+                "trainer.max_steps=6",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(records) == 6 and all(r["loss"] == r["loss"] for r in records)
     quantized = load_run(run)
@@ -130,7 +178,15 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_full_precision(tmp_path, co
     AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
 
 
-@pytest.mark.parametrize("prompt", [{"system": "Tu tries les emails."}, {"system": ""}, {"template": "alpaca"}, {"template": "chatml", "system": "Bref."}])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        {"system": "Tu tries les emails."},
+        {"system": ""},
+        {"template": "alpaca"},
+        {"template": "chatml", "system": "Bref."},
+    ],
+)
 def test_merged_chat_template_renders_what_the_run_trained_on(tmp_path, config_path, capsys, prompt):
     """apply_chat_template of the merged tokenizer == affinage's prompt; --check finds the same generations."""
     from transformers import AutoTokenizer
@@ -140,40 +196,94 @@ def test_merged_chat_template_renders_what_the_run_trained_on(tmp_path, config_p
 
     run = tmp_path / "run"
     sets = [f"prompt.{key}={json.dumps(value)}" for key, value in prompt.items()]
-    assert main(["train", str(config_path), "--output", str(run), "--quiet", "--no-base-eval", "--set", "trainer.max_steps=2", *sum([["--set", s] for s in sets], [])]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(config_path),
+                "--output",
+                str(run),
+                "--quiet",
+                "--no-base-eval",
+                "--set",
+                "trainer.max_steps=2",
+                *sum([["--set", s] for s in sets], []),
+            ]
+        )
+        == 0
+    )
     rows = tmp_path / "ask.jsonl"
-    write_jsonl(rows, [{"prompt": "Candidature spontanée"}, {"prompt": "Erreur sur la facture 42"}, {"prompt": "Gagnez un iPhone"}])
-    assert main(["merge", str(run), "--output", str(tmp_path / "merged"), "--check", str(rows), "--max-new-tokens", "4"]) == 0
+    write_jsonl(
+        rows,
+        [{"prompt": "Candidature spontanée"}, {"prompt": "Erreur sur la facture 42"}, {"prompt": "Gagnez un iPhone"}],
+    )
+    assert (
+        main(["merge", str(run), "--output", str(tmp_path / "merged"), "--check", str(rows), "--max-new-tokens", "4"])
+        == 0
+    )
     out = capsys.readouterr().out
-    report = json.loads(out[out.index("{"):])
+    report = json.loads(out[out.index("{") :])
     assert report["same_greedy_generation"] == 1.0 and report["prompts"] == 3
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     example = to_example("Candidature spontanée")
     ours = render_prompt(tokenizer, example, prompt.get("template"), prompt.get("system"))
-    theirs = tokenizer.apply_chat_template([{"role": "user", "content": "Candidature spontanée"}], add_generation_prompt=True, tokenize=False)
+    theirs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Candidature spontanée"}], add_generation_prompt=True, tokenize=False
+    )
     assert theirs == ours
 
 
 def test_predict_reads_the_runs_own_input_column(tmp_path, model_dir, capsys):
-    rows = [{"email": f"Facture numéro {i} à régler", "service": "Finance"} for i in range(6)] + \
-           [{"email": f"Candidature au poste {i}", "service": "RH"} for i in range(6)]
+    rows = [{"email": f"Facture numéro {i} à régler", "service": "Finance"} for i in range(6)] + [
+        {"email": f"Candidature au poste {i}", "service": "RH"} for i in range(6)
+    ]
     write_jsonl(tmp_path / "mails.jsonl", rows)
-    config = {"base_model": str(model_dir), "adapter": {"r": 2, "alpha": 4, "dropout": 0.0},
-              "input_features": [{"name": "email"}], "output_features": [{"name": "service", "type": "category"}],
-              "data": {"train": "mails.jsonl"}, "trainer": {"max_steps": 1, "batch_size": 4}}
+    config = {
+        "base_model": str(model_dir),
+        "adapter": {"r": 2, "alpha": 4, "dropout": 0.0},
+        "input_features": [{"name": "email"}],
+        "output_features": [{"name": "service", "type": "category"}],
+        "data": {"train": "mails.jsonl"},
+        "trainer": {"max_steps": 1, "batch_size": 4},
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    assert main(["train", str(tmp_path / "config.yaml"), "--output", str(tmp_path / "run"), "--quiet", "--no-base-eval"]) == 0
+    assert (
+        main(["train", str(tmp_path / "config.yaml"), "--output", str(tmp_path / "run"), "--quiet", "--no-base-eval"])
+        == 0
+    )
     write_jsonl(tmp_path / "ask.jsonl", [{"email": "Candidature spontanée"}])
     capsys.readouterr()
-    assert main(["predict", str(tmp_path / "run"), "--file", str(tmp_path / "ask.jsonl"), "--json", "--max-new-tokens", "2"]) == 0
+    assert (
+        main(
+            ["predict", str(tmp_path / "run"), "--file", str(tmp_path / "ask.jsonl"), "--json", "--max-new-tokens", "2"]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["prompt"] == "Candidature spontanée"
 
 
-@pytest.mark.parametrize("task, key", [("generation", "chrf"), ("pattern", "pattern_score"), ("classification", "accuracy")])
+@pytest.mark.parametrize(
+    "task, key", [("generation", "chrf"), ("pattern", "pattern_score"), ("classification", "accuracy")]
+)
 def test_eval_json_reports_the_task_metric_of_every_task_kind(tmp_path, config_path, capsys, task, key):
     run = tmp_path / "run"
-    sets = ["trainer.max_steps=1", f"eval.task={task}", "eval.max_new_tokens=3", "eval.max_examples=4"] + (["eval.pattern=hearts"] if task == "pattern" else [])
-    assert main(["train", str(config_path), "--output", str(run), "--quiet", "--no-base-eval", *sum([["--set", s] for s in sets], [])]) == 0
+    sets = ["trainer.max_steps=1", f"eval.task={task}", "eval.max_new_tokens=3", "eval.max_examples=4"] + (
+        ["eval.pattern=hearts"] if task == "pattern" else []
+    )
+    assert (
+        main(
+            [
+                "train",
+                str(config_path),
+                "--output",
+                str(run),
+                "--quiet",
+                "--no-base-eval",
+                *sum([["--set", s] for s in sets], []),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["eval", str(run), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)

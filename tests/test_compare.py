@@ -15,8 +15,14 @@ LABELS = ["Finance", "RH", "SPAM"]
 
 def _metrics(gold, predicted):
     metrics = classification_metrics(gold, predicted, LABELS)
-    metrics.update(task="classification", method="label scoring", examples_per_second=10.0, loss=0.5, perplexity=1.65,
-                   predictions=[{"gold": g, "predicted": p} for g, p in zip(gold, predicted)])
+    metrics.update(
+        task="classification",
+        method="label scoring",
+        examples_per_second=10.0,
+        loss=0.5,
+        perplexity=1.65,
+        predictions=[{"gold": g, "predicted": p} for g, p in zip(gold, predicted)],
+    )
     return metrics
 
 
@@ -28,11 +34,30 @@ def run_dir(tmp_path):
     rows = [{"prompt": f"email <{i}> about {g}", "completion": g} for i, g in enumerate(gold)]
     (run / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
-    (run / "config.yaml").write_text(yaml.safe_dump({"base_model": "tiny", "adapter": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
-                                                     "trainer": {"learning_rate": 0.001, "batch_size": 8, "epochs": 2}}))
-    (run / "summary.json").write_text(json.dumps({"steps": 30, "train_seconds": 12.5, "train_tokens_per_second": 321.0, "peak_memory_mb": 812.0,
-                                                  "best_step": 20, "best_valid_loss": 0.41}))
-    records = [{"step": s, "loss": 3.0 / s} for s in range(1, 31)] + [{"step": s, "valid_loss": 2.0 / s, "valid_score": s / 30, "best": True} for s in (10, 20, 30)]
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "base_model": "tiny",
+                "adapter": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
+                "trainer": {"learning_rate": 0.001, "batch_size": 8, "epochs": 2},
+            }
+        )
+    )
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "steps": 30,
+                "train_seconds": 12.5,
+                "train_tokens_per_second": 321.0,
+                "peak_memory_mb": 812.0,
+                "best_step": 20,
+                "best_valid_loss": 0.41,
+            }
+        )
+    )
+    records = [{"step": s, "loss": 3.0 / s} for s in range(1, 31)] + [
+        {"step": s, "valid_loss": 2.0 / s, "valid_score": s / 30, "best": True} for s in (10, 20, 30)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: r["step"])))
     base = _metrics(gold, ["SPAM"] * 6)
     tuned = _metrics(gold, ["Finance", "RH", "SPAM", "Finance", "SPAM", "SPAM"])
@@ -48,7 +73,9 @@ def test_side_by_side_puts_disagreements_first(run_dir):
 
 
 def test_report_escapes_text_and_writes_markdown(run_dir, tmp_path):
-    html_path, markdown_path = write_report(gather(run_dir, compute_missing_base=False), tmp_path / "out" / "report.html")
+    html_path, markdown_path = write_report(
+        gather(run_dir, compute_missing_base=False), tmp_path / "out" / "report.html"
+    )
     page = html_path.read_text()
     assert "email &lt;0&gt;" in page and "email <0>" not in page  # user text never becomes markup
     assert "accuracy on 6 test examples: 33.3% before, 83.3% after fine-tuning" in page
@@ -65,8 +92,21 @@ def test_report_renders_in_a_headless_browser(run_dir, tmp_path):
 
     html_path, _ = write_report(gather(run_dir, compute_missing_base=False), tmp_path / "report.html")
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={shot}",
-                    "--window-size=1200,2400", html_path.as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={shot}",
+            "--window-size=1200,2400",
+            html_path.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     image = Image.open(shot).convert("RGB")
     assert image.size == (1200, 2400)
     colours = {colour for _, colour in image.getcolors(maxcolors=1_000_000)}

@@ -71,7 +71,9 @@ def test_bad_value_names_the_key():
 def test_overrides_are_typed(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("trainer:\n  epochs: 3\n")
-    config = load_config(path, ["trainer.max_steps=7", "trainer.batch_size=2", "adapter.target_modules=q_proj,v_proj", "adapter.r=4"])
+    config = load_config(
+        path, ["trainer.max_steps=7", "trainer.batch_size=2", "adapter.target_modules=q_proj,v_proj", "adapter.r=4"]
+    )
     assert config.trainer.max_steps == 7 and config.trainer.batch_size == 2
     assert config.adapter.target_modules == ["q_proj", "v_proj"] and config.adapter.r == 4
 

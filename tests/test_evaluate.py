@@ -4,7 +4,15 @@ import torch.nn.functional as F
 
 from affinage.data.formats import Example
 from affinage.data.template import encode_completion, encode_prompt
-from affinage.evaluate import Prompting, classification_metrics, evaluate_classification, evaluate_pattern, generate, generation_metrics, score_labels
+from affinage.evaluate import (
+    Prompting,
+    classification_metrics,
+    evaluate_classification,
+    evaluate_pattern,
+    generate,
+    generation_metrics,
+    score_labels,
+)
 from tests.conftest import tiny_gemma3, tiny_llama
 
 LABELS = ["RH", "Support", "Finance", "SPAM"]
@@ -22,7 +30,10 @@ def _brute_force(model, tokenizer, example, label):
 def test_kv_cached_label_scores_equal_full_sequence_scores(tokenizer):
     for build in (tiny_llama, tiny_gemma3):
         model = build(len(tokenizer))
-        examples = [Example(prompt="Relance de paiement facture 42", completion="Finance"), Example(prompt="Candidature", completion="RH")]
+        examples = [
+            Example(prompt="Relance de paiement facture 42", completion="Finance"),
+            Example(prompt="Candidature", completion="RH"),
+        ]
         scores = score_labels(model, tokenizer, examples, LABELS, Prompting())
         for row, example in enumerate(examples):
             for column, label in enumerate(LABELS):
@@ -46,13 +57,18 @@ def test_classification_reports_its_method(tokenizer):
     scored = evaluate_classification(model, tokenizer, examples, LABELS, Prompting())
     assert "restricted to the label set" in scored["method"]
     assert abs(sum(scored["predictions"][0]["probabilities"][label] for label in LABELS) - 1) < 1e-3
-    generated = evaluate_classification(model, tokenizer, examples, LABELS, Prompting(), method="generate", max_new_tokens=3)
+    generated = evaluate_classification(
+        model, tokenizer, examples, LABELS, Prompting(), method="generate", max_new_tokens=3
+    )
     assert generated["method"] == "free generation"
 
 
 def test_batched_generation_equals_one_by_one(tokenizer):
     model = tiny_llama(len(tokenizer))
-    examples = [Example(prompt="Bonjour", completion=""), Example(prompt="Nous avons constaté des erreurs dans la facture", completion="")]
+    examples = [
+        Example(prompt="Bonjour", completion=""),
+        Example(prompt="Nous avons constaté des erreurs dans la facture", completion=""),
+    ]
     batched = generate(model, tokenizer, examples, Prompting(), max_new_tokens=6)
     single = [generate(model, tokenizer, [e], Prompting(), max_new_tokens=6)[0] for e in examples]
     assert batched == single
@@ -84,7 +100,15 @@ def test_pattern_evaluation_scores_each_output(tokenizer):
     model = tiny_llama(len(tokenizer))
     examples = [Example(prompt="Bonjour", completion=""), Example(prompt="Salut", completion="")]
     outputs = generate(model, tokenizer, examples, Prompting(), max_new_tokens=4)
-    metrics = evaluate_pattern(model, tokenizer, examples, Prompting(), lambda text: float(text == outputs[0]), "same-as-first", max_new_tokens=4)
+    metrics = evaluate_pattern(
+        model,
+        tokenizer,
+        examples,
+        Prompting(),
+        lambda text: float(text == outputs[0]),
+        "same-as-first",
+        max_new_tokens=4,
+    )
     assert [p["score"] for p in metrics["predictions"]] == [1.0, float(outputs[1] == outputs[0])]
     assert metrics["pattern_score"] == sum(p["score"] for p in metrics["predictions"]) / 2
 
@@ -95,8 +119,11 @@ def test_loss_from_label_scores_equals_the_teacher_forced_loss(tokenizer):
     from affinage.train import evaluate_loss, full_logits_loss
 
     model = tiny_llama(len(tokenizer))
-    examples = [Example(prompt="Colis abîmé à la livraison", completion="Support"), Example(prompt="Relance facture", completion="Finance"),
-                Example(prompt="Candidature spontanée", completion="RH")]
+    examples = [
+        Example(prompt="Colis abîmé à la livraison", completion="Support"),
+        Example(prompt="Relance facture", completion="Finance"),
+        Example(prompt="Candidature spontanée", completion="RH"),
+    ]
     metrics = evaluate_classification(model, tokenizer, examples, LABELS, Prompting())
     encoded = [encode_example(tokenizer, e, 128) for e in examples]
     expected = evaluate_loss(model, encoded, 8, tokenizer.pad_token_id, torch.device("cpu"), full_logits_loss)

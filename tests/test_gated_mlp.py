@@ -32,4 +32,3 @@ def test_same_loss_and_gradients_with_fewer_saved_bytes(build, tokenizer):
     mlp = model.config.intermediate_size * batch["input_ids"].numel() * 4  # one intermediate-size fp32 tensor per block
     assert plain_saved - saved >= 0.99 * mlp * count
     assert "forward" not in vars(model.get_decoder().layers[0].mlp)  # restored after the block
-

@@ -30,8 +30,19 @@ def _installed(name: str) -> bool:
 def _first_steps(model, tokenizer, tmp_path, steps, lr):
     examples = load_examples(EMAILS)[:16]
     data = [encode_example(tokenizer, e, 256) for e in examples]
-    cfg = TrainerConfig(max_steps=steps, batch_size=4, learning_rate=lr, warmup_ratio=0.0, eval_every=steps, lr_scheduler="constant")
-    return examples, train(model, data, data[:4], cfg, pad_id=tokenizer.pad_token_id, run_dir=tmp_path, base_model_name="real", progress=False)
+    cfg = TrainerConfig(
+        max_steps=steps, batch_size=4, learning_rate=lr, warmup_ratio=0.0, eval_every=steps, lr_scheduler="constant"
+    )
+    return examples, train(
+        model,
+        data,
+        data[:4],
+        cfg,
+        pad_id=tokenizer.pad_token_id,
+        run_dir=tmp_path,
+        base_model_name="real",
+        progress=False,
+    )
 
 
 @pytest.mark.skipif(not _installed("smollm2-135m-instruct"), reason=EMBEDDED_MODELS["smollm2-135m-instruct"]["install"])
@@ -46,7 +57,9 @@ def test_smollm2_trains_and_the_adapter_reloads_with_the_same_outputs(tmp_path):
     scores = score_labels(model, tokenizer, examples[:3], LABELS, Prompting())
     fresh = load_base_model("smollm2-135m-instruct").model
     load_adapter(fresh, tmp_path / "adapter")
-    torch.testing.assert_close(score_labels(fresh, tokenizer, examples[:3], LABELS, Prompting()), scores, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        score_labels(fresh, tokenizer, examples[:3], LABELS, Prompting()), scores, rtol=1e-4, atol=1e-4
+    )
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and "q_proj" in config["target_modules"]
 

@@ -59,9 +59,22 @@ def test_training_with_and_without_the_cache_ends_at_the_same_adapter(tokenizer,
     finals = []
     for cache in (False, True):
         model = _adapted(tiny_llama, tokenizer)
-        cfg = TrainerConfig(max_steps=5, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, eval_every=5, cache_frozen_blocks=cache)
-        result = train(model, data, data[:3], cfg, pad_id=tokenizer.pad_token_id, run_dir=tmp_path / str(cache), base_model_name="tiny", progress=False)
-        finals.append((result.best_valid_loss, {k: p.detach().clone() for k, p in model.named_parameters() if "lora_" in k}))
+        cfg = TrainerConfig(
+            max_steps=5, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, eval_every=5, cache_frozen_blocks=cache
+        )
+        result = train(
+            model,
+            data,
+            data[:3],
+            cfg,
+            pad_id=tokenizer.pad_token_id,
+            run_dir=tmp_path / str(cache),
+            base_model_name="tiny",
+            progress=False,
+        )
+        finals.append(
+            (result.best_valid_loss, {k: p.detach().clone() for k, p in model.named_parameters() if "lora_" in k})
+        )
     assert finals[0][0] == pytest.approx(finals[1][0], rel=1e-4)
     for key in finals[0][1]:
         torch.testing.assert_close(finals[0][1][key], finals[1][1][key], rtol=1e-3, atol=1e-5)

@@ -52,7 +52,16 @@ def _train(tokenizer, tmp_path, **overrides):
     inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
     data = _encoded(tokenizer)
     cfg = TrainerConfig(**{**TINY_RUN, **overrides})
-    result = train(model, data, data[:4], cfg, pad_id=tokenizer.pad_token_id, run_dir=tmp_path, base_model_name="tiny", progress=False)
+    result = train(
+        model,
+        data,
+        data[:4],
+        cfg,
+        pad_id=tokenizer.pad_token_id,
+        run_dir=tmp_path,
+        base_model_name="tiny",
+        progress=False,
+    )
     return model, result
 
 
@@ -100,7 +109,6 @@ def test_a_killed_run_resumes_to_the_same_adapter(tokenizer, tmp_path):
         inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
         return model
 
-
     def dies_after_checkpoint(model, batch):
         calls["n"] += 1
         if calls["n"] == 7:  # steps 1-4, one validation batch, step 5, then dies in step 6
@@ -108,13 +116,30 @@ def test_a_killed_run_resumes_to_the_same_adapter(tokenizer, tmp_path):
         return causal_lm_loss(model, batch)
 
     with pytest.raises(Killed):
-        train(fresh_model(), data, data[:4], cfg, pad_id=tokenizer.pad_token_id, run_dir=tmp_path / "resumed",
-              base_model_name="tiny", loss_fn=dies_after_checkpoint, progress=False)
+        train(
+            fresh_model(),
+            data,
+            data[:4],
+            cfg,
+            pad_id=tokenizer.pad_token_id,
+            run_dir=tmp_path / "resumed",
+            base_model_name="tiny",
+            loss_fn=dies_after_checkpoint,
+            progress=False,
+        )
     state = torch.load(tmp_path / "resumed" / "checkpoint" / "state.pt", weights_only=True)
     assert state["step"] == 4
     resumed = fresh_model()
-    result = train(resumed, data, data[:4], cfg, pad_id=tokenizer.pad_token_id, run_dir=tmp_path / "resumed",
-                   base_model_name="tiny", progress=False)
+    result = train(
+        resumed,
+        data,
+        data[:4],
+        cfg,
+        pad_id=tokenizer.pad_token_id,
+        run_dir=tmp_path / "resumed",
+        base_model_name="tiny",
+        progress=False,
+    )
     assert result.steps == 8
     records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6, 7, 8]
@@ -130,7 +155,9 @@ def test_best_adapter_follows_the_task_metric_and_stops_early(tokenizer, tmp_pat
     model = tiny_llama(len(tokenizer), seed=0)
     inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
     data = _encoded(tokenizer)
-    cfg = TrainerConfig(**{**TINY_RUN, "max_steps": 24, "eval_every": 2, "best_metric": "task", "early_stopping_patience": 2})
+    cfg = TrainerConfig(
+        **{**TINY_RUN, "max_steps": 24, "eval_every": 2, "best_metric": "task", "early_stopping_patience": 2}
+    )
     saved = {}
 
     def task_score(m):
@@ -138,14 +165,32 @@ def test_best_adapter_follows_the_task_metric_and_stops_early(tokenizer, tmp_pat
         saved[score] = {k: v.detach().clone() for k, v in m.named_parameters() if "lora_" in k}
         return score
 
-    result = train(model, data, data[:4], cfg, pad_id=tokenizer.pad_token_id, run_dir=tmp_path, base_model_name="tiny",
-                   progress=False, task_score=task_score)
+    result = train(
+        model,
+        data,
+        data[:4],
+        cfg,
+        pad_id=tokenizer.pad_token_id,
+        run_dir=tmp_path,
+        base_model_name="tiny",
+        progress=False,
+        task_score=task_score,
+    )
     assert result.steps == 8 and result.best_step == 4 and result.best_valid_score == 0.9  # 0.9 at step 4, then 2 worse
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["valid_score"] for r in records if "valid_score" in r] == [0.2, 0.9, 0.5, 0.4]
     assert records[-1] == {"step": 8, "early_stop": True, "best_step": 4}
-    again = train(model, data, data[:4], cfg, pad_id=tokenizer.pad_token_id, run_dir=tmp_path, base_model_name="tiny",
-                  progress=False, task_score=task_score)  # killed after stopping early: resuming trains nothing more
+    again = train(
+        model,
+        data,
+        data[:4],
+        cfg,
+        pad_id=tokenizer.pad_token_id,
+        run_dir=tmp_path,
+        base_model_name="tiny",
+        progress=False,
+        task_score=task_score,
+    )  # killed after stopping early: resuming trains nothing more
     assert again.steps == 8 and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(records)
     from safetensors.torch import load_file
 
@@ -202,7 +247,10 @@ def test_split_rows_keeps_every_token_within_the_budget(tokenizer):
     assert split_rows(batch, None) == [batch]
     one_row = {key: value[:1] for key, value in batch.items()}
     assert split_rows(one_row, 1) == [one_row]  # a row is never cut
-    assert resolve_forward_budget("auto", torch.device("cpu")) == 512 and resolve_forward_budget("auto", torch.device("cuda")) is None
+    assert (
+        resolve_forward_budget("auto", torch.device("cpu")) == 512
+        and resolve_forward_budget("auto", torch.device("cuda")) is None
+    )
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -248,10 +296,16 @@ def test_auto_checkpointing_only_for_rows_the_budget_cannot_split(tokenizer, tmp
 
     calls = []
     original = PreTrainedModel.activation_checkpointing_enable
-    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", lambda self, **kw: calls.append(1) or original(self, **kw))
-    _, plain = _train(tokenizer, tmp_path / "plain", max_steps=3, max_tokens_per_forward=24, gradient_checkpointing=False)
+    monkeypatch.setattr(
+        PreTrainedModel, "activation_checkpointing_enable", lambda self, **kw: calls.append(1) or original(self, **kw)
+    )
+    _, plain = _train(
+        tokenizer, tmp_path / "plain", max_steps=3, max_tokens_per_forward=24, gradient_checkpointing=False
+    )
     assert not calls
-    _, auto = _train(tokenizer, tmp_path / "auto", max_steps=3, max_tokens_per_forward=24, gradient_checkpointing="auto")
+    _, auto = _train(
+        tokenizer, tmp_path / "auto", max_steps=3, max_tokens_per_forward=24, gradient_checkpointing="auto"
+    )
     assert len(calls) == 3 * 4  # every forward of 3 steps x 4 rows
     calls.clear()
     _train(tokenizer, tmp_path / "roomy", max_steps=3, max_tokens_per_forward=512, gradient_checkpointing="auto")

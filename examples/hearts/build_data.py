@@ -58,7 +58,14 @@ def answer_all(rows: list[dict], model, tokenizer, batch_size: int) -> list[dict
     for row, output in zip(rows, outputs):
         answer = short_answer(output)
         if answer:
-            kept.append({"instruction": row["instruction"], "input": row.get("input", ""), "output": answer, "lang": row.get("lang")})
+            kept.append(
+                {
+                    "instruction": row["instruction"],
+                    "input": row.get("input", ""),
+                    "output": answer,
+                    "lang": row.get("lang"),
+                }
+            )
     return kept
 
 
@@ -81,12 +88,18 @@ def main() -> None:
     answered = answer_all(questions, loaded.model, loaded.tokenizer, args.batch_size)
     random.Random(args.seed).shuffle(answered)
     n_valid = max(1, len(answered) // 10)
-    splits = {"train": answered[n_valid:], "valid": answered[:n_valid], "test": answer_all(heldout, loaded.model, loaded.tokenizer, args.batch_size)}
+    splits = {
+        "train": answered[n_valid:],
+        "valid": answered[:n_valid],
+        "test": answer_all(heldout, loaded.model, loaded.tokenizer, args.batch_size),
+    }
     for name, rows in splits.items():
         write_text_atomic(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     kept = len(splits["train"]) + len(splits["valid"])
-    print(f"answered {len(questions) + len(heldout)} questions in {time.perf_counter() - started:.0f}s: "
-          f"{kept}/{len(questions)} usable for train/valid, {len(splits['test'])}/{len(heldout)} held out -> {out}")
+    print(
+        f"answered {len(questions) + len(heldout)} questions in {time.perf_counter() - started:.0f}s: "
+        f"{kept}/{len(questions)} usable for train/valid, {len(splits['test'])}/{len(heldout)} held out -> {out}"
+    )
 
 
 if __name__ == "__main__":

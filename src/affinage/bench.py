@@ -47,9 +47,19 @@ def _quick_model_dir(workdir: Path) -> Path:
     from affinage.models import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     path = workdir / "tiny-llama"
     LlamaForCausalLM(config).save_pretrained(path)
@@ -57,17 +67,29 @@ def _quick_model_dir(workdir: Path) -> Path:
     return path
 
 
-def _peft_trl(model: Any, tokenizer: Any, train_data: list, args: argparse.Namespace, dtype: torch.dtype, workdir: Path) -> tuple[Any, dict]:
+def _peft_trl(
+    model: Any, tokenizer: Any, train_data: list, args: argparse.Namespace, dtype: torch.dtype, workdir: Path
+) -> tuple[Any, dict]:
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    rows = [{"input_ids": e.input_ids, "completion_mask": [int(label != -100) for label in e.labels]} for e in train_data]
+    rows = [
+        {"input_ids": e.input_ids, "completion_mask": [int(label != -100) for label in e.labels]} for e in train_data
+    ]
     # TRL masks labels where completion_mask is 0; the first completion token's label sits one
     # position after the prompt in both stacks, so the loss is the same sum over the same tokens.
-    peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=args.rank,
+            lora_alpha=args.alpha,
+            lora_dropout=args.dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
     timing = {"seconds": 0.0, "tokens": 0, "losses": []}
     collated: list[int] = []  # real tokens of each batch collated, in order
 
@@ -84,25 +106,55 @@ def _peft_trl(model: Any, tokenizer: Any, train_data: list, args: argparse.Names
             if logs and "loss" in logs:
                 timing["losses"].append(float(logs["loss"]))
 
-    config = SFTConfig(output_dir=str(workdir / "trl"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                       learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
-                       max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none", seed=args.seed,
-                       max_length=args.seq_len, completion_only_loss=True, dataloader_num_workers=0,
-                       bf16=dtype == torch.bfloat16, use_cpu=args.device == "cpu", disable_tqdm=True)
-    trainer = SFTTrainer(model=peft_model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[Clock()])
+    config = SFTConfig(
+        output_dir=str(workdir / "trl"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        max_length=args.seq_len,
+        completion_only_loss=True,
+        dataloader_num_workers=0,
+        bf16=dtype == torch.bfloat16,
+        use_cpu=args.device == "cpu",
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=peft_model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    )
     collate = trainer.data_collator
 
     def counting_collator(features):
         batch = collate(features)
-        collated.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel()))
+        collated.append(
+            int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        )
         return batch
 
     trainer.data_collator = counting_collator
     trainer.train()
-    return peft_model.get_base_model(), {"seconds": timing["seconds"], "tokens": timing["tokens"], "losses": timing["losses"]}
+    return peft_model.get_base_model(), {
+        "seconds": timing["seconds"],
+        "tokens": timing["tokens"],
+        "losses": timing["losses"],
+    }
 
 
-def _affinage(model: Any, tokenizer: Any, train_data: list, args: argparse.Namespace, workdir: Path) -> tuple[Any, dict]:
+def _affinage(
+    model: Any, tokenizer: Any, train_data: list, args: argparse.Namespace, workdir: Path
+) -> tuple[Any, dict]:
     from affinage.config import TrainerConfig
     from affinage.lora.inject import inject_lora
     from affinage.lora.layers import share_dropout
@@ -112,10 +164,27 @@ def _affinage(model: Any, tokenizer: Any, train_data: list, args: argparse.Names
     inject_lora(model, "all-linear", r=args.rank, alpha=args.alpha, dropout=args.dropout)
     if not args.independent_dropout:
         share_dropout(model)  # affinage's default (adapter.shared_dropout_mask)
-    config = TrainerConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_ratio=0.0, lr_scheduler="constant",
-                           max_seq_len=args.seq_len, seed=args.seed)
-    result = train(model, train_data, [], config, pad_id=tokenizer.pad_token_id, run_dir=workdir / "affinage", base_model_name="bench",
-                   adapter_dropout=args.dropout, device=torch.device(args.device), progress=False)
+    config = TrainerConfig(
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        max_seq_len=args.seq_len,
+        seed=args.seed,
+    )
+    result = train(
+        model,
+        train_data,
+        [],
+        config,
+        pad_id=tokenizer.pad_token_id,
+        run_dir=workdir / "affinage",
+        base_model_name="bench",
+        adapter_dropout=args.dropout,
+        device=torch.device(args.device),
+        progress=False,
+    )
     losses = [r["loss"] for r in result.history if "loss" in r]
     return model, {"seconds": result.train_seconds, "tokens": result.train_tokens, "losses": losses}
 
@@ -140,12 +209,17 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
         held_out_loss = evaluate_loss(model, held_out, args.batch_size, loaded.tokenizer.pad_token_id, device)
     tail = timing["losses"][-5:]
     return {
-        "side": args.only, "device": str(device), "precision": str(dtype).replace("torch.", ""), "steps": args.steps,
-        "tokens": timing["tokens"], "train_seconds": round(timing["seconds"], 2),
+        "side": args.only,
+        "device": str(device),
+        "precision": str(dtype).replace("torch.", ""),
+        "steps": args.steps,
+        "tokens": timing["tokens"],
+        "train_seconds": round(timing["seconds"], 2),
         "tokens_per_second": round(timing["tokens"] / max(timing["seconds"], 1e-9), 1),
         "seconds_per_step": round(timing["seconds"] / args.steps, 3),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "last_train_loss": round(sum(tail) / max(len(tail), 1), 4), "held_out_loss": round(held_out_loss, 4),
+        "last_train_loss": round(sum(tail) / max(len(tail), 1), 4),
+        "held_out_loss": round(held_out_loss, 4),
     }
 
 
@@ -173,37 +247,53 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 def table(results: dict[str, Any]) -> str:
     rows = [("", SIDES["peft"], SIDES["affinage"], "affinage / PEFT")]
     ratios = results["ratios"]
-    for key, label, ratio in (("tokens_per_second", "tokens/s (real tokens)", ratios["tokens_per_second"]),
-                              ("seconds_per_step", "seconds per step", None),
-                              ("peak_memory_mb", "peak memory (MB)", ratios["peak_memory"]),
-                              ("last_train_loss", "train loss (last 5 steps)", None),
-                              ("held_out_loss", "held-out loss after training", ratios["held_out_loss"])):
-        rows.append((label, str(results["peft"][key]), str(results["affinage"][key]), f"{ratio}x" if ratio is not None else ""))
+    for key, label, ratio in (
+        ("tokens_per_second", "tokens/s (real tokens)", ratios["tokens_per_second"]),
+        ("seconds_per_step", "seconds per step", None),
+        ("peak_memory_mb", "peak memory (MB)", ratios["peak_memory"]),
+        ("last_train_loss", "train loss (last 5 steps)", None),
+        ("held_out_loss", "held-out loss after training", ratios["held_out_loss"]),
+    ):
+        rows.append(
+            (label, str(results["peft"][key]), str(results["affinage"][key]), f"{ratio}x" if ratio is not None else "")
+        )
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in width))
     p = results["peft"]
-    lines.append(f"({p['steps']} steps, {p['device']}, {p['precision']}; tokens: PEFT {p['tokens']}, affinage {results['affinage']['tokens']})")
+    lines.append(
+        f"({p['steps']} steps, {p['device']}, {p['precision']}; tokens: PEFT {p['tokens']}, affinage {results['affinage']['tokens']})"
+    )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="affinage bench", description="LoRA training speed and memory: affinage vs HF PEFT + TRL.")
+    parser = argparse.ArgumentParser(
+        prog="affinage bench", description="LoRA training speed and memory: affinage vs HF PEFT + TRL."
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (any base_model value)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="JSONL data (default: the email-router emails)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=512, help="maximum sequence length (longer examples are truncated)")
+    parser.add_argument(
+        "--seq-len", type=int, default=512, help="maximum sequence length (longer examples are truncated)"
+    )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--held-out", type=int, default=32, help="examples kept aside to compare the trained adapters' loss")
+    parser.add_argument(
+        "--held-out", type=int, default=32, help="examples kept aside to compare the trained adapters' loss"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    parser.add_argument("--independent-dropout", action="store_true", help="affinage side: one dropout mask per layer, as PEFT")
-    parser.add_argument("--quick", action="store_true", help="tiny random model, 3 steps: checks the script runs, not speed")
+    parser.add_argument(
+        "--independent-dropout", action="store_true", help="affinage side: one dropout mask per layer, as PEFT"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny random model, 3 steps: checks the script runs, not speed"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--only", choices=list(SIDES), help=argparse.SUPPRESS)
     return parser

@@ -61,11 +61,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         input_field, templated = row_fields(read_run_config(Path(args.run)))
         fields = {"input_field": input_field, "templated": templated}
-    examples = [to_example(item, where, **fields) for item, where in items]  # validate every row before loading the model
+    examples = [
+        to_example(item, where, **fields) for item, where in items
+    ]  # validate every row before loading the model
     runner = BasicModelRunner(args.run)
     outputs = runner.predict_many([item for item, _ in items], max_new_tokens=args.max_new_tokens)
     for example, output in zip(examples, outputs):
-        prompt = example.prompt if example.prompt is not None else (example.messages or [example.row])[-1].get("content", json.dumps(example.row, ensure_ascii=False))
+        prompt = (
+            example.prompt
+            if example.prompt is not None
+            else (example.messages or [example.row])[-1].get("content", json.dumps(example.row, ensure_ascii=False))
+        )
         if args.json:
             print(json.dumps({"prompt": prompt, "output": output}, ensure_ascii=False))
         else:
@@ -78,13 +84,17 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     info = merge_run(args.run, args.output)
     note = " (the 4-bit base was replaced by its full-precision weights first)" if info["dequantized_base"] else ""
-    print(f"merged {args.run} into {args.output} ({info['dtype']}){note}: loads with AutoModelForCausalLM.from_pretrained; "
-          f"chat template: {info['chat_template']}")
+    print(
+        f"merged {args.run} into {args.output} ({info['dtype']}){note}: loads with AutoModelForCausalLM.from_pretrained; "
+        f"chat template: {info['chat_template']}"
+    )
     if args.check:
         from affinage.data.formats import read_rows
         from affinage.export.merge_check import check_merged
 
-        report = check_merged(args.run, args.output, [row for _, row in read_rows(Path(args.check))], max_new_tokens=args.max_new_tokens)
+        report = check_merged(
+            args.run, args.output, [row for _, row in read_rows(Path(args.check))], max_new_tokens=args.max_new_tokens
+        )
         print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
 
@@ -92,8 +102,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _export_options(args: argparse.Namespace) -> Any:
     from affinage.export.run_export import ExportOptions
 
-    return ExportOptions(quant=args.quant, adapter=getattr(args, "adapter", False), check=not args.no_check,
-                         min_agreement=args.min_agreement, check_tokens=args.check_tokens, check_limit=args.check_limit)
+    return ExportOptions(
+        quant=args.quant,
+        adapter=getattr(args, "adapter", False),
+        check=not args.no_check,
+        min_agreement=args.min_agreement,
+        check_tokens=args.check_tokens,
+        check_limit=args.check_limit,
+    )
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -107,8 +123,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_push(args: argparse.Namespace) -> int:
     from affinage.export.push import push_run
 
-    result = push_run(args.run, args.repo_id, what=args.what, private=args.private, dry_run=args.dry_run,
-                      options=_export_options(args))
+    result = push_run(
+        args.run,
+        args.repo_id,
+        what=args.what,
+        private=args.private,
+        dry_run=args.dry_run,
+        options=_export_options(args),
+    )
     if args.dry_run:
         print(json.dumps({k: v for k, v in result.items() if k != "card"}, indent=2, ensure_ascii=False))
         print(result.get("card") or "")
@@ -118,10 +140,16 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _add_check_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quant", default="q8_0", help="GGUF quantization: f16, q8_0 (default) or q4_0; K-quants need llama-quantize")
+    p.add_argument(
+        "--quant", default="q8_0", help="GGUF quantization: f16, q8_0 (default) or q4_0; K-quants need llama-quantize"
+    )
     p.add_argument("--no-check", action="store_true", help="write without verifying in llama.cpp / Go")
-    p.add_argument("--min-agreement", type=float, default=0.95,
-                   help="share of test prompts where llama.cpp must answer exactly like affinage (default 0.95)")
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.95,
+        help="share of test prompts where llama.cpp must answer exactly like affinage (default 0.95)",
+    )
     p.add_argument("--check-tokens", type=int, default=32, help="new tokens generated and compared per test prompt")
     p.add_argument("--check-limit", type=int, default=None, help="verify on the first N test rows only")
 
@@ -155,7 +183,9 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     if target.is_dir():  # a folder with train/valid/test.jsonl, checked against the default model
         from affinage.config import apply_overrides
 
-        config = config_from_dict(apply_overrides({"data": {"train": str(target.resolve())}}, args.set), source=str(target))
+        config = config_from_dict(
+            apply_overrides({"data": {"train": str(target.resolve())}}, args.set), source=str(target)
+        )
     else:
         config = load_config(target, args.set)
     report = check_config(config)
@@ -175,13 +205,17 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="affinage", description="Fine-tune language models with LoRA from one YAML config.")
+    parser = argparse.ArgumentParser(
+        prog="affinage", description="Fine-tune language models with LoRA from one YAML config."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune as CONFIG says, compare base vs fine-tuned on the test split")
     p.add_argument("config", help="YAML config (see `affinage config` for every key)")
     p.add_argument("--output", "-o", required=True, help="run directory to write (resumes an interrupted run)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. trainer.epochs=2")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. trainer.epochs=2"
+    )
     p.add_argument("--no-base-eval", action="store_true", help="skip evaluating the base model first")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
@@ -203,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fold the adapter into the base weights: a standard transformers model directory")
     p.add_argument("run", help="run directory written by `affinage train`")
     p.add_argument("--output", "-o", required=True, help="directory to write")
-    p.add_argument("--check", metavar="FILE", help="rows to compare greedy generations: adapter model vs merged directory (plain transformers)")
+    p.add_argument(
+        "--check",
+        metavar="FILE",
+        help="rows to compare greedy generations: adapter model vs merged directory (plain transformers)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=16, help="generation length for --check")
     p.set_defaults(func=_cmd_merge)
 
@@ -211,20 +249,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory written by `affinage train`")
     p.add_argument("--format", "-f", required=True, choices=["gguf", "gguf-lora", "ollama", "peft", "merged"])
     p.add_argument("--output", "-o", required=True, help="directory to write (built in DIR.partial until checked)")
-    p.add_argument("--adapter", action="store_true", help="ollama: FROM base.gguf + ADAPTER adapter.gguf (seed 003's form)")
+    p.add_argument(
+        "--adapter", action="store_true", help="ollama: FROM base.gguf + ADAPTER adapter.gguf (seed 003's form)"
+    )
     _add_check_flags(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("push", help="upload a run to the Hugging Face Hub (HF_ENDPOINT honoured) with its model card")
     p.add_argument("run", help="run directory written by `affinage train`")
     p.add_argument("--repo-id", required=True, help="e.g. you/email-router")
-    p.add_argument("--what", default="adapter", choices=["adapter", "merged", "gguf"], help="what to upload (default adapter)")
+    p.add_argument(
+        "--what", default="adapter", choices=["adapter", "merged", "gguf"], help="what to upload (default adapter)"
+    )
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list the files and print the card; upload nothing")
     _add_check_flags(p)
     p.set_defaults(func=_cmd_push)
 
-    sub.add_parser("bench", help="training speed and memory vs HF PEFT + TRL (see `affinage bench --help`)", add_help=False)
+    sub.add_parser(
+        "bench", help="training speed and memory vs HF PEFT + TRL (see `affinage bench --help`)", add_help=False
+    )
 
     p = sub.add_parser("compare", help="before/after report of a run: HTML (self-contained) and Markdown")
     p.add_argument("run", help="run directory written by `affinage train`")
@@ -233,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("split", help="write train/valid/test.jsonl: shuffled, stratified by label, duplicates kept together")
+    p = data.add_parser(
+        "split", help="write train/valid/test.jsonl: shuffled, stratified by label, duplicates kept together"
+    )
     p.add_argument("file", help="JSONL/JSON file")
     p.add_argument("--out", required=True, help="directory for train.jsonl, valid.jsonl, test.jsonl")
     p.add_argument("--by", help="field to stratify by (default: completion, output or label)")
@@ -241,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=_cmd_data_split)
 
-    p = data.add_parser("check", help="check the data before training: counts, leakage, lengths, loss mask, EOS, rendering")
+    p = data.add_parser(
+        "check", help="check the data before training: counts, leakage, lengths, loss mask, EOS, rendering"
+    )
     p.add_argument("target", help="YAML config, or a folder with train/valid/test.jsonl")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -53,19 +53,32 @@ def gather(run_dir: Path, *, compute_missing_base: bool = True) -> RunReport:
     import yaml
 
     if not (run_dir / "config.yaml").is_file():
-        raise AffinageError(f"{run_dir} is not an affinage run (no config.yaml)", fix="pass the --output directory of `affinage train`")
+        raise AffinageError(
+            f"{run_dir} is not an affinage run (no config.yaml)", fix="pass the --output directory of `affinage train`"
+        )
     evaluation = _read_json(run_dir / "eval.json")
     if not evaluation or not evaluation.get("fine_tuned"):
-        raise AffinageError(f"{run_dir} has no test evaluation (eval.json)", fix="give the data a test split and train, or run `affinage eval`")
+        raise AffinageError(
+            f"{run_dir} has no test evaluation (eval.json)",
+            fix="give the data a test split and train, or run `affinage eval`",
+        )
     base, tuned = evaluation.get("base"), evaluation["fine_tuned"]
     if base is None and compute_missing_base:
         base = _evaluate_base(run_dir)
     records_path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()] if records_path.is_file() else []
+    records = (
+        [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
+        if records_path.is_file()
+        else []
+    )
     rows = {}
     for name in ("train", "valid", "test"):
         path = run_dir / "data" / f"{name}.jsonl"
-        rows[name] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
+        rows[name] = (
+            [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if path.is_file()
+            else []
+        )
     return RunReport(
         name=run_dir.resolve().name,
         config=yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")),
@@ -94,10 +107,18 @@ def _evaluate_base(run_dir: Path) -> dict[str, Any]:
 
 # ---- shared content -------------------------------------------------------------------------
 
+
 def _fmt(value: Any, key: str = "") -> str:
     if value is None:
         return "-"
-    if isinstance(value, float) and key in ("accuracy", "macro_f1", "exact_match", "pattern_score", "coverage", "answered_accuracy"):
+    if isinstance(value, float) and key in (
+        "accuracy",
+        "macro_f1",
+        "exact_match",
+        "pattern_score",
+        "coverage",
+        "answered_accuracy",
+    ):
         return f"{value:.1%}" if key != "macro_f1" else f"{value:.3f}"
     if isinstance(value, float):
         return f"{value:,.4g}"
@@ -109,22 +130,39 @@ def glance_rows(report: RunReport) -> list[tuple[str, str]]:
     adapter, trainer = c.get("adapter", {}), c.get("trainer", {})
     return [
         ("base model", str(c.get("base_model"))),
-        ("adapter", f"LoRA r={adapter.get('r')} alpha={adapter.get('alpha')} on {adapter.get('target_modules')}"
-                    + (f", blocks {adapter.get('layers_to_transform')}" if adapter.get("layers_to_transform") else "")),
+        (
+            "adapter",
+            f"LoRA r={adapter.get('r')} alpha={adapter.get('alpha')} on {adapter.get('target_modules')}"
+            + (f", blocks {adapter.get('layers_to_transform')}" if adapter.get("layers_to_transform") else ""),
+        ),
         ("quantization", f"{c['quantization']['bits']}-bit" if c.get("quantization") else "none"),
-        ("trainer", f"lr {trainer.get('learning_rate')}, batch {trainer.get('batch_size')}, epochs {trainer.get('epochs')}, max_seq_len {trainer.get('max_seq_len')}"),
-        ("data", f"{report.splits['train']} train / {report.splits['valid']} valid / {report.splits['test']} test rows"),
-        ("training", f"{s.get('steps', '-')} steps in {_fmt(s.get('train_seconds'))} s, {_fmt(s.get('train_tokens_per_second'))} tokens/s, "
-                     f"peak memory {_fmt(s.get('peak_memory_mb'))} MB ({s.get('precision', '-')}, {s.get('device', '-')})"),
+        (
+            "trainer",
+            f"lr {trainer.get('learning_rate')}, batch {trainer.get('batch_size')}, epochs {trainer.get('epochs')}, max_seq_len {trainer.get('max_seq_len')}",
+        ),
+        (
+            "data",
+            f"{report.splits['train']} train / {report.splits['valid']} valid / {report.splits['test']} test rows",
+        ),
+        (
+            "training",
+            f"{s.get('steps', '-')} steps in {_fmt(s.get('train_seconds'))} s, {_fmt(s.get('train_tokens_per_second'))} tokens/s, "
+            f"peak memory {_fmt(s.get('peak_memory_mb'))} MB ({s.get('precision', '-')}, {s.get('device', '-')})",
+        ),
         ("best checkpoint", f"step {s.get('best_step', '-')}, validation loss {_fmt(s.get('best_valid_loss'))}"),
     ]
 
 
 def metric_rows(report: RunReport) -> list[tuple[str, str, str]]:
     tuned, base = report.tuned, report.base or {}
-    keys = {"classification": ["accuracy", "macro_f1", "coverage", "answered_accuracy"], "generation": ["chrf", "exact_match", "mean_output_words"],
-            "pattern": ["pattern_score", "mean_output_words"]}[tuned["task"]] + ["loss", "perplexity", "examples_per_second"]
-    rows = [(key.replace("_", " "), _fmt(base.get(key), key), _fmt(tuned.get(key), key)) for key in keys if key in tuned]
+    keys = {
+        "classification": ["accuracy", "macro_f1", "coverage", "answered_accuracy"],
+        "generation": ["chrf", "exact_match", "mean_output_words"],
+        "pattern": ["pattern_score", "mean_output_words"],
+    }[tuned["task"]] + ["loss", "perplexity", "examples_per_second"]
+    rows = [
+        (key.replace("_", " "), _fmt(base.get(key), key), _fmt(tuned.get(key), key)) for key in keys if key in tuned
+    ]
     for label, stats in tuned.get("per_class", {}).items():
         before = base.get("per_class", {}).get(label, {}).get("f1")
         rows.append((f"F1 {label}", _fmt(before), _fmt(stats["f1"])))
@@ -133,19 +171,29 @@ def metric_rows(report: RunReport) -> list[tuple[str, str, str]]:
 
 def side_by_side(report: RunReport) -> list[dict[str, Any]]:
     """One row per test prompt: gold, base answer, fine-tuned answer, and whether each is right."""
-    tuned, base = report.tuned["predictions"], (report.base or {}).get("predictions") or [None] * len(report.tuned["predictions"])
+    tuned, base = (
+        report.tuned["predictions"],
+        (report.base or {}).get("predictions") or [None] * len(report.tuned["predictions"]),
+    )
     task = report.tuned["task"]
     rows = []
     for index, (after, before) in enumerate(zip(tuned, base)):
         answer = "predicted" if task == "classification" else "output"
-        row = {"prompt": report.prompts[index] if index < len(report.prompts) else "", "gold": after.get("gold", ""),
-               "base": before.get(answer, "") if before else "-", "tuned": after.get(answer, "")}
+        row = {
+            "prompt": report.prompts[index] if index < len(report.prompts) else "",
+            "gold": after.get("gold", ""),
+            "base": before.get(answer, "") if before else "-",
+            "tuned": after.get(answer, ""),
+        }
         if task == "classification":
             row["base_ok"], row["tuned_ok"] = row["base"] == row["gold"], row["tuned"] == row["gold"]
         elif task == "pattern":
             row["base_ok"], row["tuned_ok"] = bool(before and before.get("score")), bool(after.get("score"))
         else:
-            row["base_ok"], row["tuned_ok"] = row["base"].strip() == row["gold"].strip(), row["tuned"].strip() == row["gold"].strip()
+            row["base_ok"], row["tuned_ok"] = (
+                row["base"].strip() == row["gold"].strip(),
+                row["tuned"].strip() == row["gold"].strip(),
+            )
         rows.append(row)
     # Show the interesting rows first: where the two models disagree on correctness.
     rows.sort(key=lambda r: (r["base_ok"] == r["tuned_ok"], not r["tuned_ok"]))  # fixed, then broken, then the rest
@@ -159,6 +207,7 @@ def headline_sentence(report: RunReport) -> str:
 
 
 # ---- writers --------------------------------------------------------------------------------
+
 
 def write_report(report: RunReport, output: Path) -> tuple[Path, Path]:
     """``output`` (.html, self-contained) and its Markdown twin (.md, curves in a PNG beside it)."""

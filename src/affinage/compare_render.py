@@ -23,7 +23,10 @@ class Cell(str):
 
 def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(cell if isinstance(cell, Cell) else f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(cell if isinstance(cell, Cell) else f"<td>{escape(cell)}</td>" for cell in row) + "</tr>"
+        for row in rows
+    )
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -45,20 +48,33 @@ def render_html(report: RunReport, curves_uri: str | None) -> str:
     parts += ["<h2>The run at a glance</h2>", _table(["", ""], [[k, v] for k, v in glance_rows(report)])]
     parts.append("<h2>Training curves</h2>")
     parts.append(f'<img alt="training curves" src="{curves_uri}">' if curves_uri else "<p>No training records.</p>")
-    parts += ["<h2>Base vs fine-tuned</h2>", _table(["metric", "base", "fine-tuned"], [list(r) for r in metric_rows(report)]),
-              f"<p>{escape(report.tuned['method'])}</p>"]
+    parts += [
+        "<h2>Base vs fine-tuned</h2>",
+        _table(["metric", "base", "fine-tuned"], [list(r) for r in metric_rows(report)]),
+        f"<p>{escape(report.tuned['method'])}</p>",
+    ]
     if report.tuned["task"] == "classification":
         matrices = [("base model", report.base), ("fine-tuned model", report.tuned)]
-        parts.append("<h2>Confusion matrices</h2><div class='matrices'>"
-                     + "".join(_confusion_html(title, m["confusion_matrix"]) for title, m in matrices if m) + "</div>")
+        parts.append(
+            "<h2>Confusion matrices</h2><div class='matrices'>"
+            + "".join(_confusion_html(title, m["confusion_matrix"]) for title, m in matrices if m)
+            + "</div>"
+        )
     rows = []
     for row in side_by_side(report):
-        rows.append([Cell(f'<td class="prompt">{escape(row["prompt"][:600])}</td>'), row["gold"][:300],
-                     Cell(f'<td class="{"ok" if row["base_ok"] else "bad"}">{escape(row["base"][:300])}</td>'),
-                     Cell(f'<td class="{"ok" if row["tuned_ok"] else "bad"}">{escape(row["tuned"][:300])}</td>')])
-    parts += ["<h2>Side by side on test prompts</h2>",
-              "<p>Green: right (or pattern respected); red: wrong. Rows where the two models differ come first.</p>",
-              _table(["prompt", "expected", "base", "fine-tuned"], rows)]
+        rows.append(
+            [
+                Cell(f'<td class="prompt">{escape(row["prompt"][:600])}</td>'),
+                row["gold"][:300],
+                Cell(f'<td class="{"ok" if row["base_ok"] else "bad"}">{escape(row["base"][:300])}</td>'),
+                Cell(f'<td class="{"ok" if row["tuned_ok"] else "bad"}">{escape(row["tuned"][:300])}</td>'),
+            ]
+        )
+    parts += [
+        "<h2>Side by side on test prompts</h2>",
+        "<p>Green: right (or pattern respected); red: wrong. Rows where the two models differ come first.</p>",
+        _table(["prompt", "expected", "base", "fine-tuned"], rows),
+    ]
     body = "\n".join(parts)
     return f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>affinage report — {escape(report.name)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n'
 
@@ -73,19 +89,49 @@ def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def render_markdown(report: RunReport, curves_file: str | None) -> str:
-    parts = [f"# affinage — {report.name}", "", headline_sentence(report), "", "## The run at a glance", "",
-             _md_table(["", ""], [list(r) for r in glance_rows(report)]), "", "## Training curves", ""]
+    parts = [
+        f"# affinage — {report.name}",
+        "",
+        headline_sentence(report),
+        "",
+        "## The run at a glance",
+        "",
+        _md_table(["", ""], [list(r) for r in glance_rows(report)]),
+        "",
+        "## Training curves",
+        "",
+    ]
     parts += [f"![training curves]({curves_file})" if curves_file else "No training records.", ""]
-    parts += ["## Base vs fine-tuned", "", _md_table(["metric", "base", "fine-tuned"], [list(r) for r in metric_rows(report)]), "",
-              report.tuned["method"], ""]
+    parts += [
+        "## Base vs fine-tuned",
+        "",
+        _md_table(["metric", "base", "fine-tuned"], [list(r) for r in metric_rows(report)]),
+        "",
+        report.tuned["method"],
+        "",
+    ]
     if report.tuned["task"] == "classification":
         parts += ["## Confusion matrices (rows: gold, columns: predicted)", ""]
         for title, metrics in (("base model", report.base), ("fine-tuned model", report.tuned)):
             if metrics:
                 matrix = metrics["confusion_matrix"]
-                parts += [f"### {title}", "", _md_table(["gold \\ predicted"] + matrix["columns"],
-                                                       [[label] + counts for label, counts in zip(matrix["labels"], matrix["matrix"])]), ""]
-    rows = [[r["prompt"], r["gold"], ("✅ " if r["base_ok"] else "❌ ") + r["base"], ("✅ " if r["tuned_ok"] else "❌ ") + r["tuned"]]
-            for r in side_by_side(report)]
+                parts += [
+                    f"### {title}",
+                    "",
+                    _md_table(
+                        ["gold \\ predicted"] + matrix["columns"],
+                        [[label] + counts for label, counts in zip(matrix["labels"], matrix["matrix"])],
+                    ),
+                    "",
+                ]
+    rows = [
+        [
+            r["prompt"],
+            r["gold"],
+            ("✅ " if r["base_ok"] else "❌ ") + r["base"],
+            ("✅ " if r["tuned_ok"] else "❌ ") + r["tuned"],
+        ]
+        for r in side_by_side(report)
+    ]
     parts += ["## Side by side on test prompts", "", _md_table(["prompt", "expected", "base", "fine-tuned"], rows), ""]
     return "\n".join(parts)

@@ -46,14 +46,17 @@ class AdapterConfig(_Section):
     )
 
     shared_dropout_mask: bool = Field(
-        True, description="Layers reading the same input (q/k/v, gate/up) share one LoRA dropout mask: 4 dropout passes "
-        "per block instead of 7 (faster, less memory); false: an independent mask per layer, as PEFT."
+        True,
+        description="Layers reading the same input (q/k/v, gate/up) share one LoRA dropout mask: 4 dropout passes "
+        "per block instead of 7 (faster, less memory); false: an independent mask per layer, as PEFT.",
     )
     layers_to_transform: int | list[int] | None = Field(
         None,
         description="Blocks to adapt: None for all, N for the last N blocks (backward stops below them: faster), or a list of indices.",
     )
-    use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r (PEFT's use_rslora).")
+    use_rslora: bool = Field(
+        False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r (PEFT's use_rslora)."
+    )
     use_dora: bool = Field(
         False,
         description="DoRA: a trainable magnitude per output feature times the direction of W + scaling*B*A (PEFT's use_dora). "
@@ -71,7 +74,8 @@ class AdapterConfig(_Section):
         "(regex (.*\\.)?key$), e.g. {down_proj: 32, layers.0.self_attn.q_proj: 4}.",
     )
     alpha_pattern: dict[str, float] = Field(
-        default_factory=dict, description="Per-module alphas overriding alpha, matched like rank_pattern (PEFT's alpha_pattern)."
+        default_factory=dict,
+        description="Per-module alphas overriding alpha, matched like rank_pattern (PEFT's alpha_pattern).",
     )
 
     @field_validator("target_modules", mode="before")
@@ -104,7 +108,9 @@ class PromptConfig(_Section):
         description="A named template (alpaca, chatml, llama2, llama3, mistral, phi3), or a literal prompt with {field} "
         "placeholders filled from each data row. Empty: the model's own chat template wraps the input feature as the user message.",
     )
-    system: str | None = Field(None, description="System message for chat templates (None: the template's own default).")
+    system: str | None = Field(
+        None, description="System message for chat templates (None: the template's own default)."
+    )
 
     @field_validator("template")
     @classmethod
@@ -124,9 +130,11 @@ class PromptConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _system_needs_a_chat_template(self) -> "PromptConfig":
+    def _system_needs_a_chat_template(self) -> PromptConfig:
         if self.template == "alpaca" and self.system is not None:
-            raise ValueError("prompt.system has no place in the alpaca template (its preamble is fixed); remove it or use a chat template")
+            raise ValueError(
+                "prompt.system has no place in the alpaca template (its preamble is fixed); remove it or use a chat template"
+            )
         return self
 
 
@@ -147,8 +155,9 @@ class TransformConfig(_Section):
         "of the answer) or a user function 'module.function' taking (text) or (text, rng) and returning text."
     )
     side: Literal["prompt", "completion", "both"] | None = Field(
-        None, description="Which text it rewrites (None: the transform's default; hearts -> completion). Prompt-side "
-        "transforms are applied again at inference."
+        None,
+        description="Which text it rewrites (None: the transform's default; hearts -> completion). Prompt-side "
+        "transforms are applied again at inference.",
     )
 
 
@@ -159,7 +168,8 @@ class DataConfig(_Section):
     test: str | None = Field(None, description="Test file, never trained on.")
     split: SplitConfig = Field(default_factory=SplitConfig)
     transforms: list[TransformConfig] = Field(
-        default_factory=list, description="Text transforms applied in order to every split, e.g. [strip_accents, hearts]."
+        default_factory=list,
+        description="Text transforms applied in order to every split, e.g. [strip_accents, hearts].",
     )
 
     @field_validator("transforms", mode="before")
@@ -198,28 +208,33 @@ class TrainerConfig(_Section):
         "auto", description="auto: bf16 where the hardware runs it fast, else fp32."
     )
     packing: bool | Literal["auto"] = Field(
-        "auto", description="Pack several examples per row (no attention across them, same loss). auto: when "
-        "length-bucketed batches would still be >15% padding and the frozen-prefix cache is not in use."
+        "auto",
+        description="Pack several examples per row (no attention across them, same loss). auto: when "
+        "length-bucketed batches would still be >15% padding and the frozen-prefix cache is not in use.",
     )
     max_tokens_per_forward: int | Literal["auto"] | None = Field(
-        "auto", description="Run a micro-batch with more padded tokens than this as several forward passes (same gradient, "
-        "lower peak memory). auto: 512 on CPU, no limit on GPU. None: no limit."
+        "auto",
+        description="Run a micro-batch with more padded tokens than this as several forward passes (same gradient, "
+        "lower peak memory). auto: 512 on CPU, no limit on GPU. None: no limit.",
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
-        "auto", description="Keep only each block's input for backward and recompute the block: far less activation "
+        "auto",
+        description="Keep only each block's input for backward and recompute the block: far less activation "
         "memory for about one more forward pass of compute. auto: only for a forward pass the token budget could not "
-        "split (one row longer than max_tokens_per_forward)."
+        "split (one row longer than max_tokens_per_forward).",
     )
     logits_only_on_labels: bool = Field(True, description="Apply the vocabulary head only where a label exists.")
     best_metric: Literal["valid_loss", "task"] = Field(
-        "valid_loss", description="What picks the best checkpoint and drives early stopping: the validation loss or the "
-        "eval task's metric on the validation split (accuracy, chrF or pattern score)."
+        "valid_loss",
+        description="What picks the best checkpoint and drives early stopping: the validation loss or the "
+        "eval task's metric on the validation split (accuracy, chrF or pattern score).",
     )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many validations without improvement (None: never stop early)."
     )
     cache_frozen_blocks: bool = Field(
-        True, description="With adapter.layers_to_transform, run the frozen lower blocks once per example, not once per epoch."
+        True,
+        description="With adapter.layers_to_transform, run the frozen lower blocks once per example, not once per epoch.",
     )
 
     @field_validator("max_tokens_per_forward")
@@ -230,7 +245,7 @@ class TrainerConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _apply_ludwig_scheduler(self) -> "TrainerConfig":
+    def _apply_ludwig_scheduler(self) -> TrainerConfig:
         if self.learning_rate_scheduler is not None:
             if self.learning_rate_scheduler.warmup_fraction is not None:
                 self.warmup_ratio = self.learning_rate_scheduler.warmup_fraction
@@ -298,7 +313,9 @@ class Config(_Section):
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Parse one ``--set key.sub=value`` into a key path and a YAML-typed value."""
     if "=" not in item:
-        raise ConfigError(f"override '{item}' has no '='", fix="write --set key.subkey=value, e.g. --set trainer.epochs=2")
+        raise ConfigError(
+            f"override '{item}' has no '='", fix="write --set key.subkey=value, e.g. --set trainer.epochs=2"
+        )
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
@@ -342,7 +359,11 @@ def _allowed_keys(loc: tuple) -> list[str]:
             continue
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        inner = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        inner = [
+            a
+            for a in getattr(annotation, "__args__", (annotation,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if not inner:
             for arg in getattr(annotation, "__args__", ()):
                 inner += [a for a in getattr(arg, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
@@ -364,13 +385,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``--set`` overrides, validate."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}", fix="pass the path of a YAML config, e.g. examples/email-router/config.yaml")
+        raise ConfigError(
+            f"config file not found: {path}",
+            fix="pass the path of a YAML config, e.g. examples/email-router/config.yaml",
+        )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"invalid YAML: {getattr(error, 'problem', error)}", where=where, fix="fix the indentation or quoting") from None
+        raise ConfigError(
+            f"invalid YAML: {getattr(error, 'problem', error)}", where=where, fix="fix the indentation or quoting"
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a mapping of keys to values", where=str(path))
     raw = apply_overrides(raw, overrides or [])
@@ -388,7 +414,11 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[s
         if name == "base_dir":
             continue
         annotation = field.annotation
-        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        nested = [
+            a
+            for a in getattr(annotation, "__args__", (annotation,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if nested and nested[0] is not SchedulerConfig:
             lines += describe_fields(nested[0], f"{prefix}{name}.")
             continue

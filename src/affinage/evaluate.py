@@ -10,8 +10,9 @@ from __future__ import annotations
 import inspect
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,10 @@ class Prompting:
 
     def prompt_ids(self, tokenizer: Any, example: Example, reserve: int = 0) -> list[int]:
         # Generation may run past max_len (the model's context is longer); never starve the prompt.
-        return fit_prompt(encode_prompt(tokenizer, example, self.template, self.system), max(self.max_len - reserve, self.max_len // 2))
+        return fit_prompt(
+            encode_prompt(tokenizer, example, self.template, self.system),
+            max(self.max_len - reserve, self.max_len // 2),
+        )
 
 
 def _cache_argument(model: Any) -> str:
@@ -57,7 +61,14 @@ def left_pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def score_labels(model: Any, tokenizer: Any, examples: Sequence[Example], labels: Sequence[str], prompting: Prompting, batch_size: int = 8) -> torch.Tensor:
+def score_labels(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    prompting: Prompting,
+    batch_size: int = 8,
+) -> torch.Tensor:
     """Log-probability of each label for each example: a (len(examples), len(labels)) tensor.
 
     Prompts run in left-padded batches; their KV cache is then repeated once per label and
@@ -83,8 +94,16 @@ def score_labels(model: Any, tokenizer: Any, examples: Sequence[Example], labels
             cache.batch_repeat_interleave(n_labels)  # row b*n_labels + k: prompt b followed by label k
             attention = torch.cat([mask.repeat_interleave(n_labels, dim=0), label_mask.repeat(len(chunk), 1)], dim=1)
             label_positions = mask.sum(dim=1).repeat_interleave(n_labels)[:, None] + torch.arange(width, device=device)
-            rest = model(input_ids=label_tokens.repeat(len(chunk), 1), attention_mask=attention, position_ids=label_positions,
-                         **{_cache_argument(model): cache}).logits[:, :-1].float()
+            rest = (
+                model(
+                    input_ids=label_tokens.repeat(len(chunk), 1),
+                    attention_mask=attention,
+                    position_ids=label_positions,
+                    **{_cache_argument(model): cache},
+                )
+                .logits[:, :-1]
+                .float()
+            )
             logp = F.log_softmax(rest, dim=-1).gather(-1, label_tokens[:, 1:].repeat(len(chunk), 1)[..., None])[..., 0]
             total += (logp * label_mask[:, 1:].repeat(len(chunk), 1)).sum(dim=1).view(len(chunk), n_labels)
         scores[chunk] = total.cpu()
@@ -92,7 +111,16 @@ def score_labels(model: Any, tokenizer: Any, examples: Sequence[Example], labels
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 32) -> list[str]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    prompting: Prompting,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+) -> list[str]:
     """Answers for each example, batched with left padding, greedy unless temperature > 0.
 
     Decoding is bound by reading the weights, not by arithmetic: on the 2-core dev CPU a step
@@ -107,7 +135,9 @@ def generate(model: Any, tokenizer: Any, examples: Sequence[Example], prompting:
         chunk = order[start : start + batch_size]
         ids, mask, _ = left_pad([encoded[i] for i in chunk], tokenizer.pad_token_id)
         width = ids.shape[1]
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        )
         generated = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -138,7 +168,12 @@ def classification_metrics(gold: Sequence[str], predicted: Sequence[str], labels
         precision = tp / predicted_as if predicted_as else 0.0
         recall = tp / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4), "support": actual}
+        per_class[label] = {
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "f1": round(f1, 4),
+            "support": actual,
+        }
     correct = sum(g == p for g, p in zip(gold, predicted))
     return {
         "accuracy": round(correct / max(len(gold), 1), 4),
@@ -152,7 +187,16 @@ def classification_metrics(gold: Sequence[str], predicted: Sequence[str], labels
 UNSURE = "unsure"
 
 
-def evaluate_classification(model: Any, tokenizer: Any, examples: Sequence[Example], labels: Sequence[str], prompting: Prompting, method: str = "score", max_new_tokens: int = 16, abstain_threshold: float | None = None) -> dict[str, Any]:
+def evaluate_classification(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    prompting: Prompting,
+    method: str = "score",
+    max_new_tokens: int = 16,
+    abstain_threshold: float | None = None,
+) -> dict[str, Any]:
     """Predict a label for each example and compute the metrics; says which method was used.
 
     With ``abstain_threshold`` (label scoring only) an example whose top label probability is
@@ -160,7 +204,11 @@ def evaluate_classification(model: Any, tokenizer: Any, examples: Sequence[Examp
     ``answered_accuracy`` say how often the model answered and how well when it did.
     """
     if abstain_threshold is not None and UNSURE in labels:
-        raise ConfigError(f"a label is named '{UNSURE}', the abstain answer", where="eval.abstain_threshold", fix="rename that label or drop the threshold")
+        raise ConfigError(
+            f"a label is named '{UNSURE}', the abstain answer",
+            where="eval.abstain_threshold",
+            fix="rename that label or drop the threshold",
+        )
     started = time.perf_counter()
     gold = [e.completion.strip() for e in examples]
     loss_from_scores: dict[str, float] = {}
@@ -168,8 +216,13 @@ def evaluate_classification(model: Any, tokenizer: Any, examples: Sequence[Examp
         scores = score_labels(model, tokenizer, examples, labels, prompting)
         probabilities = scores.softmax(dim=-1)
         top, best = probabilities.max(dim=-1)
-        predicted = [labels[i] if abstain_threshold is None or p >= abstain_threshold else UNSURE for i, p in zip(best.tolist(), top.tolist())]
-        details = [{"probabilities": {label: round(float(p), 4) for label, p in zip(labels, row)}} for row in probabilities]
+        predicted = [
+            labels[i] if abstain_threshold is None or p >= abstain_threshold else UNSURE
+            for i, p in zip(best.tolist(), top.tolist())
+        ]
+        details = [
+            {"probabilities": {label: round(float(p), 4) for label, p in zip(labels, row)}} for row in probabilities
+        ]
         # The gold label's score is its teacher-forced log-likelihood (tokens + EOS): the
         # completion loss comes for free, no second pass over the examples.
         known = [(row, list(labels).index(g)) for row, g in enumerate(gold) if g in labels]
@@ -213,8 +266,11 @@ def _length_stats(outputs: Sequence[str], gold: Sequence[str]) -> dict[str, floa
     out_words = [len(o.split()) for o in outputs]
     gold_words = [len(g.split()) for g in gold]
     mean_out, mean_gold = sum(out_words) / max(len(out_words), 1), sum(gold_words) / max(len(gold_words), 1)
-    return {"mean_output_words": round(mean_out, 2), "mean_reference_words": round(mean_gold, 2),
-            "length_ratio": round(mean_out / mean_gold, 3) if mean_gold else 0.0}
+    return {
+        "mean_output_words": round(mean_out, 2),
+        "mean_reference_words": round(mean_gold, 2),
+        "length_ratio": round(mean_out / mean_gold, 3) if mean_gold else 0.0,
+    }
 
 
 def generation_metrics(outputs: Sequence[str], gold: Sequence[str]) -> dict[str, Any]:
@@ -226,7 +282,9 @@ def generation_metrics(outputs: Sequence[str], gold: Sequence[str]) -> dict[str,
     return {"exact_match": round(exact / max(len(gold), 1), 4), "chrf": round(chrf, 2), **_length_stats(outputs, gold)}
 
 
-def evaluate_generation(model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, max_new_tokens: int = 64) -> dict[str, Any]:
+def evaluate_generation(
+    model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, max_new_tokens: int = 64
+) -> dict[str, Any]:
     started = time.perf_counter()
     outputs = generate(model, tokenizer, examples, prompting, max_new_tokens=max_new_tokens)
     seconds = time.perf_counter() - started
@@ -241,7 +299,15 @@ def evaluate_generation(model: Any, tokenizer: Any, examples: Sequence[Example],
     }
 
 
-def evaluate_pattern(model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, checker: Callable[[str], float], name: str, max_new_tokens: int = 64) -> dict[str, Any]:
+def evaluate_pattern(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    prompting: Prompting,
+    checker: Callable[[str], float],
+    name: str,
+    max_new_tokens: int = 64,
+) -> dict[str, Any]:
     """Generate an answer per example and score each with a pattern checker (mean score in [0, 1])."""
     started = time.perf_counter()
     outputs = generate(model, tokenizer, examples, prompting, max_new_tokens=max_new_tokens)

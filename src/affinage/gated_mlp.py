@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import inspect
 import types
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import nn

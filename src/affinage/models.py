@@ -56,15 +56,15 @@ def _embedded_gguf(name: str) -> Path:
     try:
         distribution = importlib.metadata.distribution(spec["distribution"])
     except importlib.metadata.PackageNotFoundError:
-        raise ModelNotFoundError(
-            f"the embedded model '{name}' is not installed", fix=spec["install"]
-        ) from None
+        raise ModelNotFoundError(f"the embedded model '{name}' is not installed", fix=spec["install"]) from None
     if "assemble" in spec:  # shipped in parts: join them once into the package's cache
         module = __import__(spec["assemble"])
         try:
             return Path(module.assemble(output_path=cache_dir() / "gguf" / module.MODEL_NAME))
         except (FileNotFoundError, ModuleNotFoundError) as error:
-            raise ModelNotFoundError(f"the embedded model '{name}' is incomplete: {error}", fix=spec["install"]) from None
+            raise ModelNotFoundError(
+                f"the embedded model '{name}' is incomplete: {error}", fix=spec["install"]
+            ) from None
     return Path(str(distribution.locate_file(spec["file"])))
 
 
@@ -80,7 +80,9 @@ def resolve_model_path(base_model: str) -> Path | str:
         return convert_gguf(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} has no config.json", fix="point base_model at a Hugging Face model directory")
+            raise ModelNotFoundError(
+                f"{path} has no config.json", fix="point base_model at a Hugging Face model directory"
+            )
         return path
     if path.exists() or base_model.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"model path not found: {base_model}", fix="check the path in base_model")
@@ -123,7 +125,9 @@ def convert_gguf(gguf_path: Path) -> Path:
         return target
     with atomic_directory(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
         # transformers marks the model as GGUF-quantized and refuses save_pretrained; the weights
         # are already dequantized, so the honest artefact is a plain safetensors checkpoint.
         config = model.config
@@ -206,7 +210,10 @@ def bnb_config(quantization: Any, dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelNotFoundError("quantization needs bitsandbytes", fix="pip install 'affinage[qlora]' (bitsandbytes), or remove the quantization section")
+        raise ModelNotFoundError(
+            "quantization needs bitsandbytes",
+            fix="pip install 'affinage[qlora]' (bitsandbytes), or remove the quantization section",
+        )
     compute = dtype if quantization.compute_dtype == "auto" else getattr(torch, quantization.compute_dtype)
     if quantization.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)

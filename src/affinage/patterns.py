@@ -6,7 +6,7 @@ rule, and any ``module.function`` taking the output text can be named in the con
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from affinage.data.transforms import HEARTS
 from affinage.userfn import import_user_function

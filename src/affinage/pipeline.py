@@ -10,25 +10,26 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from affinage.config import Config
 from affinage.data import DataSplits, load_splits, preview
+from affinage.data.check import run_checks
 from affinage.data.formats import Example
 from affinage.data.template import encode_example
-from affinage.data.check import run_checks
 from affinage.errors import ConfigError, DataError
 from affinage.evaluate import Prompting, evaluate_classification, evaluate_generation, evaluate_pattern
 from affinage.lora.inject import inject_lora
 from affinage.lora.layers import share_dropout
 from affinage.lora.peft_format import load_adapter
 from affinage.models import load_base_model, resolve_dtype
+from affinage.patterns import resolve_checker
 from affinage.report import comparison_table, headline, task_metric
 from affinage.run import prompting_for, save_run_config, save_split, write_json
-from affinage.patterns import resolve_checker
 from affinage.train import evaluate_loss, train
 
 MAX_LABELS = 20  # more distinct completions than this is a generation task, not a label task
@@ -49,7 +50,11 @@ def detect_task(config: Config, train_examples: Sequence[Example]) -> dict[str, 
     output_type = config.output_features[0].type if config.output_features else None
     if config.eval.task == "pattern" or (config.eval.task == "auto" and config.eval.pattern):
         if not config.eval.pattern:
-            raise ConfigError("eval.task is 'pattern' but eval.pattern names no checker", where="eval", fix="set eval.pattern: hearts (or module.function)")
+            raise ConfigError(
+                "eval.task is 'pattern' but eval.pattern names no checker",
+                where="eval",
+                fix="set eval.pattern: hearts (or module.function)",
+            )
         return {"task": "pattern", "labels": None, "pattern": config.eval.pattern}
     if config.eval.task in ("classification", "generation"):
         kind = config.eval.task
@@ -60,18 +65,41 @@ def detect_task(config: Config, train_examples: Sequence[Example]) -> dict[str, 
     return {"task": kind, "labels": labels if kind == "classification" else None}
 
 
-def evaluate_examples(model: Any, tokenizer: Any, examples: Sequence[Example], task: dict[str, Any], config: Config, prompting: Prompting, *, with_loss: bool = True) -> dict[str, Any]:
+def evaluate_examples(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    task: dict[str, Any],
+    config: Config,
+    prompting: Prompting,
+    *,
+    with_loss: bool = True,
+) -> dict[str, Any]:
     """The task metric (accuracy, chrF or pattern score) and, always, the loss and perplexity."""
     if config.eval.max_examples:
         examples = list(examples)[: config.eval.max_examples]
     evaluation = config.eval
     if task["task"] == "classification":
-        metrics = evaluate_classification(model, tokenizer, examples, task["labels"], prompting, method=evaluation.method,
-                                          abstain_threshold=evaluation.abstain_threshold)
+        metrics = evaluate_classification(
+            model,
+            tokenizer,
+            examples,
+            task["labels"],
+            prompting,
+            method=evaluation.method,
+            abstain_threshold=evaluation.abstain_threshold,
+        )
     elif task["task"] == "pattern":
         name = task.get("pattern") or evaluation.pattern
-        metrics = evaluate_pattern(model, tokenizer, examples, prompting, resolve_checker(name, config.base_dir), name,
-                                   max_new_tokens=evaluation.max_new_tokens)
+        metrics = evaluate_pattern(
+            model,
+            tokenizer,
+            examples,
+            prompting,
+            resolve_checker(name, config.base_dir),
+            name,
+            max_new_tokens=evaluation.max_new_tokens,
+        )
     else:
         metrics = evaluate_generation(model, tokenizer, examples, prompting, max_new_tokens=evaluation.max_new_tokens)
     if with_loss and examples and "loss" not in metrics:  # label scoring already measured it
@@ -84,11 +112,16 @@ def evaluate_examples(model: Any, tokenizer: Any, examples: Sequence[Example], t
 
 
 def _encode_all(tokenizer: Any, examples: Sequence[Example], config: Config) -> tuple[list, int]:
-    encoded = [encode_example(tokenizer, e, config.trainer.max_seq_len, config.prompt.template, config.prompt.system) for e in examples]
+    encoded = [
+        encode_example(tokenizer, e, config.trainer.max_seq_len, config.prompt.template, config.prompt.system)
+        for e in examples
+    ]
     return encoded, sum(e.truncated for e in encoded)
 
 
-def run_training(config: Config, output_dir: str | Path, *, compare_base: bool = True, progress: bool = True, log=print) -> dict[str, Any]:
+def run_training(
+    config: Config, output_dir: str | Path, *, compare_base: bool = True, progress: bool = True, log=print
+) -> dict[str, Any]:
     """Fine-tune as ``config`` says, evaluate before and after on the test split, write the run."""
     set_threads()
     started = time.perf_counter()
@@ -115,7 +148,13 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
         save_split(run_dir, name, getattr(splits, name))
 
     log(f"loading {config.base_model} ({dtype}, {device})")
-    loaded = load_base_model(config.base_model, dtype=dtype, device=device, quantization=config.quantization, trust_remote_code=config.trust_remote_code)
+    loaded = load_base_model(
+        config.base_model,
+        dtype=dtype,
+        device=device,
+        quantization=config.quantization,
+        trust_remote_code=config.trust_remote_code,
+    )
     model, tokenizer = loaded.model, loaded.tokenizer
     prompting = prompting_for(config)
     named = splits.non_empty()
@@ -124,14 +163,19 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
     for warning in checks.warnings:
         log(f"data warning: {warning}")
     if not checks.ok:
-        raise DataError("the data check failed:\n  " + "\n  ".join(checks.errors), where=str(config.base_dir),
-                        fix="fix the data (see `affinage data check CONFIG`)")
+        raise DataError(
+            "the data check failed:\n  " + "\n  ".join(checks.errors),
+            where=str(config.base_dir),
+            fix="fix the data (see `affinage data check CONFIG`)",
+        )
     train_encoded, valid_encoded = encoded["train"], encoded.get("valid", [])
     truncated, valid_truncated = sum(e.truncated for e in train_encoded), sum(e.truncated for e in valid_encoded)
     n_tokens = sum(len(e.input_ids) for e in train_encoded)
-    log(f"data: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test; "
+    log(
+        f"data: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test; "
         f"{n_tokens} train tokens; {truncated + valid_truncated} examples truncated to {config.trainer.max_seq_len} tokens; task {task['task']}"
-        + (f" ({', '.join(task['labels'])})" if task["labels"] else ""))
+        + (f" ({', '.join(task['labels'])})" if task["labels"] else "")
+    )
     log("example as the model sees it:\n" + preview(tokenizer, splits.train[0], config))
 
     base_metrics = None
@@ -142,21 +186,53 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
 
     adapter = config.adapter
     torch.manual_seed(config.trainer.seed)
-    targets = inject_lora(model, adapter.target_modules, r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout, layers=adapter.layers_to_transform,
-                          use_rslora=adapter.use_rslora, use_dora=adapter.use_dora, init=adapter.init,
-                          rank_pattern=adapter.rank_pattern, alpha_pattern=adapter.alpha_pattern)
+    targets = inject_lora(
+        model,
+        adapter.target_modules,
+        r=adapter.r,
+        alpha=adapter.alpha,
+        dropout=adapter.dropout,
+        layers=adapter.layers_to_transform,
+        use_rslora=adapter.use_rslora,
+        use_dora=adapter.use_dora,
+        init=adapter.init,
+        rank_pattern=adapter.rank_pattern,
+        alpha_pattern=adapter.alpha_pattern,
+    )
     if adapter.shared_dropout_mask:
         share_dropout(model)
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    variant = "".join(f" {name}" for name, on in (("rsLoRA", adapter.use_rslora), ("DoRA", adapter.use_dora), (f"init={adapter.init}", adapter.init != "default")) if on)
-    log(f"LoRA{variant} r={adapter.r} alpha={adapter.alpha} on {len(targets)} layers: {trainable:,} trainable parameters")
+    variant = "".join(
+        f" {name}"
+        for name, on in (
+            ("rsLoRA", adapter.use_rslora),
+            ("DoRA", adapter.use_dora),
+            (f"init={adapter.init}", adapter.init != "default"),
+        )
+        if on
+    )
+    log(
+        f"LoRA{variant} r={adapter.r} alpha={adapter.alpha} on {len(targets)} layers: {trainable:,} trainable parameters"
+    )
     task_score = None
     if config.trainer.best_metric == "task" and splits.valid:
+
         def task_score(m: Any) -> float:  # the task metric on the validation split picks the best adapter
             return task_metric(evaluate_examples(m, tokenizer, splits.valid, task, config, prompting, with_loss=False))
-    result = train(model, train_encoded, valid_encoded, config.trainer, pad_id=tokenizer.pad_token_id, run_dir=run_dir,
-                   base_model_name=config.base_model, adapter_dropout=adapter.dropout, device=device, progress=progress,
-                   task_score=task_score)
+
+    result = train(
+        model,
+        train_encoded,
+        valid_encoded,
+        config.trainer,
+        pad_id=tokenizer.pad_token_id,
+        run_dir=run_dir,
+        base_model_name=config.base_model,
+        adapter_dropout=adapter.dropout,
+        device=device,
+        progress=progress,
+        task_score=task_score,
+    )
     load_adapter(model, run_dir / "adapter")  # the best validation checkpoint, not the last step
 
     tuned_metrics = None
@@ -186,10 +262,14 @@ def run_training(config: Config, output_dir: str | Path, *, compare_base: bool =
     }
     for name, metrics in (("base", base_metrics), ("fine_tuned", tuned_metrics)):
         if metrics:
-            summary[f"{name}_test"] = {k: v for k, v in metrics.items() if k not in ("predictions", "per_class", "confusion_matrix")}
+            summary[f"{name}_test"] = {
+                k: v for k, v in metrics.items() if k not in ("predictions", "per_class", "confusion_matrix")
+            }
     write_json(run_dir / "summary.json", summary)
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # complete: nothing left to resume
     if tuned_metrics:
         log("\n" + comparison_table(base_metrics, tuned_metrics))
-    log(f"\ntrained {result.steps} steps in {result.train_seconds:.0f}s ({result.train_tokens_per_second:.0f} tokens/s, peak {result.peak_memory_mb:.0f} MB); run written to {run_dir}")
+    log(
+        f"\ntrained {result.steps} steps in {result.train_seconds:.0f}s ({result.train_tokens_per_second:.0f} tokens/s, peak {result.peak_memory_mb:.0f} MB); run written to {run_dir}"
+    )
     return summary

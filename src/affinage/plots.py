@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def training_curves_png(records: Sequence[dict[str, Any]], title: str = "") -> bytes | None:
@@ -20,9 +21,13 @@ def training_curves_png(records: Sequence[dict[str, Any]], title: str = "") -> b
         return None
     figure, axes = plt.subplots(1, 2 if scores else 1, figsize=(10 if scores else 6.5, 3.6), squeeze=False)
     loss_axis = axes[0][0]
-    loss_axis.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss", color="#4c72b0", linewidth=1.2)
+    loss_axis.plot(
+        [r["step"] for r in steps], [r["loss"] for r in steps], label="train loss", color="#4c72b0", linewidth=1.2
+    )
     if evals:
-        loss_axis.plot([r["step"] for r in evals], [r["valid_loss"] for r in evals], "o-", label="validation loss", color="#dd8452")
+        loss_axis.plot(
+            [r["step"] for r in evals], [r["valid_loss"] for r in evals], "o-", label="validation loss", color="#dd8452"
+        )
         best = [r for r in evals if r.get("best")]
         if best:
             loss_axis.axvline(best[-1]["step"], color="#55a868", linestyle=":", label=f"best (step {best[-1]['step']})")

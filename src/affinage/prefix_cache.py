@@ -14,8 +14,8 @@ architecture: the decoder's ``layers`` list is all it needs (Llama, Gemma 3, Qwe
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -72,7 +72,9 @@ class FrozenPrefix:
         self.layers = decoder_layers(model)
 
     @torch.no_grad()
-    def compute(self, data: Sequence[Encoded], batch_size: int, pad_id: int, device: torch.device) -> list[torch.Tensor]:
+    def compute(
+        self, data: Sequence[Encoded], batch_size: int, pad_id: int, device: torch.device
+    ) -> list[torch.Tensor]:
         """Output of the last frozen block for every example (unpadded)."""
         captured: dict[str, torch.Tensor] = {}
 
@@ -90,7 +92,11 @@ class FrozenPrefix:
                 chunk = order[start : start + batch_size]
                 batch = collate([data[i] for i in chunk], pad_id)
                 try:
-                    self.model.get_decoder()(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+                    self.model.get_decoder()(
+                        input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device),
+                        use_cache=False,
+                    )
                 except _Stop:
                     pass
                 for row, index in enumerate(chunk):
@@ -135,6 +141,10 @@ def cache_fits(data: Sequence[Encoded], model: nn.Module, fraction: float = 0.25
 
 
 def cache_bytes(data: Sequence[Encoded], model: nn.Module) -> int:
-    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
+    hidden = (
+        model.config.get_text_config().hidden_size
+        if hasattr(model.config, "get_text_config")
+        else model.config.hidden_size
+    )
     element = model.get_input_embeddings().weight.element_size()  # activations' dtype, even on a 4-bit base
     return sum(len(e.input_ids) for e in data) * hidden * element

@@ -29,16 +29,29 @@ def quantized_checkpoint(source: Path, quantization: Any, dtype: torch.dtype, de
     from affinage.models import cache_dir
 
     settings = quantization.model_dump(mode="json")
-    key = hashlib.sha256(json.dumps([str(Path(source).resolve()), settings, str(dtype), device.type], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([str(Path(source).resolve()), settings, str(dtype), device.type], sort_keys=True).encode()
+    ).hexdigest()[:16]
     target = cache_dir() / "quantized" / f"{Path(source).name}-{settings['bits']}bit-{key}"
     if (target / "config.json").is_file():
         return target
     with atomic_directory(target) as tmp:
-        command = [sys.executable, "-m", "affinage.quantize", str(source), str(tmp), json.dumps(settings), str(dtype).replace("torch.", ""), device.type]
+        command = [
+            sys.executable,
+            "-m",
+            "affinage.quantize",
+            str(source),
+            str(tmp),
+            json.dumps(settings),
+            str(dtype).replace("torch.", ""),
+            device.type,
+        ]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            raise ModelNotFoundError(f"quantizing {source} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}",
-                                     fix="check that bitsandbytes is installed (pip install 'affinage[qlora]')")
+            raise ModelNotFoundError(
+                f"quantizing {source} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}",
+                fix="check that bitsandbytes is installed (pip install 'affinage[qlora]')",
+            )
     return target
 
 
@@ -49,11 +62,17 @@ def _quantize(source: str, target: str, settings: str, dtype: str, device: str) 
     from affinage.models import bnb_config
 
     compute = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=compute, quantization_config=bnb_config(QuantizationConfig(**json.loads(settings)), compute),
-                                                 device_map={"": device} if device != "cpu" else None)
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=compute,
+        quantization_config=bnb_config(QuantizationConfig(**json.loads(settings)), compute),
+        device_map={"": device} if device != "cpu" else None,
+    )
     model.save_pretrained(target)
     AutoTokenizer.from_pretrained(source).save_pretrained(target)
-    (Path(target) / "affinage_source.json").write_text(json.dumps({"quantized_from": source, "settings": json.loads(settings)}))
+    (Path(target) / "affinage_source.json").write_text(
+        json.dumps({"quantized_from": source, "settings": json.loads(settings)})
+    )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,10 @@ def user_function_names(config: Config) -> list[str]:
 
 def save_split(run_dir: Path, name: str, examples: list[Example]) -> None:
     # Rows as read (before transforms): loading them again applies the run's transforms once.
-    lines = "".join(json.dumps(e.original_row if e.original_row is not None else e.row, ensure_ascii=False, default=str) + "\n" for e in examples)
+    lines = "".join(
+        json.dumps(e.original_row if e.original_row is not None else e.row, ensure_ascii=False, default=str) + "\n"
+        for e in examples
+    )
     write_text_atomic(run_dir / "data" / f"{name}.jsonl", lines)
 
 
@@ -95,7 +98,9 @@ class Run:
 def read_run_config(run_dir: Path) -> Config:
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise AffinageError(f"{run_dir} is not an affinage run (no config.yaml)", fix="pass the --output directory of `affinage train`")
+        raise AffinageError(
+            f"{run_dir} is not an affinage run (no config.yaml)", fix="pass the --output directory of `affinage train`"
+        )
     return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path), base_dir=run_dir)
 
 
@@ -107,10 +112,18 @@ def load_run(run_dir: str | Path, *, with_adapter: bool = True, device: str = "c
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     if with_adapter and not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise AffinageError(f"{run_dir} has no trained adapter yet", fix="let `affinage train` finish (it resumes if killed)")
+        raise AffinageError(
+            f"{run_dir} has no trained adapter yet", fix="let `affinage train` finish (it resumes if killed)"
+        )
     dtype = resolve_dtype(config.trainer.precision, torch.device(device))
     quantization = config.quantization if quantized else None
-    loaded = load_base_model(config.base_model, dtype=dtype, device=device, quantization=quantization, trust_remote_code=config.trust_remote_code)
+    loaded = load_base_model(
+        config.base_model,
+        dtype=dtype,
+        device=device,
+        quantization=quantization,
+        trust_remote_code=config.trust_remote_code,
+    )
     if with_adapter:
         load_adapter(loaded.model, run_dir / "adapter")
     task_path = run_dir / "task.json"

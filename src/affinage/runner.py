@@ -49,8 +49,15 @@ class BasicModelRunner:
         # The prompt gets the run's prompt-side transforms (e.g. strip_accents), as in training.
         examples = [to_example(p, input_field=self.input_field, templated=self.templated) for p in prompts]
         examples = apply_transforms(examples, self.transforms, prompt_side_only=True)
-        return generate(self.model, self.tokenizer, examples, self.prompting, max_new_tokens=max_new_tokens or self.max_new_tokens,
-                        temperature=self.temperature, top_p=self.top_p)
+        return generate(
+            self.model,
+            self.tokenizer,
+            examples,
+            self.prompting,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+        )
 
 
 def row_fields(config: Any) -> tuple[str | None, bool]:
@@ -61,11 +68,18 @@ def row_fields(config: Any) -> tuple[str | None, bool]:
     return feature_fields(config)[0], is_literal_template(config.prompt.template)
 
 
-def to_example(item: str | dict[str, Any], where: str = "", *, input_field: str | None = None, templated: bool = False) -> Example:
+def to_example(
+    item: str | dict[str, Any], where: str = "", *, input_field: str | None = None, templated: bool = False
+) -> Example:
     """A bare string or a data row (prompt, instruction/input, messages, or the run's own
     input column / template fields) as an inference example."""
     if isinstance(item, str):
-        return Example(prompt=item, completion="", row={"prompt": item, **({input_field: item} if input_field else {})}, source=where)
+        return Example(
+            prompt=item,
+            completion="",
+            row={"prompt": item, **({input_field: item} if input_field else {})},
+            source=where,
+        )
     if templated:
         return Example(prompt=None, completion="", row=item, source=where)  # the template is filled from the row
     if input_field and input_field in item:
@@ -76,9 +90,15 @@ def to_example(item: str | dict[str, Any], where: str = "", *, input_field: str 
             messages = messages[:-1]  # predict the final answer, not the one already given
         return Example(prompt=None, completion="", messages=messages, row=item, source=where)
     if "instruction" in item:
-        return Example(prompt=alpaca_prompt(str(item["instruction"]), item.get("input")), completion="", row=item, source=where)
+        return Example(
+            prompt=alpaca_prompt(str(item["instruction"]), item.get("input")), completion="", row=item, source=where
+        )
     if "prompt" in item:
         return Example(prompt=str(item["prompt"]), completion="", row=item, source=where)
     from affinage.errors import DataError
 
-    raise DataError(f"row has none of prompt, instruction, messages (fields: {', '.join(sorted(item))})", where=where, fix="give each row a 'prompt' field")
+    raise DataError(
+        f"row has none of prompt, instruction, messages (fields: {', '.join(sorted(item))})",
+        where=where,
+        fix="give each row a 'prompt' field",
+    )

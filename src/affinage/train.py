@@ -18,10 +18,10 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +121,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def _micro_batches(data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int, pack_into: int | None = None) -> Iterator[tuple[int, dict]]:
+def _micro_batches(
+    data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int, pack_into: int | None = None
+) -> Iterator[tuple[int, dict]]:
     """Endless stream of (epoch, batch), reshuffled every epoch with a seed derived from it.
 
     With ``pack_into`` the examples of a micro-batch are packed into rows of that many tokens:
@@ -132,7 +134,10 @@ def _micro_batches(data: Sequence[Encoded], batch_size: int, seed: int, pad_id: 
     while True:
         for indices in bucketed_batches(lengths, batch_size, seed + epoch):
             examples = [data[i] for i in indices]
-            yield epoch, collate_packed(examples, pad_id, pack_into) if pack_into else collate(examples, pad_id, indices)
+            yield (
+                epoch,
+                collate_packed(examples, pad_id, pack_into) if pack_into else collate(examples, pad_id, indices),
+            )
         epoch += 1
 
 
@@ -158,7 +163,14 @@ def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, data: Sequence[Encoded], batch_size: int, pad_id: int, device: torch.device, loss_fn: LossFn = causal_lm_loss) -> float:
+def evaluate_loss(
+    model: nn.Module,
+    data: Sequence[Encoded],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    loss_fn: LossFn = causal_lm_loss,
+) -> float:
     """Mean per-token loss on ``data`` with dropout off."""
     was_training = model.training
     model.eval()
@@ -182,7 +194,10 @@ def _save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
     path = _checkpoint_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"adapter": adapter_state(model), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), **state}, tmp)
+    torch.save(
+        {"adapter": adapter_state(model), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), **state},
+        tmp,
+    )
     os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint intact
 
 
@@ -239,8 +254,16 @@ def train(
     metrics_path = run_dir / "metrics.jsonl"
     state = _load_checkpoint(run_dir, model, optimizer) if resume else None
     step = state["step"] if state else 0
-    best = {"loss": state["best_loss"], "step": state["best_step"], "score": state.get("best_score"), "stale": state.get("stale", 0)} if state \
+    best = (
+        {
+            "loss": state["best_loss"],
+            "step": state["best_step"],
+            "score": state.get("best_score"),
+            "stale": state.get("stale", 0),
+        }
+        if state
         else {"loss": None, "step": None, "score": None, "stale": 0}
+    )
     by_task = cfg.best_metric == "task" and task_score is not None
     tokens_done, seconds_done = (state["tokens"], state["seconds"]) if state else (0, 0.0)
     if state is None and metrics_path.exists():
@@ -291,7 +314,9 @@ def train(
             step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             step_loss = 0.0
             for batch in batches:
-                with activation_checkpointing(model, _checkpoint_forward(cfg.gradient_checkpointing, batch, forward_budget)):
+                with activation_checkpointing(
+                    model, _checkpoint_forward(cfg.gradient_checkpointing, batch, forward_budget)
+                ):
                     loss_sum, _ = train_loss_fn(model, batch)
                     (loss_sum / max(step_tokens, 1)).backward()
                 step_loss += float(loss_sum.detach())
@@ -304,7 +329,13 @@ def train(
             seconds_done += elapsed
             step += 1
             last_loss = step_loss / max(step_tokens, 1)
-            record = {"step": step, "epoch": epoch, "loss": round(last_loss, 5), "lr": lr, "tokens_per_second": round(real_tokens / elapsed, 1)}
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "loss": round(last_loss, 5),
+                "lr": lr,
+                "tokens_per_second": round(real_tokens / elapsed, 1),
+            }
             if grad_norm is not None:
                 record["grad_norm"] = round(float(grad_norm), 4)
             log.write(json.dumps(record) + "\n")
@@ -327,14 +358,30 @@ def train(
                 evaluation["best"] = improved
                 log.write(json.dumps(evaluation) + "\n")
                 history.append(evaluation)
-                _save_checkpoint(run_dir, model, optimizer, {"step": step, "best_loss": best["loss"], "best_step": best["step"], "best_score": best["score"],
-                                                             "stale": best["stale"], "tokens": tokens_done, "seconds": seconds_done})
+                _save_checkpoint(
+                    run_dir,
+                    model,
+                    optimizer,
+                    {
+                        "step": step,
+                        "best_loss": best["loss"],
+                        "best_step": best["step"],
+                        "best_score": best["score"],
+                        "stale": best["stale"],
+                        "tokens": tokens_done,
+                        "seconds": seconds_done,
+                    },
+                )
                 if cfg.early_stopping_patience and best["stale"] >= cfg.early_stopping_patience:
                     log.write(json.dumps({"step": step, "early_stop": True, "best_step": best["step"]}) + "\n")
                     break
             log.flush()
             if bar is not None:
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_done / seconds_done:.0f}", **({"val": f"{best['loss']:.3f}"} if best["loss"] is not None else {}))
+                bar.set_postfix(
+                    loss=f"{last_loss:.3f}",
+                    tok_s=f"{tokens_done / seconds_done:.0f}",
+                    **({"val": f"{best['loss']:.3f}"} if best["loss"] is not None else {}),
+                )
                 bar.update(1)
     if bar is not None:
         bar.close()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from affinage.errors import ConfigError
 
@@ -31,12 +31,18 @@ def import_user_function(path: str, base_dir: str | Path, where: str, builtins: 
     """The function ``path`` names, from a .py file in ``base_dir``."""
     module_name, attr = split_name(path)
     if not module_name:
-        raise ConfigError(f"'{path}' is neither a built-in ({', '.join(builtins)}) nor module.function", where=where,
-                          fix="write a built-in name or module.function with module.py next to the config file")
+        raise ConfigError(
+            f"'{path}' is neither a built-in ({', '.join(builtins)}) nor module.function",
+            where=where,
+            fix="write a built-in name or module.function with module.py next to the config file",
+        )
     file = user_module_file(path, base_dir)
     if not file.is_file():
-        raise ConfigError(f"cannot import '{module_name}' for '{path}': no {file}", where=where,
-                          fix=f"put {module_name.replace('.', '/')}.py next to the config file (installed modules are not loaded, for safety)")
+        raise ConfigError(
+            f"cannot import '{module_name}' for '{path}': no {file}",
+            where=where,
+            fix=f"put {module_name.replace('.', '/')}.py next to the config file (installed modules are not loaded, for safety)",
+        )
     unique = "affinage_user_" + hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(unique, file)
     module = importlib.util.module_from_spec(spec)

@@ -11,11 +11,22 @@ from affinage.evaluate import Prompting
 
 def _examples(name, n=6, offset=0):
     labels = ["RH", "Finance"]
-    return [Example(prompt=f"message numéro {i + offset} pour le service", completion=labels[i % 2], source=f"{name}.jsonl:{i + 1}") for i in range(n)]
+    return [
+        Example(
+            prompt=f"message numéro {i + offset} pour le service",
+            completion=labels[i % 2],
+            source=f"{name}.jsonl:{i + 1}",
+        )
+        for i in range(n)
+    ]
 
 
 def _splits():
-    return {"train": _examples("train", 8), "valid": _examples("valid", 4, offset=100), "test": _examples("test", 4, offset=200)}
+    return {
+        "train": _examples("train", 8),
+        "valid": _examples("valid", 4, offset=100),
+        "test": _examples("test", 4, offset=200),
+    }
 
 
 def test_clean_data_passes_with_stats(tokenizer):
@@ -39,7 +50,9 @@ def test_same_example_in_train_and_test_is_leakage(tokenizer):
 
 def test_missing_eos_from_truncation(tokenizer):
     splits = _splits()
-    splits["train"][0] = Example(prompt="court", completion="une réponse beaucoup trop longue " * 10, source="train.jsonl:1")
+    splits["train"][0] = Example(
+        prompt="court", completion="une réponse beaucoup trop longue " * 10, source="train.jsonl:1"
+    )
     report = run_checks(tokenizer, splits, None, Prompting(), 40)
     assert any("do not end with EOS" in e and "train.jsonl:1" in e for e in report.errors)
     assert any("truncated" in w for w in report.warnings)
@@ -47,7 +60,9 @@ def test_missing_eos_from_truncation(tokenizer):
 
 def test_empty_completion(tokenizer):
     splits = _splits()
-    splits["train"].append(Example(prompt=None, completion="", messages=[{"role": "user", "content": "Bonjour"}], source="train.jsonl:9"))
+    splits["train"].append(
+        Example(prompt=None, completion="", messages=[{"role": "user", "content": "Bonjour"}], source="train.jsonl:9")
+    )
     report = run_checks(tokenizer, splits, None, Prompting(), 128)
     assert any("empty completion" in e and "train.jsonl:9" in e for e in report.errors)
 
@@ -70,7 +85,9 @@ def test_training_rendering_differs_from_inference(tokenizer, monkeypatch):
     def other_template(tok, example, *args):
         encoded = real(tok, example, *args)
         extra = tok("Assistant:", add_special_tokens=False)["input_ids"]
-        return Encoded(input_ids=extra + encoded.input_ids, labels=[-100] * len(extra) + encoded.labels, truncated=False)
+        return Encoded(
+            input_ids=extra + encoded.input_ids, labels=[-100] * len(extra) + encoded.labels, truncated=False
+        )
 
     monkeypatch.setattr(check_module, "encode_example", other_template)
     report = run_checks(tokenizer, _splits(), None, Prompting(), 128)
@@ -79,7 +96,10 @@ def test_training_rendering_differs_from_inference(tokenizer, monkeypatch):
 
 def test_chat_template_that_renders_answers_differently_warns(tokenizer):
     odd = copy.deepcopy(tokenizer)
-    odd.chat_template = tokenizer.chat_template.replace("+ message['content'] +", "+ ('<think></think>' if message['role'] == 'assistant' else '') + message['content'] +")
+    odd.chat_template = tokenizer.chat_template.replace(
+        "+ message['content'] +",
+        "+ ('<think></think>' if message['role'] == 'assistant' else '') + message['content'] +",
+    )
     assert odd.chat_template != tokenizer.chat_template
     report = run_checks(odd, _splits(), None, Prompting(), 128)
     assert any("renders the full conversation differently" in w for w in report.warnings)

@@ -9,13 +9,25 @@ from tests.conftest import write_jsonl
 
 def test_three_formats(tmp_path):
     completion = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "completion": "c"}])
-    alpaca = write_jsonl(tmp_path / "a.jsonl", [
-        {"instruction": "Do it", "input": "now", "output": "done"},
-        {"instruction": "Do it", "input": "", "output": "done"},
-    ])
-    chat = write_jsonl(tmp_path / "m.jsonl", [
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
-    ])
+    alpaca = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"instruction": "Do it", "input": "now", "output": "done"},
+            {"instruction": "Do it", "input": "", "output": "done"},
+        ],
+    )
+    chat = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "s"},
+                    {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+        ],
+    )
     (a,) = load_examples(completion)
     b, c = load_examples(alpaca)
     (d,) = load_examples(chat)
@@ -65,19 +77,29 @@ def test_custom_columns(tmp_path):
 # --- CSV, Parquet, plain text, mixed formats ---------------------------------------------------
 
 ROWS = {
-    "completion": [{"prompt": "Facture 42 en retard", "completion": "Finance"}, {"prompt": "Je postule, merci", "completion": "RH"}],
+    "completion": [
+        {"prompt": "Facture 42 en retard", "completion": "Finance"},
+        {"prompt": "Je postule, merci", "completion": "RH"},
+    ],
     "alpaca": [
         {"instruction": "Classe l'email", "input": "Mon imprimante, encore", "output": "Support"},
         {"instruction": "Dis bonjour", "input": "", "output": "Bonjour"},
     ],
-    "chat": [{"messages": [
-        {"role": "system", "content": "Route les emails."},
-        {"role": "user", "content": "Relance de paiement"},
-        {"role": "assistant", "content": "Finance"},
-        {"role": "user", "content": "Et « Candidature » ?"},
-        {"role": "assistant", "content": "RH"},
-    ]}],
-    "text": [{"text": "Le service RH traite les candidatures.\nLe support, les pannes."}, {"text": "Deuxième document, \"cité\"."}],
+    "chat": [
+        {
+            "messages": [
+                {"role": "system", "content": "Route les emails."},
+                {"role": "user", "content": "Relance de paiement"},
+                {"role": "assistant", "content": "Finance"},
+                {"role": "user", "content": "Et « Candidature » ?"},
+                {"role": "assistant", "content": "RH"},
+            ]
+        }
+    ],
+    "text": [
+        {"text": "Le service RH traite les candidatures.\nLe support, les pannes."},
+        {"text": 'Deuxième document, "cité".'},
+    ],
 }
 
 
@@ -120,7 +142,9 @@ def test_csv_errors_name_the_file_line(tmp_path):
     with pytest.raises(DataError, match=r"d\.csv:3: the row has 3 fields but the header has 2") as error:
         load_examples(path)
     assert "quote" in error.value.fix
-    path.write_text("\ufeffprompt,answer\nFacture,Finance\n", encoding="utf-8")  # Excel's byte-order mark is not a column
+    path.write_text(
+        "\ufeffprompt,answer\nFacture,Finance\n", encoding="utf-8"
+    )  # Excel's byte-order mark is not a column
     with pytest.raises(DataError, match=r"d\.csv:2: cannot tell the row's format \(fields: answer, prompt\)"):
         load_examples(path)
 
@@ -129,7 +153,10 @@ def test_parquet_rows_are_named_by_index(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}]), tmp_path / "d.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}]),
+        tmp_path / "d.parquet",
+    )
     with pytest.raises(DataError, match=r"d\.parquet:row 1: field 'completion' is empty"):
         load_examples(tmp_path / "d.parquet")
     (tmp_path / "bad.parquet").write_text("not parquet")
@@ -141,19 +168,33 @@ def test_text_rows_are_plain_text(tmp_path):
     (example,) = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"text": "Un document."}]))
     assert (example.prompt, example.completion, example.kind) == ("", "Un document.", "text")
     # With configured columns, a 'text' column is an ordinary input.
-    (example,) = load_examples(write_jsonl(tmp_path / "l.jsonl", [{"text": "Facture", "label": "Finance"}]), input_field="text", output_field="label")
+    (example,) = load_examples(
+        write_jsonl(tmp_path / "l.jsonl", [{"text": "Facture", "label": "Finance"}]),
+        input_field="text",
+        output_field="label",
+    )
     assert (example.prompt, example.completion, example.kind) == ("Facture", "Finance", "")
 
 
 def test_mixed_formats_name_the_line_both_formats_and_the_fix(tmp_path):
     rows = [{"prompt": "p", "completion": "c"}] * 6 + [{"instruction": "i", "output": "o"}]
-    with pytest.raises(DataError, match=r"d\.jsonl:7: mixed formats: this row is Alpaca \(instruction/input/output\) "
-                                        r"but .*d\.jsonl:1 is prompt/completion") as error:
+    with pytest.raises(
+        DataError,
+        match=r"d\.jsonl:7: mixed formats: this row is Alpaca \(instruction/input/output\) "
+        r"but .*d\.jsonl:1 is prompt/completion",
+    ) as error:
         load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
     assert "one format per file" in error.value.fix
     # A CSV holding every format's columns: the filled cells tell the rows apart.
-    with pytest.raises(DataError, match=r"d\.csv:3: mixed formats: this row is plain text \(text\) but .*d\.csv:2 is prompt/completion"):
-        load_examples(_write_csv(tmp_path / "d.csv", [{"prompt": "p", "completion": "c", "text": ""}, {"prompt": "", "completion": "", "text": "t"}]))
+    with pytest.raises(
+        DataError, match=r"d\.csv:3: mixed formats: this row is plain text \(text\) but .*d\.csv:2 is prompt/completion"
+    ):
+        load_examples(
+            _write_csv(
+                tmp_path / "d.csv",
+                [{"prompt": "p", "completion": "c", "text": ""}, {"prompt": "", "completion": "", "text": "t"}],
+            )
+        )
 
 
 def test_named_template_keeps_the_configured_columns(tmp_path):
@@ -161,6 +202,8 @@ def test_named_template_keeps_the_configured_columns(tmp_path):
     from affinage.data import load_file
 
     path = write_jsonl(tmp_path / "d.jsonl", [{"email": "Facture 42", "dept": "Finance"}])
-    config = config_from_dict({"prompt": {"template": "chatml"}, "input_features": [{"name": "email"}], "output_features": [{"name": "dept"}]})
+    config = config_from_dict(
+        {"prompt": {"template": "chatml"}, "input_features": [{"name": "email"}], "output_features": [{"name": "dept"}]}
+    )
     (example,) = load_file(config, path)
     assert (example.prompt, example.completion) == ("Facture 42", "Finance")

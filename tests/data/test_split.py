@@ -1,7 +1,6 @@
 from collections import Counter
 
 import pytest
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,7 +52,10 @@ def test_data_split_command_writes_rows_unchanged(tmp_path, capsys):
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["data", "split", str(source), "--out", str(tmp_path / "out"), "--seed", "3"]) == 0
     report = json.loads(capsys.readouterr().out)
-    written = {name: [json.loads(line) for line in (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()] for name in ("train", "valid", "test")}
+    written = {
+        name: [json.loads(line) for line in (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()]
+        for name in ("train", "valid", "test")
+    }
     assert sorted(r["id"] for split in written.values() for r in split) == sorted(r["id"] for r in rows)
     assert all(set(r) == {"prompt", "completion", "id"} for split in written.values() for r in split)
     home = [name for name, split in written.items() if any(r["id"] in (3, 99) for r in split)]
@@ -93,7 +95,9 @@ def test_a_label_seen_once_in_a_config_dataset_names_its_row(tmp_path):
     from affinage.data import load_splits
     from affinage.errors import DataError
 
-    rows = [{"prompt": f"email {i}", "completion": ["RH", "Finance"][i % 2]} for i in range(20)] + [{"prompt": "rare", "completion": "Legal"}]
+    rows = [{"prompt": f"email {i}", "completion": ["RH", "Finance"][i % 2]} for i in range(20)] + [
+        {"prompt": "rare", "completion": "Legal"}
+    ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match="'Legal' appears only once") as error:
         load_splits(config_from_dict({"data": {"dataset": "d.jsonl"}}, base_dir=tmp_path))

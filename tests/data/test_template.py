@@ -82,7 +82,9 @@ def test_text_rows_train_on_every_token_and_end_with_eos(tokenizer, bos_tokenize
     assert encoded.input_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(encoded.input_ids) == "Le service RH traite les candidatures.<|im_end|>"  # no template
     with_bos = encode_example(bos_tokenizer, example, max_len=256)
-    assert with_bos.input_ids == [bos_tokenizer.bos_token_id] + encoded.input_ids and with_bos.labels == with_bos.input_ids
+    assert (
+        with_bos.input_ids == [bos_tokenizer.bos_token_id] + encoded.input_ids and with_bos.labels == with_bos.input_ids
+    )
     cut = encode_example(tokenizer, example, max_len=5)
     assert cut.truncated and cut.input_ids == encoded.input_ids[:5] and cut.labels == cut.input_ids
 
@@ -101,7 +103,9 @@ def test_multi_turn_trains_on_every_assistant_turn(tokenizer, template):
     )
     # Same tokens as the prompt the model is asked at evaluation, then the answer + EOS.
     prompt_ids = encode_prompt(tokenizer, example, template)
-    assert encoded.input_ids == prompt_ids + tokenizer("RH", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert encoded.input_ids == prompt_ids + tokenizer("RH", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
 
 
 def test_multi_turn_with_other_templates(tokenizer):
@@ -130,15 +134,23 @@ def test_multi_turn_with_other_templates(tokenizer):
 
 
 def test_multi_turn_truncation_keeps_the_final_answer(tokenizer):
-    messages = [{"role": "user", "content": "mot " * 200}, {"role": "assistant", "content": "Support"},
-                {"role": "user", "content": "Facture"}, {"role": "assistant", "content": "Finance"}]
+    messages = [
+        {"role": "user", "content": "mot " * 200},
+        {"role": "assistant", "content": "Support"},
+        {"role": "user", "content": "Facture"},
+        {"role": "assistant", "content": "Finance"},
+    ]
     encoded = encode_example(tokenizer, _chat(messages), max_len=48)
     assert encoded.truncated and len(encoded.input_ids) == 48
     assert _labelled_runs(tokenizer, encoded)[-1] == "Finance<|im_end|>"
 
 
 def test_single_turn_chat_encodes_as_before(tokenizer):
-    messages = [{"role": "system", "content": "Route les emails."}, {"role": "user", "content": "Facture 42"}, {"role": "assistant", "content": "Finance"}]
+    messages = [
+        {"role": "system", "content": "Route les emails."},
+        {"role": "user", "content": "Facture 42"},
+        {"role": "assistant", "content": "Finance"},
+    ]
     encoded = encode_example(tokenizer, _chat(messages), max_len=256)
     prompt = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -149,13 +161,13 @@ def test_single_turn_chat_encodes_as_before(tokenizer):
 
 NAMED = {
     "chatml": "<|im_start|>system\nRoute les emails.<|im_end|>\n<|im_start|>user\nBonjour<|im_end|>\n<|im_start|>assistant\n"
-              "Salut<|im_end|>\n<|im_start|>user\nFacture 42<|im_end|>\n<|im_start|>assistant\n",
+    "Salut<|im_end|>\n<|im_start|>user\nFacture 42<|im_end|>\n<|im_start|>assistant\n",
     "phi3": "<|system|>\nRoute les emails.<|end|>\n<|user|>\nBonjour<|end|>\n<|assistant|>\nSalut<|end|>\n"
-            "<|user|>\nFacture 42<|end|>\n<|assistant|>\n",
+    "<|user|>\nFacture 42<|end|>\n<|assistant|>\n",
     "llama3": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nRoute les emails.<|eot_id|>"
-              "<|start_header_id|>user<|end_header_id|>\n\nBonjour<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-              "Salut<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nFacture 42<|eot_id|>"
-              "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "<|start_header_id|>user<|end_header_id|>\n\nBonjour<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    "Salut<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nFacture 42<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
     "llama2": "<s>[INST] <<SYS>>\nRoute les emails.\n<</SYS>>\n\nBonjour [/INST] Salut </s><s>[INST] Facture 42 [/INST]",
     "mistral": "<s>[INST] Route les emails.\n\nBonjour [/INST] Salut</s>[INST] Facture 42 [/INST]",
 }
@@ -175,7 +187,14 @@ def test_named_chat_templates_render_the_documented_format(tokenizer, name):
     assert render_prompt(tokenizer, chat, name, system="Route les emails.") == NAMED[name]
     assert render_prompt(tokenizer, Example(prompt="Facture 42", completion="Finance"), name) == SINGLE[name]
     # The same text from a chat row (system in the messages) and from a prompt row with prompt.system.
-    row = _chat([{"role": "system", "content": "Route les emails."}, *history, {"role": "user", "content": "Facture 42"}, {"role": "assistant", "content": "Finance"}])
+    row = _chat(
+        [
+            {"role": "system", "content": "Route les emails."},
+            *history,
+            {"role": "user", "content": "Facture 42"},
+            {"role": "assistant", "content": "Finance"},
+        ]
+    )
     assert render_prompt(tokenizer, row, name) == NAMED[name]
     assert render_prompt(tokenizer, chat, name.upper(), system="Route les emails.") == NAMED[name]
 
@@ -191,7 +210,11 @@ def test_named_templates_that_write_bos_get_no_second_one(bos_tokenizer):
 
 
 def test_alpaca_with_and_without_input(tokenizer):
-    with_input = Example(prompt="Classe\n\nFacture 42", completion="Finance", row={"instruction": "Classe", "input": "Facture 42", "output": "Finance"})
+    with_input = Example(
+        prompt="Classe\n\nFacture 42",
+        completion="Finance",
+        row={"instruction": "Classe", "input": "Facture 42", "output": "Finance"},
+    )
     assert render_prompt(tokenizer, with_input, "alpaca") == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n"
@@ -201,10 +224,21 @@ def test_alpaca_with_and_without_input(tokenizer):
         "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nDis bonjour\n\n### Response:\n"
     )
-    no_input = Example(prompt="Dis bonjour", completion="Bonjour", row={"instruction": "Dis bonjour", "input": "", "output": "Bonjour"})
+    no_input = Example(
+        prompt="Dis bonjour", completion="Bonjour", row={"instruction": "Dis bonjour", "input": "", "output": "Bonjour"}
+    )
     assert render_prompt(tokenizer, no_input, "alpaca") == expected
-    assert render_prompt(tokenizer, Example(prompt="Dis bonjour", completion="Bonjour"), "alpaca") == expected  # prompt rows
-    assert render_prompt(tokenizer, _chat([{"role": "user", "content": "Dis bonjour"}, {"role": "assistant", "content": "Bonjour"}]), "alpaca") == expected
+    assert (
+        render_prompt(tokenizer, Example(prompt="Dis bonjour", completion="Bonjour"), "alpaca") == expected
+    )  # prompt rows
+    assert (
+        render_prompt(
+            tokenizer,
+            _chat([{"role": "user", "content": "Dis bonjour"}, {"role": "assistant", "content": "Bonjour"}]),
+            "alpaca",
+        )
+        == expected
+    )
     with pytest.raises(DataError, match="alpaca template holds one instruction"):
         encode_example(tokenizer, _chat(CONVERSATION), 256, "alpaca")
     encoded = encode_example(tokenizer, no_input, 256, "alpaca")
@@ -215,7 +249,9 @@ def test_unknown_template_name_is_a_config_error(tokenizer):
     with pytest.raises(ConfigError, match=r"unknown prompt template 'chatm'") as error:
         render_prompt(tokenizer, Example(prompt="x", completion="y"), "chatm")
     assert "alpaca, chatml, llama2, llama3, mistral, phi3" in error.value.fix
-    with pytest.raises(ConfigError, match=r"prompt\.template.*named templates: alpaca, chatml, llama2, llama3, mistral, phi3"):
+    with pytest.raises(
+        ConfigError, match=r"prompt\.template.*named templates: alpaca, chatml, llama2, llama3, mistral, phi3"
+    ):
         config_from_dict({"prompt": {"template": "llama-3"}})
     with pytest.raises(ConfigError, match="alpaca"):
         config_from_dict({"prompt": {"template": "alpaca", "system": "Sois bref."}})

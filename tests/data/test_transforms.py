@@ -32,14 +32,22 @@ def test_hearts_is_reproducible_per_example_and_varies_across_examples():
 
 
 def test_sides_prompt_answer_and_messages():
-    example = Example(prompt="Où est l'été ?", completion="Là-bas, déjà.", row={"prompt": "Où est l'été ?", "completion": "Là-bas, déjà."})
+    example = Example(
+        prompt="Où est l'été ?",
+        completion="Là-bas, déjà.",
+        row={"prompt": "Où est l'été ?", "completion": "Là-bas, déjà."},
+    )
     answer_only = Transform("hearts").apply(example)
     assert answer_only.prompt == example.prompt and hearts_score(answer_only.completion) == 1.0
     both = Transform("strip_accents").apply(example)
     assert (both.prompt, both.completion, both.row["prompt"]) == ("Ou est l'ete ?", "La-bas, deja.", "Ou est l'ete ?")
     at_inference = Transform("strip_accents").apply(example, prompt_side_only=True)
     assert at_inference.prompt == "Ou est l'ete ?" and at_inference.completion == example.completion
-    chat = Example(prompt=None, completion="Très bien", messages=[{"role": "user", "content": "Ça va ?"}, {"role": "assistant", "content": "Oui merci"}])
+    chat = Example(
+        prompt=None,
+        completion="Très bien",
+        messages=[{"role": "user", "content": "Ça va ?"}, {"role": "assistant", "content": "Oui merci"}],
+    )
     hearted = Transform("hearts").apply(chat)
     assert hearted.messages[0]["content"] == "Ça va ?" and hearts_score(hearted.messages[1]["content"]) == 1.0
 
@@ -47,7 +55,15 @@ def test_sides_prompt_answer_and_messages():
 def test_user_function_next_to_the_config(tmp_path):
     (tmp_path / "my_transforms.py").write_text("def shout(text):\n    return text.upper()\n")
     (tmp_path / "data.jsonl").write_text('{"prompt": "bonjour", "completion": "salut"}\n')
-    config = config_from_dict({"data": {"dataset": "data.jsonl", "transforms": ["strip_accents", {"name": "my_transforms.shout", "side": "both"}]}}, base_dir=tmp_path)
+    config = config_from_dict(
+        {
+            "data": {
+                "dataset": "data.jsonl",
+                "transforms": ["strip_accents", {"name": "my_transforms.shout", "side": "both"}],
+            }
+        },
+        base_dir=tmp_path,
+    )
     [example] = load_file(config, tmp_path / "data.jsonl")
     assert (example.prompt, example.completion) == ("BONJOUR", "SALUT")
 

@@ -97,7 +97,9 @@ def test_ollama_export_has_a_modelfile_whose_template_renders_the_training_promp
 def test_a_failed_check_leaves_the_export_in_partial(run, tmp_path, monkeypatch, capsys):
     import affinage.export.export_checks as checks
 
-    monkeypatch.setattr(checks, "llama_cpp_answer", lambda *args, **kwargs: Answer("gibberish that never stops", cut=True))
+    monkeypatch.setattr(
+        checks, "llama_cpp_answer", lambda *args, **kwargs: Answer("gibberish that never stops", cut=True)
+    )
     code, output = export(run, tmp_path, "gguf")
     assert code == 2 and not output.exists()
     partial = tmp_path / "gguf.partial"

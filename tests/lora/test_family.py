@@ -32,7 +32,9 @@ def test_e_rslora_scaling_is_alpha_over_sqrt_r():
     layer = LoRALinear(nn.Linear(32, 16), r=16, alpha=8, use_rslora=True)
     assert layer.scaling == pytest.approx(8 / math.sqrt(16)) == pytest.approx(2.0)
     assert LoRALinear(nn.Linear(32, 16), r=16, alpha=8).scaling == pytest.approx(0.5)
-    model = peft.get_peft_model(nn.Sequential(nn.Linear(32, 16)), peft.LoraConfig(r=16, lora_alpha=8, target_modules=["0"], use_rslora=True))
+    model = peft.get_peft_model(
+        nn.Sequential(nn.Linear(32, 16)), peft.LoraConfig(r=16, lora_alpha=8, target_modules=["0"], use_rslora=True)
+    )
     assert model.base_model.model[0].scaling["default"] == pytest.approx(layer.scaling)
 
 
@@ -43,8 +45,13 @@ def _peft_name(name: str) -> str:
 
 def test_d_dora_gradients_reach_magnitude_and_factors_as_in_peft(tmp_path, tokenizer, ids):
     """Same loss and gradients as PEFT's DoRA (linear, embedding and head) on the same weights (rtol 1e-4, atol 1e-6)."""
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj", "down_proj"], use_dora=True,
-                             init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["embed_tokens", "lm_head", "q_proj", "down_proj"],
+        use_dora=True,
+        init_lora_weights=False,
+    )
     torch.manual_seed(0)
     theirs = peft.get_peft_model(tiny_llama(len(tokenizer)), config)
     randomise(theirs, seed=2)
@@ -124,12 +131,21 @@ def test_pissa_starts_equal_to_the_base_with_the_residual_as_base(build, tokeniz
 
 def test_patterns_follow_peft_semantics_and_are_saved_compactly(tmp_path, tokenizer):
     assert pattern_key({"q_proj": 1}, "model.layers.0.self_attn.q_proj") == "q_proj"
-    assert pattern_key({"proj": 1}, "model.layers.0.self_attn.q_proj") is None  # a whole name component, not a substring
+    assert (
+        pattern_key({"proj": 1}, "model.layers.0.self_attn.q_proj") is None
+    )  # a whole name component, not a substring
     assert pattern_key({"layers.1.self_attn.q_proj": 1}, "model.layers.1.self_attn.q_proj") is not None
     assert pattern_key({r"layers\.[01]\..*q_proj": 1}, "model.layers.0.self_attn.q_proj") is not None
     model = tiny_llama(len(tokenizer))
-    inject_lora(model, ["q_proj", "down_proj"], r=4, alpha=8, dropout=0.0, rank_pattern={"down_proj": 2, "layers.1.self_attn.q_proj": 6},
-                alpha_pattern={"q_proj": 5})
+    inject_lora(
+        model,
+        ["q_proj", "down_proj"],
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        rank_pattern={"down_proj": 2, "layers.1.self_attn.q_proj": 6},
+        alpha_pattern={"q_proj": 5},
+    )
     modules = lora_modules(model)
     assert [modules[f"model.layers.{i}.self_attn.q_proj"].r for i in (0, 1)] == [4, 6]
     assert modules["model.layers.0.mlp.down_proj"].r == 2 and modules["model.layers.0.mlp.down_proj"].alpha == 8
@@ -151,16 +167,36 @@ def test_training_every_variant_then_reloading_the_saved_adapter(tmp_path, token
     """The pipeline's path: train, reload the saved adapter into the training model, and into a fresh base."""
     model = tiny_llama(len(tokenizer))
     torch.manual_seed(0)
-    inject_lora(model, ["embed_tokens", "lm_head", "q_proj", "down_proj"], r=4, alpha=8, dropout=0.1, use_dora=True, use_rslora=True,
-                init="pissa", rank_pattern={"down_proj": 2})
+    inject_lora(
+        model,
+        ["embed_tokens", "lm_head", "q_proj", "down_proj"],
+        r=4,
+        alpha=8,
+        dropout=0.1,
+        use_dora=True,
+        use_rslora=True,
+        init="pissa",
+        rank_pattern={"down_proj": 2},
+    )
     cfg = TrainerConfig(max_steps=3, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0)
-    train(model, _encoded(tokenizer), [], cfg, pad_id=tokenizer.pad_token_id, run_dir=tmp_path, base_model_name="tiny", progress=False)
+    train(
+        model,
+        _encoded(tokenizer),
+        [],
+        cfg,
+        pad_id=tokenizer.pad_token_id,
+        run_dir=tmp_path,
+        base_model_name="tiny",
+        progress=False,
+    )
     model.eval()
     trained = logits(model, ids)
     assert not torch.allclose(trained, logits(tiny_llama(len(tokenizer)), ids), atol=1e-3)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["init_lora_weights"] is True and config["use_dora"] and config["use_rslora"]
-    assert pattern_value(config["rank_pattern"], "model.layers.0.self_attn.q_proj", config["r"]) == 8  # PiSSA saved as 2r
+    assert (
+        pattern_value(config["rank_pattern"], "model.layers.0.self_attn.q_proj", config["r"]) == 8
+    )  # PiSSA saved as 2r
     load_adapter(model, tmp_path / "adapter")  # the PiSSA layers take back the first r rows/columns
     torch.testing.assert_close(logits(model, ids), trained, rtol=1e-5, atol=1e-5)
     fresh = load_adapter(tiny_llama(len(tokenizer)).eval(), tmp_path / "adapter")
@@ -193,9 +229,19 @@ def _write_adapter(tmp_path, tokenizer, **changes):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **changes}))
 
 
-@pytest.mark.parametrize("option, value", [("init_lora_weights", "olora"), ("init_lora_weights", "loftq"), ("bias", "all"),
-                                           ("modules_to_save", ["classifier"]), ("lora_bias", True), ("fan_in_fan_out", True),
-                                           ("ensure_weight_tying", True), ("init_lora_weights", "pissa_niter_4")])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("init_lora_weights", "olora"),
+        ("init_lora_weights", "loftq"),
+        ("bias", "all"),
+        ("modules_to_save", ["classifier"]),
+        ("lora_bias", True),
+        ("fan_in_fan_out", True),
+        ("ensure_weight_tying", True),
+        ("init_lora_weights", "pissa_niter_4"),
+    ],
+)
 def test_unsupported_peft_options_are_refused_by_name(option, value, tmp_path, tokenizer):
     _write_adapter(tmp_path, tokenizer, **{option: value})
     with pytest.raises(AffinageError, match=option) as error:
@@ -216,8 +262,18 @@ def test_loading_into_a_model_with_other_lora_settings_is_refused(tmp_path, toke
 
 
 def test_adapter_config_fields():
-    adapter = config_from_dict({"adapter": {"use_rslora": True, "use_dora": True, "init": "pissa", "rank_pattern": {"down_proj": 32},
-                                            "alpha_pattern": {"q_proj": 8}, "target_modules": "q_proj,lm_head,embed_tokens"}}).adapter
+    adapter = config_from_dict(
+        {
+            "adapter": {
+                "use_rslora": True,
+                "use_dora": True,
+                "init": "pissa",
+                "rank_pattern": {"down_proj": 32},
+                "alpha_pattern": {"q_proj": 8},
+                "target_modules": "q_proj,lm_head,embed_tokens",
+            }
+        }
+    ).adapter
     assert adapter.use_rslora and adapter.use_dora and adapter.init == "pissa"
     assert adapter.rank_pattern == {"down_proj": 32} and adapter.alpha_pattern == {"q_proj": 8.0}
     assert adapter.target_modules == ["q_proj", "lm_head", "embed_tokens"]

@@ -74,7 +74,9 @@ def test_layer_in_training_uses_its_mask_and_keeps_fp32_factors_for_bf16_input()
 
 def test_shared_mask_keeps_input_and_one_boolean_mask_for_three_layers():
     torch.manual_seed(0)
-    block = torch.nn.ModuleDict({n: LoRALinear(torch.nn.Linear(256, 256), r=8, alpha=16, dropout=0.1) for n in ("q", "k", "v")})
+    block = torch.nn.ModuleDict(
+        {n: LoRALinear(torch.nn.Linear(256, 256), r=8, alpha=16, dropout=0.1) for n in ("q", "k", "v")}
+    )
     share_dropout(block)
     block.train()
 

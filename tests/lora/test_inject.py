@@ -33,7 +33,9 @@ def test_peft_loads_our_adapter_with_the_same_logits(tmp_path, tokenizer, model_
     inject_lora(ours, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8, dropout=0.0)
     _randomise(ours)
     save_adapter(ours, tmp_path / "adapter", str(model_dir))
-    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "adapter").eval()
+    theirs = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "adapter"
+    ).eval()
     ids = torch.tensor([tokenizer("Facture en retard, merci")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)

@@ -57,7 +57,9 @@ def test_shared_dropout_draws_one_mask_per_input_tensor():
     from affinage.lora.layers import LoRALinear, SharedDropout, share_dropout
 
     torch.manual_seed(0)
-    block = torch.nn.ModuleDict({name: LoRALinear(torch.nn.Linear(16, 16), r=4, alpha=8, dropout=0.5) for name in ("q", "k", "o")})
+    block = torch.nn.ModuleDict(
+        {name: LoRALinear(torch.nn.Linear(16, 16), r=4, alpha=8, dropout=0.5) for name in ("q", "k", "o")}
+    )
     assert share_dropout(block) == 3 and block["q"].lora_dropout is block["k"].lora_dropout
     assert isinstance(block["q"].lora_dropout, SharedDropout)
     block.train()

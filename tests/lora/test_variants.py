@@ -20,20 +20,28 @@ VARIANTS = {
     "plain": (["q_proj", "v_proj", "down_proj"], {}, {}),
     "rslora": (["q_proj", "v_proj", "down_proj"], {"use_rslora": True}, {"use_rslora": True}),
     "dora": (["q_proj", "up_proj", "down_proj"], {"use_dora": True}, {"use_dora": True}),
-    "patterns": (["q_proj", "v_proj", "down_proj"],
-                 {"rank_pattern": {"down_proj": 2, "layers.1.self_attn.q_proj": 6}, "alpha_pattern": {"v_proj": 3.0}},
-                 {"rank_pattern": {"down_proj": 2, "layers.1.self_attn.q_proj": 6}, "alpha_pattern": {"v_proj": 3.0}}),
+    "patterns": (
+        ["q_proj", "v_proj", "down_proj"],
+        {"rank_pattern": {"down_proj": 2, "layers.1.self_attn.q_proj": 6}, "alpha_pattern": {"v_proj": 3.0}},
+        {"rank_pattern": {"down_proj": 2, "layers.1.self_attn.q_proj": 6}, "alpha_pattern": {"v_proj": 3.0}},
+    ),
     "embed_tokens": (["embed_tokens", "q_proj"], {}, {}),
     "lm_head": (["lm_head", "v_proj"], {}, {}),
-    "dora_embed_head_rslora": (["embed_tokens", "lm_head", "k_proj"], {"use_dora": True, "use_rslora": True},
-                               {"use_dora": True, "use_rslora": True}),
+    "dora_embed_head_rslora": (
+        ["embed_tokens", "lm_head", "k_proj"],
+        {"use_dora": True, "use_rslora": True},
+        {"use_dora": True, "use_rslora": True},
+    ),
     "gaussian": (["q_proj", "o_proj"], {"init": "gaussian"}, {"init_lora_weights": "gaussian"}),
     "pissa": (["q_proj", "down_proj"], {"init": "pissa"}, {"init_lora_weights": "pissa"}),
     # PEFT writes PiSSA's residual into the base weight in place, so on a tied head it changes the input
     # embeddings too; affinage gives the head its own residual weight. Hence no (b) for this one.
     "pissa_lm_head": (["lm_head", "o_proj"], {"init": "pissa"}, {"init_lora_weights": "pissa"}),
-    "pissa_dora_rslora": (["v_proj", "gate_proj"], {"init": "pissa", "use_dora": True, "use_rslora": True},
-                          {"init_lora_weights": "pissa", "use_dora": True, "use_rslora": True}),
+    "pissa_dora_rslora": (
+        ["v_proj", "gate_proj"],
+        {"init": "pissa", "use_dora": True, "use_rslora": True},
+        {"init_lora_weights": "pissa", "use_dora": True, "use_rslora": True},
+    ),
 }
 BUILDERS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
 CASES = [(v, b) for v in VARIANTS for b in BUILDERS]
@@ -115,7 +123,9 @@ def test_c_fuse_gives_the_unmerged_logits(variant, arch, tokenizer, ids, tmp_pat
 @pytest.mark.parametrize("arch", BUILDERS)
 def test_adapting_one_side_of_tied_embeddings_leaves_the_other(target, arch, tokenizer, ids):
     model = BUILDERS[arch](len(tokenizer))
-    assert model.config.tie_word_embeddings and model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert (
+        model.config.tie_word_embeddings and model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    )
     original = model.get_input_embeddings().weight.detach().clone()
     inject_lora(model, [target], r=4, alpha=8, dropout=0.0)
     randomise(model)
@@ -131,7 +141,9 @@ def test_untargeted_tied_embeddings_stay_tied(tokenizer):
     model = tiny_llama(len(tokenizer))
     inject_lora(model, ["q_proj"], r=2, alpha=4, dropout=0.0)
     fuse_lora(model)
-    assert model.config.tie_word_embeddings and model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert (
+        model.config.tie_word_embeddings and model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    )
 
 
 def test_default_infixes_in_peft_keys_load(tmp_path, tokenizer, ids):
@@ -143,7 +155,9 @@ def test_default_infixes_in_peft_keys_load(tmp_path, tokenizer, ids):
     state = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     renamed = {}
     for key, value in state.items():
-        key = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        key = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        )
         for suffix in ("lora_embedding_A", "lora_embedding_B"):
             key = key.replace(f".{suffix}", f".{suffix}.default")
         renamed[key.replace(".lora_magnitude_vector", ".lora_magnitude_vector.default.weight")] = value

@@ -25,7 +25,11 @@ class DataSplits:
 
     def non_empty(self) -> dict[str, list[Example]]:
         """The splits that hold examples, by name."""
-        return {name: examples for name, examples in (("train", self.train), ("valid", self.valid), ("test", self.test)) if examples}
+        return {
+            name: examples
+            for name, examples in (("train", self.train), ("valid", self.valid), ("test", self.test))
+            if examples
+        }
 
 
 def feature_fields(config: Config) -> tuple[str | None, str | None]:
@@ -45,7 +49,10 @@ def load_file(config: Config, path: str | Path) -> list[Example]:
     """Examples of one file, with the config's transforms applied (both sides: gold answers too)."""
     input_field, output_field = feature_fields(config)
     examples = load_examples(
-        Path(path), input_field=input_field, output_field=output_field, templated=is_literal_template(config.prompt.template)
+        Path(path),
+        input_field=input_field,
+        output_field=output_field,
+        templated=is_literal_template(config.prompt.template),
     )
     return apply_transforms(examples, config_transforms(config))
 
@@ -60,21 +67,36 @@ def load_splits(config: Config) -> DataSplits:
         lonely = lonely_label(labels)
         if lonely is not None:
             where = next(e.source for e in examples if e.completion.strip() == lonely)
-            raise DataError(f"label '{lonely}' appears only once: it cannot be in train and in the test split", where=where,
-                            fix="add examples of that label, merge it into another, or give data.train/valid/test files")
-        train, valid, test = stratified_split(examples, labels, [e.identity_text() for e in examples], data.split.ratios, data.split.seed)
-        notes.append(f"split {len(examples)} rows of {data.dataset} into {len(train)}/{len(valid)}/{len(test)} (stratified, duplicates grouped)")
+            raise DataError(
+                f"label '{lonely}' appears only once: it cannot be in train and in the test split",
+                where=where,
+                fix="add examples of that label, merge it into another, or give data.train/valid/test files",
+            )
+        train, valid, test = stratified_split(
+            examples, labels, [e.identity_text() for e in examples], data.split.ratios, data.split.seed
+        )
+        notes.append(
+            f"split {len(examples)} rows of {data.dataset} into {len(train)}/{len(valid)}/{len(test)} (stratified, duplicates grouped)"
+        )
     elif data.train:
         root = config.resolve_path(data.train)
         if root.is_dir():  # mlx-lm layout: a folder with train/valid/test.jsonl
             paths = {name: root / f"{name}.jsonl" for name in ("train", "valid", "test")}
         else:
-            paths = {"train": root, "valid": data.valid and config.resolve_path(data.valid), "test": data.test and config.resolve_path(data.test)}
+            paths = {
+                "train": root,
+                "valid": data.valid and config.resolve_path(data.valid),
+                "test": data.test and config.resolve_path(data.test),
+            }
         train = load_file(config, paths["train"])
         valid = load_file(config, paths["valid"]) if paths["valid"] and Path(paths["valid"]).exists() else []
         test = load_file(config, paths["test"]) if paths["test"] and Path(paths["test"]).exists() else []
     else:
-        raise DataError("no data: the config names neither data.dataset nor data.train", where="config", fix="add data: {dataset: emails.jsonl} or data: {train: ..., valid: ..., test: ...}")
+        raise DataError(
+            "no data: the config names neither data.dataset nor data.train",
+            where="config",
+            fix="add data: {dataset: emails.jsonl} or data: {train: ..., valid: ..., test: ...}",
+        )
     ratio = float(config.preprocessing.get("sample_ratio", 1.0) or 1.0)
     if ratio < 1.0:
         rng = random.Random(config.trainer.seed)

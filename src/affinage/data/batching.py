@@ -8,7 +8,7 @@ order of batches stays random from epoch to epoch.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

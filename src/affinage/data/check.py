@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from affinage.data.formats import Example
 from affinage.data.split import normalise_text
@@ -32,7 +33,13 @@ class CheckReport:
         return not self.errors
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "errors": self.errors, "warnings": self.warnings, "stats": self.stats, "rendered": self.rendered}
+        return {
+            "ok": self.ok,
+            "errors": self.errors,
+            "warnings": self.warnings,
+            "stats": self.stats,
+            "rendered": self.rendered,
+        }
 
 
 def _named(examples: Sequence[Example]) -> str:
@@ -51,27 +58,37 @@ def check_leakage(splits: dict[str, list[Example]], report: CheckReport) -> None
             seen[name].setdefault(_identity(example), []).append(example)
         repeated = [group[1] for group in seen[name].values() if len(group) > 1]
         if repeated:
-            report.warnings.append(f"{name}: {len(repeated)} duplicate examples (same text up to case, accents, punctuation), e.g. {_named(repeated)}")
+            report.warnings.append(
+                f"{name}: {len(repeated)} duplicate examples (same text up to case, accents, punctuation), e.g. {_named(repeated)}"
+            )
     for other in ("valid", "test"):
         shared = [seen[other][key][0] for key in seen.get("train", {}) if key in seen.get(other, {})]
         if shared:
-            report.errors.append(f"leakage: {len(shared)} {other} examples also appear in train, e.g. {_named(shared)} "
-                                 f"(fix: remove them from one side, or let `affinage data split` group duplicates)")
+            report.errors.append(
+                f"leakage: {len(shared)} {other} examples also appear in train, e.g. {_named(shared)} "
+                f"(fix: remove them from one side, or let `affinage data split` group duplicates)"
+            )
 
 
 def check_counts(splits: dict[str, list[Example]], labels: list[str] | None, report: CheckReport) -> None:
     report.stats["counts"] = {name: len(examples) for name, examples in splits.items()}
     if not labels:
         return
-    per_class = {name: dict(sorted(Counter(e.completion.strip() for e in examples).items())) for name, examples in splits.items()}
+    per_class = {
+        name: dict(sorted(Counter(e.completion.strip() for e in examples).items())) for name, examples in splits.items()
+    }
     report.stats["per_class"] = per_class
     for name in ("valid", "test"):
         missing = [label for label in labels if splits.get(name) and label not in per_class[name]]
         if missing:
-            report.warnings.append(f"{name} split has no example of {', '.join(missing)}: its metrics cannot judge those classes")
+            report.warnings.append(
+                f"{name} split has no example of {', '.join(missing)}: its metrics cannot judge those classes"
+            )
     train_counts = per_class.get("train", {})
     if train_counts and max(train_counts.values()) > 5 * max(1, min(train_counts.values())):
-        report.warnings.append(f"train classes are unbalanced ({train_counts}): consider more examples of the rare ones")
+        report.warnings.append(
+            f"train classes are unbalanced ({train_counts}): consider more examples of the rare ones"
+        )
 
 
 def _is_plain_text(example: Example) -> bool:
@@ -79,7 +96,15 @@ def _is_plain_text(example: Example) -> bool:
     return getattr(example, "kind", None) == "text"
 
 
-def check_encodings(tokenizer: Any, name: str, examples: Sequence[Example], encoded: Sequence[Encoded], prompting: Any, max_len: int, report: CheckReport) -> None:
+def check_encodings(
+    tokenizer: Any,
+    name: str,
+    examples: Sequence[Example],
+    encoded: Sequence[Encoded],
+    prompting: Any,
+    max_len: int,
+    report: CheckReport,
+) -> None:
     """Loss mask, EOS, truncation, and training vs inference rendering, token by token."""
     eos = tokenizer.eos_token_id
     empty, masked, no_eos, prompt_trained, mismatched = [], [], [], [], []
@@ -110,19 +135,32 @@ def check_encodings(tokenizer: Any, name: str, examples: Sequence[Example], enco
     if lengths:
         ordered = sorted(lengths)
         report.stats.setdefault("tokens", {})[name] = {
-            "examples": len(lengths), "min": ordered[0], "median": int(statistics.median(ordered)),
-            "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1],
-            "truncated": truncated, "loss_token_share": round(labelled / max(total, 1), 4)}
+            "examples": len(lengths),
+            "min": ordered[0],
+            "median": int(statistics.median(ordered)),
+            "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+            "max": ordered[-1],
+            "truncated": truncated,
+            "loss_token_share": round(labelled / max(total, 1), 4),
+        }
     if truncated:
-        report.warnings.append(f"{name}: {truncated} examples are longer than trainer.max_seq_len={max_len} and get truncated "
-                               f"(fix: raise max_seq_len to {max(lengths)})")
-    for found, message in ((empty, "an empty completion"), (masked, "no token carrying loss (completion fully masked)"),
-                           (prompt_trained, "loss on prompt tokens"), (mismatched, "a training rendering that differs from the inference prompt")):
+        report.warnings.append(
+            f"{name}: {truncated} examples are longer than trainer.max_seq_len={max_len} and get truncated "
+            f"(fix: raise max_seq_len to {max(lengths)})"
+        )
+    for found, message in (
+        (empty, "an empty completion"),
+        (masked, "no token carrying loss (completion fully masked)"),
+        (prompt_trained, "loss on prompt tokens"),
+        (mismatched, "a training rendering that differs from the inference prompt"),
+    ):
         if found:
             report.errors.append(f"{name}: {len(found)} examples with {message}, e.g. {_named(found)}")
     if no_eos:
-        report.errors.append(f"{name}: {len(no_eos)} examples whose labels do not end with EOS (the model would not learn to stop), "
-                             f"e.g. {_named(no_eos)} (fix: raise trainer.max_seq_len so the answer fits)")
+        report.errors.append(
+            f"{name}: {len(no_eos)} examples whose labels do not end with EOS (the model would not learn to stop), "
+            f"e.g. {_named(no_eos)} (fix: raise trainer.max_seq_len so the answer fits)"
+        )
 
 
 def check_chat_template_agreement(tokenizer: Any, example: Example, prompting: Any, report: CheckReport) -> None:
@@ -130,16 +168,26 @@ def check_chat_template_agreement(tokenizer: Any, example: Example, prompting: A
     if prompting.template is not None or not getattr(tokenizer, "chat_template", None) or example.prompt is None:
         return
     messages = ([{"role": "system", "content": prompting.system}] if prompting.system is not None else []) + [
-        {"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.completion}]
+        {"role": "user", "content": example.prompt},
+        {"role": "assistant", "content": example.completion},
+    ]
     reference = tokenizer.apply_chat_template(messages, tokenize=False)
     ours = render_prompt(tokenizer, example, None, prompting.system) + example.completion + (tokenizer.eos_token or "")
     if not reference.startswith(ours) and not ours.startswith(reference.rstrip()):
-        report.warnings.append("the chat template renders the full conversation differently from prompt + answer + EOS: "
-                               f"template {reference[-80:]!r} vs training {ours[-80:]!r}")
+        report.warnings.append(
+            "the chat template renders the full conversation differently from prompt + answer + EOS: "
+            f"template {reference[-80:]!r} vs training {ours[-80:]!r}"
+        )
 
 
-def run_checks(tokenizer: Any, splits: dict[str, list[Example]], labels: list[str] | None, prompting: Any, max_len: int,
-               encoded: dict[str, list[Encoded]] | None = None) -> CheckReport:
+def run_checks(
+    tokenizer: Any,
+    splits: dict[str, list[Example]],
+    labels: list[str] | None,
+    prompting: Any,
+    max_len: int,
+    encoded: dict[str, list[Encoded]] | None = None,
+) -> CheckReport:
     """Every check; ``encoded`` (the splits already encoded by the caller) saves encoding them twice."""
     report = CheckReport()
     check_counts(splits, labels, report)
@@ -147,13 +195,20 @@ def run_checks(tokenizer: Any, splits: dict[str, list[Example]], labels: list[st
     encoded = dict(encoded or {})
     for name, examples in splits.items():
         if name not in encoded:
-            encoded[name] = [encode_example(tokenizer, e, max_len, prompting.template, prompting.system) for e in examples]
+            encoded[name] = [
+                encode_example(tokenizer, e, max_len, prompting.template, prompting.system) for e in examples
+            ]
         check_encodings(tokenizer, name, examples, encoded[name], prompting, max_len, report)
     first = next((name for name, examples in splits.items() if examples), None)
     for example, enc in zip(splits.get(first, [])[:2], encoded.get(first, [])[:2]):
         answer_start = next((i for i, label in enumerate(enc.labels) if label != -100), len(enc.labels))
-        report.rendered.append({"source": example.source, "prompt": tokenizer.decode(enc.input_ids[:answer_start]),
-                                "trained_on": tokenizer.decode([t for t in enc.labels if t != -100])})
+        report.rendered.append(
+            {
+                "source": example.source,
+                "prompt": tokenizer.decode(enc.input_ids[:answer_start]),
+                "trained_on": tokenizer.decode([t for t in enc.labels if t != -100]),
+            }
+        )
     if first is not None:
         check_chat_template_agreement(tokenizer, splits[first][0], prompting, report)
     return report
@@ -166,9 +221,16 @@ def report_text(report: CheckReport) -> str:
     for name, stats in report.stats.get("tokens", {}).items():
         lines.append(f"tokens {name}: {stats}")
     for shown in report.rendered:
-        lines += [f"--- {shown['source']} as the model sees it (prompt, then [trained on])", shown["prompt"] + "[" + shown["trained_on"] + "]"]
+        lines += [
+            f"--- {shown['source']} as the model sees it (prompt, then [trained on])",
+            shown["prompt"] + "[" + shown["trained_on"] + "]",
+        ]
     lines += [f"warning: {w}" for w in report.warnings] + [f"error: {e}" for e in report.errors]
-    lines.append("data check: " + ("OK" if report.ok else f"{len(report.errors)} error(s)") + (f", {len(report.warnings)} warning(s)" if report.warnings else ""))
+    lines.append(
+        "data check: "
+        + ("OK" if report.ok else f"{len(report.errors)} error(s)")
+        + (f", {len(report.warnings)} warning(s)" if report.warnings else "")
+    )
     return "\n".join(lines)
 
 

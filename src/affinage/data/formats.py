@@ -75,11 +75,17 @@ def read_rows(path: Path) -> list[tuple[int | str, dict[str, Any]]]:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
             line = path.read_bytes()[: error.start].count(b"\n") + 1
-            raise DataError("file is not valid UTF-8", where=f"{path}:{line}", fix="re-save the file as UTF-8") from None
+            raise DataError(
+                "file is not valid UTF-8", where=f"{path}:{line}", fix="re-save the file as UTF-8"
+            ) from None
         text = text.removeprefix("\ufeff")  # a byte-order mark (Excel, Notepad) is not data
         if not text.strip():
             tabular = suffix in (".csv", ".tsv")
-            raise DataError("the file is empty", where=str(path), fix="add a header row and one row per example" if tabular else "add one JSON object per line")
+            raise DataError(
+                "the file is empty",
+                where=str(path),
+                fix="add a header row and one row per example" if tabular else "add one JSON object per line",
+            )
         if suffix in (".csv", ".tsv"):
             rows = _read_csv(path, text, "\t" if suffix == ".tsv" else ",")
         elif suffix == ".json":
@@ -88,7 +94,11 @@ def read_rows(path: Path) -> list[tuple[int | str, dict[str, Any]]]:
             rows = _read_jsonl(path, text)
     for number, row in rows:
         if not isinstance(row, dict):
-            raise DataError("each row must be a JSON object", where=f"{path}:{number}", fix='write {"prompt": ..., "completion": ...}')
+            raise DataError(
+                "each row must be a JSON object",
+                where=f"{path}:{number}",
+                fix='write {"prompt": ..., "completion": ...}',
+            )
     return rows
 
 
@@ -96,7 +106,9 @@ def _read_json(path: Path, text: str) -> list[tuple[int | str, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DataError(f"invalid JSON: {error.msg}", where=f"{path}:{error.lineno}", fix="fix the JSON syntax") from None
+        raise DataError(
+            f"invalid JSON: {error.msg}", where=f"{path}:{error.lineno}", fix="fix the JSON syntax"
+        ) from None
     if not isinstance(data, list):
         raise DataError("a .json data file must hold a list of objects", where=str(path))
     return list(enumerate(data, start=1))
@@ -113,7 +125,7 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[int | str, Any]]:
             raise DataError(
                 f"invalid JSON ({error.msg} at column {error.colno})",
                 where=f"{path}:{number}",
-                fix="each line must be one complete JSON object; escape quotes inside strings as \\\"",
+                fix='each line must be one complete JSON object; escape quotes inside strings as \\"',
             ) from None
     return rows
 
@@ -141,10 +153,18 @@ def _read_csv(path: Path, text: str, delimiter: str) -> list[tuple[int | str, An
         seen: set[str] = set()
         for name in header:
             if name and name in seen:
-                raise DataError(f"column '{name}' appears twice in the header", where=f"{path}:1", fix="give every column its own name")
+                raise DataError(
+                    f"column '{name}' appears twice in the header",
+                    where=f"{path}:1",
+                    fix="give every column its own name",
+                )
             seen.add(name)
         if not seen - {""}:
-            raise DataError("the header row names no column", where=f"{path}:1", fix="start the file with a header such as prompt,completion")
+            raise DataError(
+                "the header row names no column",
+                where=f"{path}:1",
+                fix="start the file with a header such as prompt,completion",
+            )
         end = reader.line_num
         for record in reader:
             start, end = end + 1, reader.line_num
@@ -156,13 +176,19 @@ def _read_csv(path: Path, text: str, delimiter: str) -> list[tuple[int | str, An
                     where=f"{path}:{start}",
                     fix='quote fields that hold a comma, a quote or a line break ("like, this"; a quote inside is written "")',
                 )
-            row = {name: value for name, value in zip(header, record) if name}  # an unnamed column is a spreadsheet index
+            row = {
+                name: value for name, value in zip(header, record) if name
+            }  # an unnamed column is a spreadsheet index
             _tabular_messages(row, f"{path}:{start}")
             rows.append((start, row))
     except csv.Error as error:
-        raise DataError(f"invalid CSV: {error}", where=f"{path}:{reader.line_num}", fix="check the quoting of this line") from None
+        raise DataError(
+            f"invalid CSV: {error}", where=f"{path}:{reader.line_num}", fix="check the quoting of this line"
+        ) from None
     if not rows:
-        raise DataError("the file has a header but no rows", where=str(path), fix="add one row per example under the header")
+        raise DataError(
+            "the file has a header but no rows", where=str(path), fix="add one row per example under the header"
+        )
     return rows
 
 
@@ -174,7 +200,11 @@ def _read_parquet(path: Path) -> list[tuple[int | str, Any]]:
     try:
         records = pq.read_table(path).to_pylist()
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError... for a file that is not Parquet
-        raise DataError(f"not a readable Parquet file ({error})", where=str(path), fix="re-export it as Parquet, or use JSONL or CSV") from None
+        raise DataError(
+            f"not a readable Parquet file ({error})",
+            where=str(path),
+            fix="re-export it as Parquet, or use JSONL or CSV",
+        ) from None
     if not records:
         raise DataError("the file is empty", where=str(path), fix="add rows to the table")
     rows: list[tuple[int | str, Any]] = []
@@ -187,7 +217,9 @@ def _read_parquet(path: Path) -> list[tuple[int | str, Any]]:
 def detect_format(row: dict[str, Any]) -> str:
     """chat, alpaca, completion, text or unknown. Filled fields decide first, so that a CSV or
     Parquet file with every format's columns tells its rows apart; present-but-empty ones next."""
-    filled = {key for key, value in row.items() if value is not None and not (isinstance(value, str) and not value.strip())}
+    filled = {
+        key for key, value in row.items() if value is not None and not (isinstance(value, str) and not value.strip())
+    }
     for keys in (filled, set(row)):
         if "messages" in keys:
             return "chat"
@@ -222,20 +254,30 @@ def _text_field(row: dict[str, Any], name: str, where: str, *, allow_empty: bool
 def _chat_example(row: dict[str, Any], where: str) -> Example:
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:
-        raise DataError("'messages' must be a non-empty list", where=where, fix='write [{"role": "user", "content": ...}, ...]')
+        raise DataError(
+            "'messages' must be a non-empty list", where=where, fix='write [{"role": "user", "content": ...}, ...]'
+        )
     clean = []
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
-            raise DataError(
-                f"messages[{index}] must be {{role: system|user|assistant, content: text}}", where=where
-            )
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
+        ):
+            raise DataError(f"messages[{index}] must be {{role: system|user|assistant, content: text}}", where=where)
         clean.append({"role": message["role"], "content": message["content"]})
     if clean[-1]["role"] != "assistant":
-        raise DataError("the last message must be the assistant's answer", where=where, fix="end each conversation with an assistant turn")
+        raise DataError(
+            "the last message must be the assistant's answer",
+            where=where,
+            fix="end each conversation with an assistant turn",
+        )
     return Example(prompt=None, completion=clean[-1]["content"], messages=clean[:-1], row=row, source=where)
 
 
-def row_to_example(row: dict[str, Any], where: str, *, input_field: str | None, output_field: str | None, templated: bool) -> Example:
+def row_to_example(
+    row: dict[str, Any], where: str, *, input_field: str | None, output_field: str | None, templated: bool
+) -> Example:
     """Map one row to an Example; ``templated`` means the prompt text comes from a template."""
     kind = detect_format(row)
     if kind == "chat" and input_field is None:
@@ -261,13 +303,17 @@ def row_to_example(row: dict[str, Any], where: str, *, input_field: str | None, 
     return Example(prompt=_text_field(row, input_field, where), completion=completion, row=row, source=where)
 
 
-def load_examples(path: Path, *, input_field: str | None = None, output_field: str | None = None, templated: bool = False) -> list[Example]:
+def load_examples(
+    path: Path, *, input_field: str | None = None, output_field: str | None = None, templated: bool = False
+) -> list[Example]:
     """Every row as an Example; all rows of one file must share one format."""
     examples = []
     first: tuple[str, int | str] | None = None  # the file's format and the row that set it
     for number, row in read_rows(path):
         where = f"{path}:{number}"
-        examples.append(row_to_example(row, where, input_field=input_field, output_field=output_field, templated=templated))
+        examples.append(
+            row_to_example(row, where, input_field=input_field, output_field=output_field, templated=templated)
+        )
         kind = detect_format(row)
         if input_field is not None or kind == "unknown":
             continue  # configured columns decide, not the format

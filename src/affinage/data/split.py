@@ -11,7 +11,8 @@ import random
 import re
 import unicodedata
 from collections import defaultdict
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 

@@ -15,8 +15,9 @@ at inference (a train/inference template mismatch is the field's most reported b
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from affinage.data.formats import Example
 from affinage.errors import ConfigError, DataError
@@ -69,7 +70,9 @@ def _inst(messages: Messages, llama2: bool) -> str:
     for index, message in enumerate(messages):
         expected = "user" if index % 2 == 0 else "assistant"
         if message["role"] != expected:
-            raise ValueError(f"{'llama2' if llama2 else 'mistral'} needs user and assistant turns to alternate, starting with the user")
+            raise ValueError(
+                f"{'llama2' if llama2 else 'mistral'} needs user and assistant turns to alternate, starting with the user"
+            )
         content = message["content"].strip() if llama2 else message["content"]
         if expected == "user":
             if index == 0 and system is not None:
@@ -184,11 +187,15 @@ def _conversation(example: Example, system: str | None) -> Messages:
     return messages
 
 
-def _render(render: Callable[[Messages, bool], str], messages: Messages, generation_prompt: bool, example: Example) -> str:
+def _render(
+    render: Callable[[Messages, bool], str], messages: Messages, generation_prompt: bool, example: Example
+) -> str:
     try:
         return render(messages, generation_prompt)
     except ValueError as error:  # a named template's own check
-        raise DataError(str(error), where=example.source or "prompt.template", fix="fix the conversation's roles") from None
+        raise DataError(
+            str(error), where=example.source or "prompt.template", fix="fix the conversation's roles"
+        ) from None
 
 
 def render_prompt(tokenizer: Any, example: Example, template: str | None = None, system: str | None = None) -> str:
@@ -224,10 +231,16 @@ def tokenizer_adds(tokenizer: Any, token_id: int | None, *, first: bool = True) 
     if token_id is None:
         return False
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0 if first else -1] == token_id and ids != tokenizer("a", add_special_tokens=False)["input_ids"]
+    return (
+        bool(ids)
+        and ids[0 if first else -1] == token_id
+        and ids != tokenizer("a", add_special_tokens=False)["input_ids"]
+    )
 
 
-def encode_prompt(tokenizer: Any, example: Example, template: str | None = None, system: str | None = None) -> list[int]:
+def encode_prompt(
+    tokenizer: Any, example: Example, template: str | None = None, system: str | None = None
+) -> list[int]:
     text = render_prompt(tokenizer, example, template, system)
     return tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer, template))["input_ids"]
 
@@ -249,13 +262,15 @@ def fit_prompt(prompt_ids: list[int], budget: int) -> list[int]:
     if len(prompt_ids) <= budget:
         return prompt_ids
     head = budget // 2
-    return prompt_ids[:head] + prompt_ids[len(prompt_ids) - (budget - head):]
+    return prompt_ids[:head] + prompt_ids[len(prompt_ids) - (budget - head) :]
 
 
 # --- multi-turn: the loss covers every assistant turn ----------------------------------------
 
 
-def _assistant_spans(render: Callable[[Messages, bool], str], messages: Messages, text: str, example: Example) -> list[tuple[int, int, int]]:
+def _assistant_spans(
+    render: Callable[[Messages, bool], str], messages: Messages, text: str, example: Example
+) -> list[tuple[int, int, int]]:
     """(answer start, answer end, turn end) character positions of the earlier assistant turns in ``text``.
 
     Each turn is found by rendering prefixes: the conversation up to the turn with the
@@ -303,7 +318,9 @@ def _special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def _label_turns(tokenizer: Any, text: str, add_special_tokens: bool, spans: list[tuple[int, int, int]], example: Example) -> tuple[list[int], list[int]]:
+def _label_turns(
+    tokenizer: Any, text: str, add_special_tokens: bool, spans: list[tuple[int, int, int]], example: Example
+) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` and labels: each answer's tokens plus the end-of-turn token right after it."""
     try:
         encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
@@ -321,15 +338,21 @@ def _label_turns(tokenizer: Any, text: str, add_special_tokens: bool, spans: lis
         for position, (token_start, token_end) in enumerate(offsets):
             if token_end > token_start and token_start < end and token_end > start:
                 labels[position] = ids[position]  # overlaps the answer
-            elif (closing is None and end <= token_start < turn_end and ids[position] in specials
-                  and not text[end:token_start].strip()):
+            elif (
+                closing is None
+                and end <= token_start < turn_end
+                and ids[position] in specials
+                and not text[end:token_start].strip()
+            ):
                 closing = position  # the template's end-of-turn token (<|im_end|>, <|eot_id|>, </s>...)
         if closing is not None:
             labels[closing] = ids[closing]
     return ids, labels
 
 
-def _encode_prompt_with_labels(tokenizer: Any, example: Example, template: str | None, system: str | None) -> tuple[list[int], list[int]]:
+def _encode_prompt_with_labels(
+    tokenizer: Any, example: Example, template: str | None, system: str | None
+) -> tuple[list[int], list[int]]:
     """The prompt's ids (exactly :func:`encode_prompt`'s) and labels: -100 except on earlier assistant turns."""
     text = render_prompt(tokenizer, example, template, system)
     add_special_tokens = adds_special_tokens(tokenizer, template)
@@ -353,7 +376,9 @@ def _encode_text(tokenizer: Any, example: Example, max_len: int) -> Encoded:
     return Encoded(input_ids=ids, labels=list(ids), truncated=truncated)
 
 
-def encode_example(tokenizer: Any, example: Example, max_len: int, template: str | None = None, system: str | None = None) -> Encoded:
+def encode_example(
+    tokenizer: Any, example: Example, max_len: int, template: str | None = None, system: str | None = None
+) -> Encoded:
     """Tokens and labels of one training example.
 
     The last answer is encoded as the completion (answer tokens + EOS) after
@@ -368,7 +393,9 @@ def encode_example(tokenizer: Any, example: Example, max_len: int, template: str
     completion_ids = encode_completion(tokenizer, example.completion)
     truncated = len(prompt_ids) + len(completion_ids) > max_len
     if truncated:
-        completion_ids = completion_ids[: max(1, max_len // 2)] if len(completion_ids) > max_len // 2 else completion_ids
+        completion_ids = (
+            completion_ids[: max(1, max_len // 2)] if len(completion_ids) > max_len // 2 else completion_ids
+        )
         kept = fit_prompt(list(range(len(prompt_ids))), max_len - len(completion_ids))
         prompt_ids, prompt_labels = [prompt_ids[i] for i in kept], [prompt_labels[i] for i in kept]
     return Encoded(

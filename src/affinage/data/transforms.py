@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import random
 import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from affinage.data.formats import Example
 from affinage.errors import ConfigError
@@ -65,7 +66,10 @@ class Transform:
         if name in BUILTIN:
             self.function, default_side = BUILTIN[name]
         else:
-            self.function, default_side = _user_function(import_user_function(name, base_dir, "data.transforms", list(BUILTIN))), "completion"
+            self.function, default_side = (
+                _user_function(import_user_function(name, base_dir, "data.transforms", list(BUILTIN))),
+                "completion",
+            )
         self.name, self.side, self.seed = name, side or default_side, seed
 
     def _rng(self, text: str) -> random.Random:
@@ -75,7 +79,9 @@ class Transform:
     def text(self, text: str) -> str:
         result = self.function(text, self._rng(text))
         if not isinstance(result, str):
-            raise ConfigError(f"transform '{self.name}' returned {type(result).__name__}, not text", where="data.transforms")
+            raise ConfigError(
+                f"transform '{self.name}' returned {type(result).__name__}, not text", where="data.transforms"
+            )
         return result
 
     def apply(self, example: Example, *, prompt_side_only: bool = False) -> Example:
@@ -86,14 +92,18 @@ class Transform:
             if example.prompt:
                 changes["prompt"] = self.text(example.prompt)
             # Template fields are prompt side; the answer columns are the completion's business.
-            changes["row"] = {k: self.text(v) if isinstance(v, str) and k not in ("output", "completion") else v for k, v in example.row.items()}
+            changes["row"] = {
+                k: self.text(v) if isinstance(v, str) and k not in ("output", "completion") else v
+                for k, v in example.row.items()
+            }
             changes["original_row"] = example.original_row if example.original_row is not None else example.row
         if answer_side:
             changes["completion"] = self.text(example.completion)
         if example.messages:
             changes["messages"] = [
                 {**m, "content": self.text(m["content"])}
-                if (m["role"] == "assistant" and answer_side) or (m["role"] != "assistant" and prompt_side) else m
+                if (m["role"] == "assistant" and answer_side) or (m["role"] != "assistant" and prompt_side)
+                else m
                 for m in example.messages
             ]
         return replace(example, **changes) if changes else example
@@ -104,7 +114,9 @@ def build_transforms(specs: Sequence[Any], seed: int, base_dir: str = ".") -> li
     return [Transform(spec.name, spec.side, seed, base_dir) for spec in specs]
 
 
-def apply_transforms(examples: Sequence[Example], transforms: Sequence[Transform], *, prompt_side_only: bool = False) -> list[Example]:
+def apply_transforms(
+    examples: Sequence[Example], transforms: Sequence[Transform], *, prompt_side_only: bool = False
+) -> list[Example]:
     result = list(examples)
     for transform in transforms:
         result = [transform.apply(e, prompt_side_only=prompt_side_only) for e in result]

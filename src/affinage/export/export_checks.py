@@ -10,22 +10,23 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from affinage.data.template import adds_special_tokens, render_prompt
 from affinage.errors import AffinageError
 from affinage.evaluate import match_label
 from affinage.export.go_render import go_available, render_with_go
 from affinage.export.llamacpp_check import (
-    Compared,
-    same_top_tokens,
     INSTALL_HINT,
+    Compared,
     agreement_report,
     chat_messages,
     llama_cpp_answer,
     llama_cpp_available,
     llama_cpp_prompt_ids,
     open_gguf,
+    same_top_tokens,
 )
 
 GGUF_FORMATS = ("gguf", "gguf-lora", "ollama")

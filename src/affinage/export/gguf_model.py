@@ -14,8 +14,9 @@ is refused with the reason, never written approximately.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import gguf
 import numpy as np

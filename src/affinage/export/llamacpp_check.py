@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,12 @@ def agreement_report(ours: Sequence[str], compared: Sequence[Compared], examples
     same = [same_answer(a, c.answer) for a, c in zip(ours, compared)]
     n = max(len(same), 1)
     differences = [
-        {"prompt": (e.prompt or "")[:200], "affinage": a, "llama.cpp": c.answer.text, "same_prompt_tokens": c.same_prompt}
+        {
+            "prompt": (e.prompt or "")[:200],
+            "affinage": a,
+            "llama.cpp": c.answer.text,
+            "same_prompt_tokens": c.same_prompt,
+        }
         for e, a, c, s in zip(examples, ours, compared, same)
         if not s
     ]

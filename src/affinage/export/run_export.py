@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from affinage.data.template import tokenizer_adds
 from affinage.errors import AffinageError

@@ -26,8 +26,17 @@ from affinage.lora.layers import WrapsBase, lora_scaling
 class LoRAEmbedding(WrapsBase, nn.Module):
     """A LoRA update wrapped around an existing embedding table."""
 
-    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, dropout: float = 0.0, *, use_rslora: bool = False,
-                 use_dora: bool = False, init: str = "default"):
+    def __init__(
+        self,
+        base_layer: nn.Embedding,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        *,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init: str = "default",
+    ):
         super().__init__()
         # PEFT applies no dropout to embeddings and initialises them the same way whatever init_lora_weights says
         # (A zero, B normal): ``dropout`` and ``init`` are accepted for a uniform signature and ignored.
@@ -68,8 +77,15 @@ class LoRAEmbedding(WrapsBase, nn.Module):
         if self.merged:
             return result
         base = self.base_layer
-        rows = F.embedding(x, self.lora_embedding_A.transpose(0, 1), base.padding_idx, base.max_norm, base.norm_type,
-                           base.scale_grad_by_freq, base.sparse)
+        rows = F.embedding(
+            x,
+            self.lora_embedding_A.transpose(0, 1),
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+        )
         update = (rows @ self.lora_embedding_B.transpose(0, 1)) * self.scaling
         embed_scale = self._embed_scale()
         if embed_scale is not None:
@@ -86,7 +102,10 @@ class LoRAEmbedding(WrapsBase, nn.Module):
             delta = self.delta_weight().float()
             weight = base.weight.float() + delta
             if self.lora_magnitude_vector is not None:  # one factor per column (embedding dimension)
-                weight = weight * dora.magnitude_scale(self.lora_magnitude_vector.float(), base.weight, delta, dim=0)[None, :]
+                weight = (
+                    weight
+                    * dora.magnitude_scale(self.lora_magnitude_vector.float(), base.weight, delta, dim=0)[None, :]
+                )
         fused = copy.deepcopy(base, memo={id(base.weight): base.weight})  # everything but the table, which is replaced
         fused.weight = nn.Parameter(weight.to(base.weight.dtype), requires_grad=base.weight.requires_grad)
         return fused

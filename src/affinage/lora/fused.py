@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 MASK_LEVELS = 65536  # the keep probability is drawn to 1/65536: 0.05 becomes 0.050003
 
 
@@ -56,8 +55,15 @@ class _LoRAUpdate(torch.autograd.Function):
     scale (the dropout's 1/(1-p), LoRA's scaling) is applied to the rank-r side instead."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float,
-                keep: torch.Tensor | None, keep_scale: float) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight_a: torch.Tensor,
+        weight_b: torch.Tensor,
+        scaling: float,
+        keep: torch.Tensor | None,
+        keep_scale: float,
+    ) -> torch.Tensor:
         compute = weight_a.dtype if x.dtype == torch.float32 else x.dtype
         a, b = weight_a.to(compute), weight_b.to(compute)
         hidden = F.linear(_masked(x.to(compute), keep), a)  # (..., r): small, kept; the masked input is not
@@ -77,10 +83,23 @@ class _LoRAUpdate(torch.autograd.Function):
         grad_a = rows(grad_hidden).t() @ rows(_masked(x.to(a.dtype), keep)) if ctx.needs_input_grad[1] else None
         grad_x = _masked(grad_hidden @ a, keep).to(x.dtype) if ctx.needs_input_grad[0] else None
         dtype_a, dtype_b = ctx.param_dtypes
-        return (grad_x, None if grad_a is None else grad_a.to(dtype_a), None if grad_b is None else grad_b.to(dtype_b), None, None, None)
+        return (
+            grad_x,
+            None if grad_a is None else grad_a.to(dtype_a),
+            None if grad_b is None else grad_b.to(dtype_b),
+            None,
+            None,
+            None,
+        )
 
 
-def lora_update(x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float,
-                keep: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
+def lora_update(
+    x: torch.Tensor,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    scaling: float,
+    keep: torch.Tensor | None = None,
+    p: float = 0.0,
+) -> torch.Tensor:
     """``scaling * (x * keep / (1-p)) @ A.T @ B.T``; ``keep=None`` is no dropout."""
     return _LoRAUpdate.apply(x, weight_a, weight_b, scaling, keep, keep_scale(p) if keep is not None else 1.0)

@@ -14,8 +14,7 @@ config is untied so that saving writes both and loading does not tie them again.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Iterable
+from collections.abc import Iterable, Mapping
 
 from torch import nn
 
@@ -74,8 +73,12 @@ def matches(name: str, keys: Iterable[str] | str) -> bool:
     return any(name == key or name.endswith(f".{key}") for key in keys)
 
 
-def find_targets(model: nn.Module, target_modules: Iterable[str] | str, layers: list[int] | None = None,
-                 exclude: Iterable[str] | str | None = None) -> list[str]:
+def find_targets(
+    model: nn.Module,
+    target_modules: Iterable[str] | str,
+    layers: list[int] | None = None,
+    exclude: Iterable[str] | str | None = None,
+) -> list[str]:
     """Full names of the modules to adapt (only in blocks ``layers`` when given)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inside = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, WRAPPERS))
@@ -95,8 +98,13 @@ def find_targets(model: nn.Module, target_modules: Iterable[str] | str, layers: 
         elif matches(name, target_modules):
             names.append(name)
     if not names:
-        available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                            if (is_linear(m) or isinstance(m, nn.Embedding)) and not (inside and n.startswith(inside))})
+        available = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if (is_linear(m) or isinstance(m, nn.Embedding)) and not (inside and n.startswith(inside))
+            }
+        )
         raise ConfigError(
             f"adapter.target_modules {target_modules!r} matches no linear or embedding layer of this model",
             where="adapter.target_modules",
@@ -105,10 +113,21 @@ def find_targets(model: nn.Module, target_modules: Iterable[str] | str, layers: 
     return names
 
 
-def inject_lora(model: nn.Module, target_modules: Iterable[str] | str, r: int, alpha: float, dropout: float,
-                layers: int | list[int] | None = None, *, use_rslora: bool = False, use_dora: bool = False,
-                init: str = "default", rank_pattern: Mapping[str, int] | None = None,
-                alpha_pattern: Mapping[str, float] | None = None, exclude: Iterable[str] | str | None = None) -> list[str]:
+def inject_lora(
+    model: nn.Module,
+    target_modules: Iterable[str] | str,
+    r: int,
+    alpha: float,
+    dropout: float,
+    layers: int | list[int] | None = None,
+    *,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    init: str = "default",
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    exclude: Iterable[str] | str | None = None,
+) -> list[str]:
     """Wrap each target layer in a :class:`LoRALinear` (embeddings: :class:`LoRAEmbedding`); returns their names.
 
     ``rank_pattern``/``alpha_pattern`` override ``r``/``alpha`` per module with PEFT's semantics.

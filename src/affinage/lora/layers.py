@@ -98,11 +98,22 @@ class WrapsBase:
 class LoRALinear(WrapsBase, nn.Module):
     """A LoRA update wrapped around an existing linear layer (injected into HF models)."""
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, *, use_rslora: bool = False,
-                 use_dora: bool = False, init: str = "default"):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        *,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init: str = "default",
+    ):
         super().__init__()
         if init not in INITS:
-            raise ConfigError(f"unknown LoRA init {init!r}", where="adapter.init", fix=f"use one of: {', '.join(INITS)}")
+            raise ConfigError(
+                f"unknown LoRA init {init!r}", where="adapter.init", fix=f"use one of: {', '.join(INITS)}"
+            )
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
@@ -127,7 +138,7 @@ class LoRALinear(WrapsBase, nn.Module):
         self.merged = False
 
     @classmethod
-    def from_base(cls, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, **options) -> "LoRALinear":
+    def from_base(cls, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, **options) -> LoRALinear:
         return cls(base_layer, r=r, alpha=alpha, dropout=dropout, **options)
 
     @property
@@ -165,7 +176,9 @@ class LoRALinear(WrapsBase, nn.Module):
             return result
         if self.lora_magnitude_vector is None:  # plain LoRA: the fused update (see ``fused``)
             keep, p = self._keep_mask(x)
-            return result + lora_update(x, self.lora_A.weight, self.lora_B.weight, self.scaling, keep, p).to(result.dtype)
+            return result + lora_update(x, self.lora_A.weight, self.lora_B.weight, self.scaling, keep, p).to(
+                result.dtype
+            )
         compute = self.lora_A.weight.dtype if x.dtype == torch.float32 else x.dtype
         dropped = self.lora_dropout(x)
         hidden = F.linear(dropped.to(compute), self.lora_A.weight.to(compute))
@@ -180,10 +193,14 @@ class LoRALinear(WrapsBase, nn.Module):
             return None, 0.0
         return (dropout.mask(x) if isinstance(dropout, SharedDropout) else dropout_mask(x, p)), p
 
-    def _dora_extra(self, x: torch.Tensor, dropped: torch.Tensor, result: torch.Tensor, update: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    def _dora_extra(
+        self, x: torch.Tensor, dropped: torch.Tensor, result: torch.Tensor, update: torch.Tensor, compute: torch.dtype
+    ) -> torch.Tensor:
         """``(m/‖W+sBA‖ − 1)·W·x + (m/‖W+sBA‖)·s·B(A(x))``, the norm a constant (PEFT)."""
         weight = self.base_layer.weight
-        scale = dora.magnitude_scale(self.lora_magnitude_vector, weight, self.delta_weight().detach(), dim=1).to(compute)
+        scale = dora.magnitude_scale(self.lora_magnitude_vector, weight, self.delta_weight().detach(), dim=1).to(
+            compute
+        )
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             base = result if self.bias is None else result - self.bias
         else:  # with dropout the base term sees the same dropped input as the update (PEFT)
@@ -198,12 +215,21 @@ class LoRALinear(WrapsBase, nn.Module):
         base = self.base_layer
         if not isinstance(base, nn.Linear) or type(base) is not nn.Linear:
             raise TypeError(f"cannot fuse into {type(base).__name__}; dequantize the base first")
-        fused = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device=base.weight.device, dtype=base.weight.dtype)
+        fused = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=base.bias is not None,
+            device=base.weight.device,
+            dtype=base.weight.dtype,
+        )
         with torch.no_grad():
             delta = self.delta_weight().float()
             weight = base.weight.float() + delta
             if self.lora_magnitude_vector is not None:  # W' = m/‖W+sBA‖ ⊙ (W+sBA), row by row
-                weight = weight * dora.magnitude_scale(self.lora_magnitude_vector.float(), base.weight, delta, dim=1)[:, None]
+                weight = (
+                    weight
+                    * dora.magnitude_scale(self.lora_magnitude_vector.float(), base.weight, delta, dim=1)[:, None]
+                )
             fused.weight.copy_(weight.to(base.weight.dtype))
             if base.bias is not None:
                 fused.bias.copy_(base.bias)

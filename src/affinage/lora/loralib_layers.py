@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 class LoRALayer:
     """loralib's mixin: the hyper-parameters every LoRA layer shares."""
 
@@ -101,7 +100,7 @@ class Linear(nn.Linear, LoRALayer, _MergeOnEval):
     def _delta(self) -> torch.Tensor:
         return self._oriented(self._update()) * self.scaling
 
-    def train(self, mode: bool = True) -> "Linear":
+    def train(self, mode: bool = True) -> Linear:
         nn.Linear.train(self, mode)
         if hasattr(self, "lora_A"):
             self._switch(mode)
@@ -117,7 +116,15 @@ class Linear(nn.Linear, LoRALayer, _MergeOnEval):
 class Embedding(nn.Embedding, LoRALayer, _MergeOnEval):
     """``nn.Embedding`` with a low-rank update of the embedding table (A zero, B normal at init)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1, merge_weights: bool = True, **kwargs):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        merge_weights: bool = True,
+        **kwargs,
+    ):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0, merge_weights=merge_weights)
         if r > 0:
@@ -136,7 +143,7 @@ class Embedding(nn.Embedding, LoRALayer, _MergeOnEval):
     def _delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).transpose(0, 1) * self.scaling
 
-    def train(self, mode: bool = True) -> "Embedding":
+    def train(self, mode: bool = True) -> Embedding:
         nn.Embedding.train(self, mode)
         self._switch(mode)
         return self
@@ -144,7 +151,15 @@ class Embedding(nn.Embedding, LoRALayer, _MergeOnEval):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = nn.Embedding.forward(self, x)
         if self.r > 0 and not self.merged:
-            rows = F.embedding(x, self.lora_A.transpose(0, 1), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+            rows = F.embedding(
+                x,
+                self.lora_A.transpose(0, 1),
+                self.padding_idx,
+                self.max_norm,
+                self.norm_type,
+                self.scale_grad_by_freq,
+                self.sparse,
+            )
             result = result + (rows @ self.lora_B.transpose(0, 1)) * self.scaling
         return result
 
@@ -167,8 +182,16 @@ class MergedLinear(Linear):
         if out_features % len(enable_lora) != 0:
             raise ValueError("out_features must be divisible by len(enable_lora)")
         self._enable_lora = list(enable_lora)  # read by _factor_shapes during Linear.__init__
-        super().__init__(in_features, out_features, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, **kwargs)
+        super().__init__(
+            in_features,
+            out_features,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            fan_in_fan_out=fan_in_fan_out,
+            merge_weights=merge_weights,
+            **kwargs,
+        )
         self.enable_lora = self._enable_lora
         if hasattr(self, "lora_A"):
             groups = torch.zeros((len(self.enable_lora), out_features // len(self.enable_lora)), dtype=torch.bool)
@@ -196,7 +219,18 @@ class MergedLinear(Linear):
 class ConvLoRA(nn.Module, LoRALayer, _MergeOnEval):
     """A convolution whose kernel gets a low-rank update (loralib's ConvLoRA)."""
 
-    def __init__(self, conv_module: type, in_channels: int, out_channels: int, kernel_size: int, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0, merge_weights: bool = True, **kwargs):
+    def __init__(
+        self,
+        conv_module: type,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = True,
+        **kwargs,
+    ):
         nn.Module.__init__(self)
         self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)
@@ -206,8 +240,12 @@ class ConvLoRA(nn.Module, LoRALayer, _MergeOnEval):
             # loralib's layout for Conv2d; generalised so Conv1d/Conv3d updates have the kernel's size
             # (loralib's own Conv1d/Conv3d fail with a shape error).
             spatial = self.conv.weight.dim() - 2
-            self.lora_A = nn.Parameter(self.conv.weight.new_zeros((r * kernel_size, in_channels * kernel_size ** (spatial - 1))))
-            self.lora_B = nn.Parameter(self.conv.weight.new_zeros((out_channels // self.conv.groups * kernel_size, r * kernel_size)))
+            self.lora_A = nn.Parameter(
+                self.conv.weight.new_zeros((r * kernel_size, in_channels * kernel_size ** (spatial - 1)))
+            )
+            self.lora_B = nn.Parameter(
+                self.conv.weight.new_zeros((out_channels // self.conv.groups * kernel_size, r * kernel_size))
+            )
             self.scaling = self.lora_alpha / self.r
             self.conv.weight.requires_grad = False
         self.reset_parameters()
@@ -223,7 +261,7 @@ class ConvLoRA(nn.Module, LoRALayer, _MergeOnEval):
     def _delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).view(self.conv.weight.shape) * self.scaling
 
-    def train(self, mode: bool = True) -> "ConvLoRA":
+    def train(self, mode: bool = True) -> ConvLoRA:
         nn.Module.train(self, mode)
         self._switch(mode)
         return self

@@ -36,8 +36,13 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 # PEFT's key for each parameter (the adapter name "default" is not written, as PEFT does).
-_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight", "embedding_A": "lora_embedding_A", "embedding_B": "lora_embedding_B",
-         "magnitude_vector": "lora_magnitude_vector"}
+_KEYS = {
+    "A": "lora_A.weight",
+    "B": "lora_B.weight",
+    "embedding_A": "lora_embedding_A",
+    "embedding_B": "lora_embedding_B",
+    "magnitude_vector": "lora_magnitude_vector",
+}
 
 
 def _tensors(module: LoRALinear | LoRAEmbedding) -> dict[str, torch.Tensor]:
@@ -57,8 +62,11 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under the model's own parameter names (checkpoints; PiSSA not converted)."""
-    return {f"{PREFIX}{name}.{_KEYS[kind]}": _cpu(tensor)
-            for name, module in lora_modules(model).items() for kind, tensor in _tensors(module).items()}
+    return {
+        f"{PREFIX}{name}.{_KEYS[kind]}": _cpu(tensor)
+        for name, module in lora_modules(model).items()
+        for kind, tensor in _tensors(module).items()
+    }
 
 
 def _saved_module(module: LoRALinear | LoRAEmbedding) -> tuple[dict[str, torch.Tensor], int, float]:
@@ -79,7 +87,11 @@ def _patterns(values: dict[str, float], default: float) -> dict[str, float]:
     for name, value in values.items():
         by_leaf.setdefault(name.rsplit(".", 1)[-1], set()).add(value)
     uniform = {leaf: next(iter(vals)) for leaf, vals in by_leaf.items() if len(vals) == 1}
-    patterns = {re.escape(name): value for name, value in values.items() if value != default and name.rsplit(".", 1)[-1] not in uniform}
+    patterns = {
+        re.escape(name): value
+        for name, value in values.items()
+        if value != default and name.rsplit(".", 1)[-1] not in uniform
+    }
     patterns.update({leaf: value for leaf, value in uniform.items() if value != default})
     if all(pattern_value(patterns, name, default) == value for name, value in values.items()):
         return patterns
@@ -94,8 +106,10 @@ def peft_config(model: nn.Module, base_model_name: str, dropout: float) -> dict[
     rank, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
     flags = {(m.use_rslora, m.use_dora) for m in modules.values()}
     if len(flags) > 1:
-        raise AffinageError("the model's LoRA layers mix rsLoRA/DoRA settings, which PEFT's format cannot describe",
-                            fix="inject every layer with the same use_rslora/use_dora")
+        raise AffinageError(
+            "the model's LoRA layers mix rsLoRA/DoRA settings, which PEFT's format cannot describe",
+            fix="inject every layer with the same use_rslora/use_dora",
+        )
     use_rslora, use_dora = flags.pop()
     inits = {m.init for m in modules.values() if isinstance(m, LoRALinear)}
     targets, layers = _targets(model, modules)
@@ -136,9 +150,14 @@ def _targets(model: nn.Module, modules: dict) -> tuple[list[str], list[int] | No
     """
     leaves, layers = sorted({name.rsplit(".", 1)[-1] for name in modules}), _adapted_layers(modules)
     inside = tuple(f"{name}." for name in modules)
-    selected = {name for name, module in model.named_modules()
-                if not name.startswith(inside) and (is_linear(module) or isinstance(module, nn.Embedding) or name in modules)
-                and matches(name, leaves) and (layers is None or layer_index(name) in layers)}
+    selected = {
+        name
+        for name, module in model.named_modules()
+        if not name.startswith(inside)
+        and (is_linear(module) or isinstance(module, nn.Embedding) or name in modules)
+        and matches(name, leaves)
+        and (layers is None or layer_index(name) in layers)
+    }
     return (leaves, layers) if selected == set(modules) else (sorted(modules), None)
 
 
@@ -146,8 +165,11 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name: str, 
     """Write the adapter atomically: a killed run never leaves a half-written file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {f"{PREFIX}{name}.{_KEYS[kind]}": tensor
-             for name, module in lora_modules(model).items() for kind, tensor in _saved_module(module)[0].items()}
+    state = {
+        f"{PREFIX}{name}.{_KEYS[kind]}": tensor
+        for name, module in lora_modules(model).items()
+        for kind, tensor in _saved_module(module)[0].items()
+    }
     config = json.dumps(peft_config(model, base_model_name, dropout), indent=2)
     write_file_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     write_file_atomic(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config))
@@ -171,9 +193,11 @@ _OPTIONS = {
     "lora_bias": (lambda v: not v, "retrain with lora_bias=False, or " + _CONVERT),
     "modules_to_save": (lambda v: not v, "retrain without modules_to_save, or " + _CONVERT),
     "fan_in_fan_out": (lambda v: not v, _CONVERT),
-    "init_lora_weights": (lambda v: v in (True, False, "gaussian", "pissa"),
-                          "re-save it as a plain LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...), or "
-                          + _CONVERT),
+    "init_lora_weights": (
+        lambda v: v in (True, False, "gaussian", "pissa"),
+        "re-save it as a plain LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...), or "
+        + _CONVERT,
+    ),
     "trainable_token_indices": (lambda v: not v, _CONVERT),
     "layer_replication": (lambda v: not v, _CONVERT),
     "use_qalora": (lambda v: not v, _CONVERT),
@@ -192,14 +216,20 @@ def check_options(config: dict[str, Any], path: Path) -> None:
         if option in config and not supported(config[option]):
             raise AffinageError(f"unsupported adapter option {option}={config[option]!r}", where=str(path), fix=fix)
     if config.get("target_modules") is None:
-        raise AffinageError("adapter config names no target_modules", where=str(path), fix="use a LoRA adapter saved by PEFT or affinage")
+        raise AffinageError(
+            "adapter config names no target_modules",
+            where=str(path),
+            fix="use a LoRA adapter saved by PEFT or affinage",
+        )
 
 
 def _read_state(directory: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """``{module: {kind: tensor}}`` for the LoRA tensors, and any base weights (PEFT's save_embedding_layers)."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
-        raise AffinageError(f"no {WEIGHTS_NAME} in {directory}", fix="point at a directory written by affinage or PEFT (safetensors)")
+        raise AffinageError(
+            f"no {WEIGHTS_NAME} in {directory}", fix="point at a directory written by affinage or PEFT (safetensors)"
+        )
     lora: dict[str, dict[str, torch.Tensor]] = {}
     base: dict[str, torch.Tensor] = {}
     for key, tensor in load_file(str(path)).items():
@@ -210,7 +240,11 @@ def _read_state(directory: Path) -> tuple[dict[str, dict[str, torch.Tensor]], di
             continue
         kind, *tail = rest.split(".")
         if kind not in _KEYS or any(part not in ("default", "weight") for part in tail):
-            raise AffinageError(f"unknown adapter weight {key}", where=str(path), fix="use a plain LoRA/DoRA adapter saved by PEFT or affinage")
+            raise AffinageError(
+                f"unknown adapter weight {key}",
+                where=str(path),
+                fix="use a plain LoRA/DoRA adapter saved by PEFT or affinage",
+            )
         lora.setdefault(module_name, {})[kind] = tensor
     return lora, base
 
@@ -227,23 +261,41 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     lora, base = _read_state(directory)
     if not lora_modules(model):
         layers = config.get("layers_to_transform")  # PEFT: an int is one block's index (affinage: the last N blocks)
-        inject_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"], dropout=0.0,
-                    layers=[layers] if isinstance(layers, int) else layers or None, use_rslora=bool(config.get("use_rslora")),
-                    use_dora=bool(config.get("use_dora")), init="pissa" if config.get("init_lora_weights") == "pissa" else "default",
-                    rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"),
-                    exclude=config.get("exclude_modules"))
+        inject_lora(
+            model,
+            config["target_modules"],
+            r=config["r"],
+            alpha=config["lora_alpha"],
+            dropout=0.0,
+            layers=[layers] if isinstance(layers, int) else layers or None,
+            use_rslora=bool(config.get("use_rslora")),
+            use_dora=bool(config.get("use_dora")),
+            init="pissa" if config.get("init_lora_weights") == "pissa" else "default",
+            rank_pattern=config.get("rank_pattern"),
+            alpha_pattern=config.get("alpha_pattern"),
+            exclude=config.get("exclude_modules"),
+        )
     modules = lora_modules(model)
     where = str(directory)
     for name, tensors in lora.items():
         module = modules.get(name)
         if module is None:
-            raise AffinageError(f"adapter weights for {name} have no matching LoRA layer in the model", where=where,
-                                fix="use the adapter with the base model it was trained on")
-        expected = lora_scaling(int(pattern_value(config.get("rank_pattern"), name, config["r"])),
-                                pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]), bool(config.get("use_rslora")))
+            raise AffinageError(
+                f"adapter weights for {name} have no matching LoRA layer in the model",
+                where=where,
+                fix="use the adapter with the base model it was trained on",
+            )
+        expected = lora_scaling(
+            int(pattern_value(config.get("rank_pattern"), name, config["r"])),
+            pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]),
+            bool(config.get("use_rslora")),
+        )
         if not math.isclose(expected, module.scaling, rel_tol=1e-6):
-            raise AffinageError(f"{name}: the adapter's scaling {expected:g} differs from the model's LoRA layer ({module.scaling:g})",
-                                where=where, fix="load the adapter into a fresh base model")
+            raise AffinageError(
+                f"{name}: the adapter's scaling {expected:g} differs from the model's LoRA layer ({module.scaling:g})",
+                where=where,
+                fix="load the adapter into a fresh base model",
+            )
         _load_module(module, name, tensors, where)
     missing = sorted(set(modules) - set(lora))
     if missing:
@@ -258,19 +310,28 @@ def _load_module(module: LoRALinear | LoRAEmbedding, name: str, tensors: dict[st
         target = targets.get(kind)
         if target is None:
             what = "DoRA magnitude" if kind == "magnitude_vector" else f"lora_{kind}"
-            raise AffinageError(f"adapter has a {what} for {name}, which the model's LoRA layer ({type(module).__name__}) lacks",
-                                where=where, fix="load the adapter into a fresh base model")
+            raise AffinageError(
+                f"adapter has a {what} for {name}, which the model's LoRA layer ({type(module).__name__}) lacks",
+                where=where,
+                fix="load the adapter into a fresh base model",
+            )
         if tensor.shape != target.shape:
             tensor = _pissa_part(module, kind, tensor)
             if tensor is None:
-                raise AffinageError(f"{name}.lora_{kind}: shape {tuple(tensors[kind].shape)} but the layer expects {tuple(target.shape)}",
-                                    where=where, fix="use the adapter with the base model (and rank) it was trained with")
+                raise AffinageError(
+                    f"{name}.lora_{kind}: shape {tuple(tensors[kind].shape)} but the layer expects {tuple(target.shape)}",
+                    where=where,
+                    fix="use the adapter with the base model (and rank) it was trained with",
+                )
         with torch.no_grad():
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
     absent = set(targets) - set(tensors)
     if absent:
-        raise AffinageError(f"adapter has no {', '.join(sorted('lora_' + k for k in absent))} for {name}", where=where,
-                            fix="use an adapter saved with the same options (use_dora)")
+        raise AffinageError(
+            f"adapter has no {', '.join(sorted('lora_' + k for k in absent))} for {name}",
+            where=where,
+            fix="use an adapter saved with the same options (use_dora)",
+        )
 
 
 def _pissa_part(module: LoRALinear | LoRAEmbedding, kind: str, tensor: torch.Tensor) -> torch.Tensor | None:
@@ -291,7 +352,14 @@ def _check_base_weights(model: nn.Module, base: dict[str, torch.Tensor], where: 
         node: Any = model
         for part in key.split("."):
             node = getattr(node, part, None)
-        if not isinstance(node, torch.Tensor) or node.shape != tensor.shape or not torch.allclose(
-                tensor.to(node.dtype).float(), node.detach().float().cpu(), rtol=1e-3, atol=1e-5):
-            raise AffinageError(f"adapter carries its own base weight {key}, which differs from this model's "
-                                "(e.g. a resized vocabulary or modules_to_save)", where=where, fix=_CONVERT)
+        if (
+            not isinstance(node, torch.Tensor)
+            or node.shape != tensor.shape
+            or not torch.allclose(tensor.to(node.dtype).float(), node.detach().float().cpu(), rtol=1e-3, atol=1e-5)
+        ):
+            raise AffinageError(
+                f"adapter carries its own base weight {key}, which differs from this model's "
+                "(e.g. a resized vocabulary or modules_to_save)",
+                where=where,
+                fix=_CONVERT,
+            )
