@@ -146,7 +146,7 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_full_precision(tmp_path, co
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from affinage.run import load_run
+    from affinage.run import open_run as load_run
 
     run = tmp_path / "qlora"
     assert (
@@ -192,7 +192,7 @@ def test_merged_chat_template_renders_what_the_run_trained_on(tmp_path, config_p
     from transformers import AutoTokenizer
 
     from affinage.data.template import render_prompt
-    from affinage.runner import to_example
+    from affinage.data.inference import inference_example as to_example
 
     run = tmp_path / "run"
     sets = [f"prompt.{key}={json.dumps(value)}" for key, value in prompt.items()]

@@ -116,7 +116,7 @@ def test_pattern_evaluation_scores_each_output(tokenizer):
 def test_loss_from_label_scores_equals_the_teacher_forced_loss(tokenizer):
     """Label scoring gives the completion loss for free; it must equal the training loss."""
     from affinage.data.template import encode_example
-    from affinage.train import evaluate_loss, full_logits_loss
+    from affinage.training import evaluate_loss, full_logits_loss
 
     model = tiny_llama(len(tokenizer))
     examples = [

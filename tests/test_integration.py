@@ -8,11 +8,12 @@ import torch
 
 from affinage.config import TrainerConfig
 from affinage.data.formats import load_examples
+from affinage.data.prompting import Prompting
 from affinage.data.template import encode_example
-from affinage.evaluate import Prompting, score_labels
+from affinage.evaluate import score_labels
 from affinage.lora import inject_lora, load_adapter
 from affinage.models import EMBEDDED_MODELS, load_base_model, resolve_model_path
-from affinage.train import train
+from affinage.training import train
 
 pytestmark = pytest.mark.integration
 EMAILS = Path(__file__).resolve().parents[1] / "examples" / "email-router" / "emails.jsonl"

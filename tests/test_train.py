@@ -8,7 +8,7 @@ from affinage.data.batching import collate
 from affinage.data.formats import Example
 from affinage.data.template import encode_example
 from affinage.lora import inject_lora, lora_modules
-from affinage.train import causal_lm_loss, full_logits_loss, get_lr, train
+from affinage.training import causal_lm_loss, full_logits_loss, get_lr, train
 from tests.conftest import EMAILS, adapted_tiny, tiny_gemma3, tiny_llama, trainable_grads
 
 
@@ -230,7 +230,7 @@ def test_training_with_and_without_packing_gives_the_same_losses(tokenizer, tmp_
 
 def test_split_rows_keeps_every_token_within_the_budget(tokenizer):
     from affinage.data.batching import split_rows
-    from affinage.train import resolve_forward_budget
+    from affinage.training import resolve_forward_budget
 
     data = sorted(_encoded(tokenizer), key=lambda e: len(e.input_ids))
     batch = collate(data, tokenizer.pad_token_id, list(range(len(data))))
@@ -270,7 +270,7 @@ def test_activation_checkpointing_gives_the_same_gradients_with_dropout(build, t
     """Recomputed blocks replay the RNG: the same dropout masks, the same loss and gradients."""
     from affinage.gated_mlp import recompute_gated_activations
     from affinage.lora.layers import share_dropout
-    from affinage.train import activation_checkpointing
+    from affinage.training import activation_checkpointing
 
     model = adapted_tiny(build, tokenizer, dropout=0.2)
     share_dropout(model)

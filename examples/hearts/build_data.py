@@ -23,9 +23,10 @@ from pathlib import Path
 
 from affinage.atomic import write_text_atomic
 from affinage.data.formats import Example, alpaca_prompt, read_rows
-from affinage.evaluate import Prompting, generate
+from affinage.data.prompting import Prompting
+from affinage.evaluate import generate
 from affinage.models import load_base_model
-from affinage.pipeline import set_threads
+from affinage.runtime import set_threads
 
 HERE = Path(__file__).parent
 SYSTEM = "You are a helpful assistant. Answer in one or two short sentences, in the language of the question."

@@ -158,7 +158,7 @@ def _affinage(
     from affinage.config import TrainerConfig
     from affinage.lora.inject import inject_lora
     from affinage.lora.layers import share_dropout
-    from affinage.train import train
+    from affinage.training import train
 
     torch.manual_seed(args.seed)
     inject_lora(model, "all-linear", r=args.rank, alpha=args.alpha, dropout=args.dropout)
@@ -192,8 +192,8 @@ def _affinage(
 def run_side(args: argparse.Namespace) -> dict[str, Any]:
     """One side of the benchmark, in this process."""
     from affinage.models import load_base_model, resolve_dtype
-    from affinage.pipeline import set_threads
-    from affinage.train import evaluate_loss, peak_memory_mb
+    from affinage.runtime import set_threads
+    from affinage.training import evaluate_loss, peak_memory_mb
 
     set_threads()
     device = torch.device(args.device)

@@ -19,19 +19,28 @@ from affinage.errors import AffinageError
 def _cmd_train(args: argparse.Namespace) -> int:
     from affinage.config import load_config
     from affinage.pipeline import run_training
+    from affinage.runtime import setup
 
     config = load_config(args.config, args.set)
-    run_training(config, args.output, compare_base=not args.no_base_eval, progress=not args.quiet)
+    device = setup(args.device)
+    run_training(
+        config,
+        args.output,
+        compare_base=not args.no_base_eval,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        device=device,
+    )
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from affinage.pipeline import evaluate_examples, set_threads
     from affinage.report import metrics_text
-    from affinage.run import load_run
+    from affinage.run import open_run
+    from affinage.runtime import setup
+    from affinage.task import evaluate_examples
 
-    set_threads()
-    run = load_run(args.run)
+    run = open_run(args.run, device=setup(args.device))
     examples = run.examples(args.data)
     if not examples:
         raise AffinageError("no examples to evaluate", fix="pass --data FILE.jsonl")
@@ -45,7 +54,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from affinage.data.formats import read_rows
-    from affinage.runner import BasicModelRunner, to_example
+    from affinage.data.inference import inference_example, row_fields
+    from affinage.run_dir import RunDir
+    from affinage.runner import BasicModelRunner
 
     if args.file:
         path = Path(args.file)
@@ -55,16 +66,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         raise AffinageError("nothing to predict", fix="pass a TEXT argument or --file FILE.jsonl")
     fields = {}
-    if (Path(args.run) / "config.yaml").is_file():
-        from affinage.run import read_run_config
-        from affinage.runner import row_fields
-
-        input_field, templated = row_fields(read_run_config(Path(args.run)))
+    if RunDir(args.run).is_run():
+        input_field, templated = row_fields(RunDir(args.run).read_config())
         fields = {"input_field": input_field, "templated": templated}
-    examples = [
-        to_example(item, where, **fields) for item, where in items
-    ]  # validate every row before loading the model
-    runner = BasicModelRunner(args.run)
+    examples = [inference_example(item, where, **fields) for item, where in items]  # all rows checked before loading
+    runner = BasicModelRunner(args.run, device=args.device)
     outputs = runner.predict_many([item for item, _ in items], max_new_tokens=args.max_new_tokens)
     for example, output in zip(examples, outputs):
         prompt = (
@@ -139,6 +145,10 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present, else the CPU)")
+
+
 def _add_check_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quant", default="q8_0", help="GGUF quantization: f16, q8_0 (default) or q4_0; K-quants need llama-quantize"
@@ -159,7 +169,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run)
     output = Path(args.output) if args.output else run_dir / "report.html"
-    html_path, markdown_path = write_report(gather(run_dir, compute_missing_base=not args.no_base), output)
+    report = gather(run_dir, compute_missing_base=not args.no_base, device=args.device)
+    html_path, markdown_path = write_report(report, output)
     print(f"report written to {html_path} (and {markdown_path})")
     return 0
 
@@ -177,7 +188,8 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from affinage.config import config_from_dict, load_config
-    from affinage.data.check import check_config, report_text
+    from affinage.data.check import report_text
+    from affinage.pipeline import check_data
 
     target = Path(args.target)
     if target.is_dir():  # a folder with train/valid/test.jsonl, checked against the default model
@@ -188,7 +200,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
         )
     else:
         config = load_config(target, args.set)
-    report = check_config(config)
+    report = check_data(config)
     print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False) if args.json else report_text(report))
     return 0 if report.ok else 1
 
@@ -218,12 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-base-eval", action="store_true", help="skip evaluating the base model first")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run of another (or the same) config")
+    _add_device_flag(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run on its test split or on --data")
     p.add_argument("run", help="run directory written by `affinage train`")
     p.add_argument("--data", help="JSONL file to evaluate on (default: the run's test split)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_device_flag(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="answer a text or every row of a JSONL file")
@@ -232,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="JSONL rows with prompt, instruction (+input) or messages")
     p.add_argument("--json", action="store_true", help="one JSON object per input: {prompt, output}")
     p.add_argument("--max-new-tokens", type=int, default=None)
+    _add_device_flag(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("merge", help="fold the adapter into the base weights: a standard transformers model directory")
@@ -274,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory written by `affinage train`")
     p.add_argument("--output", "-o", help="HTML file to write (default RUN/report.html; the .md twin goes beside it)")
     p.add_argument("--no-base", action="store_true", help="do not evaluate the base model when the run skipped it")
+    _add_device_flag(p)
     p.set_defaults(func=_cmd_compare)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)

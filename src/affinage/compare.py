@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from affinage.atomic import write_file_atomic, write_text_atomic
+from affinage.data.inference import inference_example, question_text, row_fields
 from affinage.errors import AffinageError
 from affinage.plots import training_curves_png
 from affinage.report import TASK_METRIC
+from affinage.run_dir import SPLITS, RunDir
 
 SIDE_BY_SIDE_ROWS = 40
 
@@ -36,27 +37,10 @@ class RunReport:
     curves_png: bytes | None
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _prompt_text(row: dict[str, Any]) -> str:
-    if "messages" in row:
-        return next((m.get("content", "") for m in reversed(row["messages"]) if m.get("role") == "user"), "")
-    if "instruction" in row:
-        return (row["instruction"] + ("\n" + row["input"] if row.get("input") else "")).strip()
-    return str(row.get("prompt") or row.get("text") or next((v for v in row.values() if isinstance(v, str)), ""))
-
-
-def gather(run_dir: Path, *, compute_missing_base: bool = True) -> RunReport:
+def gather(run_dir: Path, *, compute_missing_base: bool = True, device: str | None = None) -> RunReport:
     """Everything the report shows, from the run directory."""
-    import yaml
-
-    if not (run_dir / "config.yaml").is_file():
-        raise AffinageError(
-            f"{run_dir} is not an affinage run (no config.yaml)", fix="pass the --output directory of `affinage train`"
-        )
-    evaluation = _read_json(run_dir / "eval.json")
+    directory = RunDir(run_dir).require()
+    evaluation = directory.read_json("eval.json")
     if not evaluation or not evaluation.get("fine_tuned"):
         raise AffinageError(
             f"{run_dir} has no test evaluation (eval.json)",
@@ -64,44 +48,35 @@ def gather(run_dir: Path, *, compute_missing_base: bool = True) -> RunReport:
         )
     base, tuned = evaluation.get("base"), evaluation["fine_tuned"]
     if base is None and compute_missing_base:
-        base = _evaluate_base(run_dir)
-    records_path = run_dir / "metrics.jsonl"
-    records = (
-        [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
-        if records_path.is_file()
-        else []
-    )
-    rows = {}
-    for name in ("train", "valid", "test"):
-        path = run_dir / "data" / f"{name}.jsonl"
-        rows[name] = (
-            [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            if path.is_file()
-            else []
-        )
+        base = _evaluate_base(directory, device)
+    records = directory.read_metrics()
+    rows = {name: directory.read_rows(name) for name in SPLITS}
+    input_field, templated = row_fields(directory.read_config())
+    name = directory.path.resolve().name
     return RunReport(
-        name=run_dir.resolve().name,
-        config=yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")),
-        summary=_read_json(run_dir / "summary.json") or {},
+        name=name,
+        config=directory.read_config_dict(),
+        summary=directory.read_json("summary.json") or {},
         records=records,
         base=base,
         tuned=tuned,
-        prompts=[_prompt_text(row) for row in rows["test"]],
-        splits={name: len(value) for name, value in rows.items()},
-        curves_png=training_curves_png(records, title=f"{run_dir.resolve().name}: loss"),
+        prompts=[
+            question_text(inference_example(row, input_field=input_field, templated=templated)) for row in rows["test"]
+        ],
+        splits={split: len(value) for split, value in rows.items()},
+        curves_png=training_curves_png(records, title=f"{name}: loss"),
     )
 
 
-def _evaluate_base(run_dir: Path) -> dict[str, Any]:
+def _evaluate_base(directory: RunDir, device: str | None) -> dict[str, Any]:
     """The run was trained with --no-base-eval: evaluate the bare base model now (and keep it)."""
-    from affinage.pipeline import evaluate_examples, set_threads
-    from affinage.run import load_run, write_json
+    from affinage.run import open_run
+    from affinage.runtime import setup
+    from affinage.task import evaluate_examples
 
-    set_threads()
-    run = load_run(run_dir, with_adapter=False)
+    run = open_run(directory.path, with_adapter=False, device=setup(device))
     base = evaluate_examples(run.model, run.tokenizer, run.examples(), run.task, run.config, run.prompting)
-    evaluation = _read_json(run_dir / "eval.json")
-    write_json(run_dir / "eval.json", {**evaluation, "base": base})
+    directory.write_json("eval.json", {**directory.read_json("eval.json"), "base": base})
     return base
 
 

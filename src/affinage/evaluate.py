@@ -18,24 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from affinage.data.formats import Example
-from affinage.data.template import encode_completion, encode_prompt, fit_prompt
+from affinage.data.prompting import Prompting
+from affinage.data.template import encode_completion
 from affinage.errors import ConfigError
-
-
-@dataclass
-class Prompting:
-    """How examples become prompt tokens: the run's template, system message and length limit."""
-
-    template: str | None = None
-    system: str | None = None
-    max_len: int = 512
-
-    def prompt_ids(self, tokenizer: Any, example: Example, reserve: int = 0) -> list[int]:
-        # Generation may run past max_len (the model's context is longer); never starve the prompt.
-        return fit_prompt(
-            encode_prompt(tokenizer, example, self.template, self.system),
-            max(self.max_len - reserve, self.max_len // 2),
-        )
 
 
 def _cache_argument(model: Any) -> str:

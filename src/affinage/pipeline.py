@@ -1,16 +1,14 @@
-"""The whole job, config to measured result: data -> base eval -> LoRA -> train -> eval -> save.
+"""The recipe, config to measured result: data -> base eval -> LoRA -> train -> eval -> summary.
 
-This is the recipe layer; the library pieces it calls (data, lora, train, evaluate) know
-nothing of each other.
+This is the layer that wires the library pieces (data, models, lora, train, task) and the run
+directory together; the pieces below know nothing of each other or of the directory.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,135 +16,108 @@ import torch
 
 from affinage.config import Config
 from affinage.data import DataSplits, load_splits, preview
-from affinage.data.check import run_checks
-from affinage.data.formats import Example
-from affinage.data.template import encode_example
-from affinage.errors import ConfigError, DataError
-from affinage.evaluate import Prompting, evaluate_classification, evaluate_generation, evaluate_pattern
+from affinage.data.check import CheckReport, run_checks
+from affinage.data.prompting import Prompting
+from affinage.data.template import Encoded
+from affinage.errors import DataError
 from affinage.lora.inject import inject_lora
 from affinage.lora.layers import share_dropout
 from affinage.lora.peft_format import load_adapter
-from affinage.models import load_base_model, resolve_dtype
-from affinage.patterns import resolve_checker
+from affinage.models import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 from affinage.report import comparison_table, headline, task_metric
-from affinage.run import prompting_for, save_run_config, save_split, write_json
-from affinage.train import evaluate_loss, train
+from affinage.run_dir import RunDir
+from affinage.runtime import pick_device
+from affinage.task import detect_task, encode_all, evaluate_examples
+from affinage.training import TrainResult, train
 
-MAX_LABELS = 20  # more distinct completions than this is a generation task, not a label task
-
-
-def set_threads() -> None:
-    """Use every core (PyTorch's default can leave one idle inside containers), or AFFINAGE_THREADS.
-
-    Two torch processes sharing the cores must split them (e.g. AFFINAGE_THREADS=1 each on 2
-    cores): oversubscribed OpenMP threads spin against each other and run many times slower.
-    """
-    wanted = os.environ.get("AFFINAGE_THREADS")
-    torch.set_num_threads(int(wanted) if wanted else max(1, len(os.sched_getaffinity(0))))
+Log = Callable[[str], None]
 
 
-def detect_task(config: Config, train_examples: Sequence[Example]) -> dict[str, Any]:
-    labels = config.eval.labels or sorted({e.completion.strip() for e in train_examples})
-    output_type = config.output_features[0].type if config.output_features else None
-    if config.eval.task == "pattern" or (config.eval.task == "auto" and config.eval.pattern):
-        if not config.eval.pattern:
-            raise ConfigError(
-                "eval.task is 'pattern' but eval.pattern names no checker",
-                where="eval",
-                fix="set eval.pattern: hearts (or module.function)",
-            )
-        return {"task": "pattern", "labels": None, "pattern": config.eval.pattern}
-    if config.eval.task in ("classification", "generation"):
-        kind = config.eval.task
-    elif output_type == "category":
-        kind = "classification"
-    else:
-        kind = "classification" if len(labels) <= MAX_LABELS and len(labels) < len(train_examples) / 2 else "generation"
-    return {"task": kind, "labels": labels if kind == "classification" else None}
+@dataclass
+class Prepared:
+    """What the recipe knows once the data is read, checked and encoded and the model loaded."""
+
+    config: Config
+    splits: DataSplits
+    task: dict[str, Any]
+    model: Any
+    tokenizer: Any
+    prompting: Prompting
+    encoded: dict[str, list[Encoded]]
+    device: torch.device
+    dtype: torch.dtype
 
 
-def evaluate_examples(
-    model: Any,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    task: dict[str, Any],
-    config: Config,
-    prompting: Prompting,
-    *,
-    with_loss: bool = True,
-) -> dict[str, Any]:
-    """The task metric (accuracy, chrF or pattern score) and, always, the loss and perplexity."""
-    if config.eval.max_examples:
-        examples = list(examples)[: config.eval.max_examples]
-    evaluation = config.eval
-    if task["task"] == "classification":
-        metrics = evaluate_classification(
-            model,
-            tokenizer,
-            examples,
-            task["labels"],
-            prompting,
-            method=evaluation.method,
-            abstain_threshold=evaluation.abstain_threshold,
-        )
-    elif task["task"] == "pattern":
-        name = task.get("pattern") or evaluation.pattern
-        metrics = evaluate_pattern(
-            model,
-            tokenizer,
-            examples,
-            prompting,
-            resolve_checker(name, config.base_dir),
-            name,
-            max_new_tokens=evaluation.max_new_tokens,
-        )
-    else:
-        metrics = evaluate_generation(model, tokenizer, examples, prompting, max_new_tokens=evaluation.max_new_tokens)
-    if with_loss and examples and "loss" not in metrics:  # label scoring already measured it
-        device = next(model.parameters()).device
-        encoded, _ = _encode_all(tokenizer, examples, config)
-        loss = evaluate_loss(model, encoded, config.trainer.batch_size, tokenizer.pad_token_id, device)
-        metrics["loss"] = round(loss, 4)
-        metrics["perplexity"] = round(math.exp(min(loss, 50.0)), 3)
-    return metrics
-
-
-def _encode_all(tokenizer: Any, examples: Sequence[Example], config: Config) -> tuple[list, int]:
-    encoded = [
-        encode_example(tokenizer, e, config.trainer.max_seq_len, config.prompt.template, config.prompt.system)
-        for e in examples
-    ]
-    return encoded, sum(e.truncated for e in encoded)
+def check_data(config: Config, tokenizer: Any = None) -> CheckReport:
+    """`affinage data check`: every check on the data a config describes (the tokenizer only, not the model)."""
+    splits = load_splits(config)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(resolve_model_path(config.base_model), config.trust_remote_code)
+    task = detect_task(config, splits.train)
+    prompting = Prompting.from_config(config)
+    return run_checks(tokenizer, splits.non_empty(), task["labels"], prompting, config.trainer.max_seq_len)
 
 
 def run_training(
-    config: Config, output_dir: str | Path, *, compare_base: bool = True, progress: bool = True, log=print
+    config: Config,
+    output_dir: str | Path,
+    *,
+    compare_base: bool = True,
+    progress: bool = True,
+    overwrite: bool = False,
+    device: torch.device | None = None,
+    log: Log = print,
 ) -> dict[str, Any]:
     """Fine-tune as ``config`` says, evaluate before and after on the test split, write the run."""
-    set_threads()
     started = time.perf_counter()
-    run_dir = Path(output_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(config.trainer.precision, device)
-    splits: DataSplits = load_splits(config)
+    run_dir = RunDir(output_dir)
+    splits = load_splits(config)  # bad data fails before anything is written
+    start = run_dir.start(config, overwrite=overwrite)
+    if start == "finished":
+        log(f"{run_dir.path} already holds this finished run: nothing to do (--overwrite trains it again)")
+        return run_dir.read_json("summary.json")
+    if start == "resume":
+        log(f"resuming the interrupted run in {run_dir.path}")
     for note in splits.notes:
         log(note)
-    task = detect_task(config, splits.train)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    previous = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else None
-    save_run_config(run_dir, config)
-    if previous != (run_dir / "config.yaml").read_text(encoding="utf-8"):
-        # Resume only the very same run; a new config starts clean: no stale adapter or results.
-        for stale in ("checkpoint", "adapter"):
-            shutil.rmtree(run_dir / stale, ignore_errors=True)
-        for stale in ("eval.json", "summary.json", "report.html", "report.md", "report-curves.png"):
-            (run_dir / stale).unlink(missing_ok=True)
-    elif (run_dir / "checkpoint").is_dir():
-        log(f"resuming the interrupted run in {run_dir}")
-    write_json(run_dir / "task.json", task)
-    for name in ("train", "valid", "test"):
-        save_split(run_dir, name, getattr(splits, name))
+    prepared = _prepare(config, splits, run_dir, device or pick_device(), log)
+    base_metrics = _evaluate_test(prepared, "base model", log) if compare_base else None
+    task_score = _inject_adapter(prepared, log)
+    result = train(
+        prepared.model,
+        prepared.encoded["train"],
+        prepared.encoded.get("valid", []),
+        config.trainer,
+        pad_id=prepared.tokenizer.pad_token_id,
+        run_dir=run_dir.path,
+        base_model_name=config.base_model,
+        adapter_dropout=config.adapter.dropout,
+        device=prepared.device,
+        progress=progress,
+        task_score=task_score,
+    )
+    load_adapter(prepared.model, run_dir.adapter_dir)  # the best validation checkpoint, not the last step
+    tuned_metrics = _evaluate_test(prepared, "fine-tuned model", log)
+    if tuned_metrics:
+        run_dir.write_json("eval.json", {"base": base_metrics, "fine_tuned": tuned_metrics})
+    summary = _summary(prepared, result, base_metrics, tuned_metrics, time.perf_counter() - started)
+    run_dir.finish(summary)
+    if tuned_metrics:
+        log("\n" + comparison_table(base_metrics, tuned_metrics))
+    log(
+        f"\ntrained {result.steps} steps in {result.train_seconds:.0f}s ({result.train_tokens_per_second:.0f} "
+        f"tokens/s, peak {result.peak_memory_mb:.0f} MB); run written to {run_dir.path}"
+    )
+    return summary
 
+
+def _prepare(config: Config, splits: DataSplits, run_dir: RunDir, device: torch.device, log: Log) -> Prepared:
+    """Task, splits written to the run, the model loaded, the data checked and encoded."""
+    task = detect_task(config, splits.train)
+    run_dir.write_task(task)
+    for name in ("train", "valid", "test"):
+        run_dir.write_split(name, getattr(splits, name))
+    dtype = resolve_dtype(config.trainer.precision, device)
     log(f"loading {config.base_model} ({dtype}, {device})")
     loaded = load_base_model(
         config.base_model,
@@ -155,11 +126,10 @@ def run_training(
         quantization=config.quantization,
         trust_remote_code=config.trust_remote_code,
     )
-    model, tokenizer = loaded.model, loaded.tokenizer
-    prompting = prompting_for(config)
     named = splits.non_empty()
-    encoded = {name: _encode_all(tokenizer, examples, config)[0] for name, examples in named.items()}
-    checks = run_checks(tokenizer, named, task["labels"], prompting, config.trainer.max_seq_len, encoded)
+    encoded = {name: encode_all(loaded.tokenizer, examples, config) for name, examples in named.items()}
+    prompting = Prompting.from_config(config)
+    checks = run_checks(loaded.tokenizer, named, task["labels"], prompting, config.trainer.max_seq_len, encoded)
     for warning in checks.warnings:
         log(f"data warning: {warning}")
     if not checks.ok:
@@ -168,26 +138,40 @@ def run_training(
             where=str(config.base_dir),
             fix="fix the data (see `affinage data check CONFIG`)",
         )
-    train_encoded, valid_encoded = encoded["train"], encoded.get("valid", [])
-    truncated, valid_truncated = sum(e.truncated for e in train_encoded), sum(e.truncated for e in valid_encoded)
-    n_tokens = sum(len(e.input_ids) for e in train_encoded)
-    log(
-        f"data: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test; "
-        f"{n_tokens} train tokens; {truncated + valid_truncated} examples truncated to {config.trainer.max_seq_len} tokens; task {task['task']}"
-        + (f" ({', '.join(task['labels'])})" if task["labels"] else "")
+    prepared = Prepared(config, splits, task, loaded.model, loaded.tokenizer, prompting, encoded, device, dtype)
+    log(_data_line(prepared) + "\nexample as the model sees it:\n" + preview(loaded.tokenizer, splits.train[0], config))
+    return prepared
+
+
+def _data_line(prepared: Prepared) -> str:
+    splits, task, config = prepared.splits, prepared.task, prepared.config
+    truncated = sum(e.truncated for name in ("train", "valid") for e in prepared.encoded.get(name, []))
+    tokens = sum(len(e.input_ids) for e in prepared.encoded["train"])
+    labels = f" ({', '.join(task['labels'])})" if task["labels"] else ""
+    return (
+        f"data: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test; {tokens} train "
+        f"tokens; {truncated} examples truncated to {config.trainer.max_seq_len} tokens; task {task['task']}{labels}"
     )
-    log("example as the model sees it:\n" + preview(tokenizer, splits.train[0], config))
 
-    base_metrics = None
-    if compare_base and splits.test:
-        log("evaluating the base model on the test split...")
-        base_metrics = evaluate_examples(model, tokenizer, splits.test, task, config, prompting)
-        log(f"base model: {headline(base_metrics)} ({base_metrics['examples_per_second']} examples/s)")
 
-    adapter = config.adapter
+def _evaluate_test(prepared: Prepared, who: str, log: Log) -> dict[str, Any] | None:
+    if not prepared.splits.test:
+        return None
+    log(f"evaluating the {who} on the test split...")
+    metrics = evaluate_examples(
+        prepared.model, prepared.tokenizer, prepared.splits.test, prepared.task, prepared.config, prepared.prompting
+    )
+    if who == "base model":
+        log(f"base model: {headline(metrics)} ({metrics['examples_per_second']} examples/s)")
+    return metrics
+
+
+def _inject_adapter(prepared: Prepared, log: Log) -> Callable[[Any], float] | None:
+    """LoRA into the model as the config says; returns the validation task score when it picks the best adapter."""
+    config, adapter = prepared.config, prepared.config.adapter
     torch.manual_seed(config.trainer.seed)
     targets = inject_lora(
-        model,
+        prepared.model,
         adapter.target_modules,
         r=adapter.r,
         alpha=adapter.alpha,
@@ -200,53 +184,44 @@ def run_training(
         alpha_pattern=adapter.alpha_pattern,
     )
     if adapter.shared_dropout_mask:
-        share_dropout(model)
-    trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    variant = "".join(
-        f" {name}"
-        for name, on in (
-            ("rsLoRA", adapter.use_rslora),
-            ("DoRA", adapter.use_dora),
-            (f"init={adapter.init}", adapter.init != "default"),
-        )
-        if on
+        share_dropout(prepared.model)
+    trainable = sum(p.numel() for n, p in prepared.model.named_parameters() if "lora_" in n)
+    flags = (
+        ("rsLoRA", adapter.use_rslora),
+        ("DoRA", adapter.use_dora),
+        (f"init={adapter.init}", adapter.init != "default"),
     )
+    variant = "".join(f" {name}" for name, on in flags if on)
     log(
         f"LoRA{variant} r={adapter.r} alpha={adapter.alpha} on {len(targets)} layers: {trainable:,} trainable parameters"
     )
-    task_score = None
-    if config.trainer.best_metric == "task" and splits.valid:
+    if config.trainer.best_metric != "task" or not prepared.splits.valid:
+        return None
 
-        def task_score(m: Any) -> float:  # the task metric on the validation split picks the best adapter
-            return task_metric(evaluate_examples(m, tokenizer, splits.valid, task, config, prompting, with_loss=False))
+    def task_score(model: Any) -> float:  # the task metric on the validation split picks the best adapter
+        valid = prepared.splits.valid
+        metrics = evaluate_examples(
+            model, prepared.tokenizer, valid, prepared.task, config, prepared.prompting, with_loss=False
+        )
+        return task_metric(metrics)
 
-    result = train(
-        model,
-        train_encoded,
-        valid_encoded,
-        config.trainer,
-        pad_id=tokenizer.pad_token_id,
-        run_dir=run_dir,
-        base_model_name=config.base_model,
-        adapter_dropout=adapter.dropout,
-        device=device,
-        progress=progress,
-        task_score=task_score,
-    )
-    load_adapter(model, run_dir / "adapter")  # the best validation checkpoint, not the last step
+    return task_score
 
-    tuned_metrics = None
-    if splits.test:
-        log("evaluating the fine-tuned model on the test split...")
-        tuned_metrics = evaluate_examples(model, tokenizer, splits.test, task, config, prompting)
-        write_json(run_dir / "eval.json", {"base": base_metrics, "fine_tuned": tuned_metrics})
+
+def _summary(
+    prepared: Prepared,
+    result: TrainResult,
+    base: dict[str, Any] | None,
+    tuned: dict[str, Any] | None,
+    seconds: float,
+) -> dict[str, Any]:
     summary = {
-        "base_model": config.base_model,
-        "task": task["task"],
+        "base_model": prepared.config.base_model,
+        "task": prepared.task["task"],
         "steps": result.steps,
-        "train_examples": len(splits.train),
+        "train_examples": len(prepared.splits.train),
         "train_tokens": result.train_tokens,
-        "truncated_examples": truncated,
+        "truncated_examples": sum(e.truncated for e in prepared.encoded["train"]),
         "train_seconds": result.train_seconds,
         "train_tokens_per_second": result.train_tokens_per_second,
         "peak_memory_mb": result.peak_memory_mb,
@@ -256,20 +231,12 @@ def run_training(
         "best_valid_score": result.best_valid_score,
         "packed": result.packed,
         "frozen_prefix_cached": result.frozen_prefix_cached,
-        "precision": str(dtype).replace("torch.", ""),
-        "device": str(device),
-        "total_seconds": round(time.perf_counter() - started, 1),
+        "precision": str(prepared.dtype).replace("torch.", ""),
+        "device": str(prepared.device),
+        "total_seconds": round(seconds, 1),
     }
-    for name, metrics in (("base", base_metrics), ("fine_tuned", tuned_metrics)):
+    hidden = ("predictions", "per_class", "confusion_matrix")
+    for name, metrics in (("base", base), ("fine_tuned", tuned)):
         if metrics:
-            summary[f"{name}_test"] = {
-                k: v for k, v in metrics.items() if k not in ("predictions", "per_class", "confusion_matrix")
-            }
-    write_json(run_dir / "summary.json", summary)
-    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # complete: nothing left to resume
-    if tuned_metrics:
-        log("\n" + comparison_table(base_metrics, tuned_metrics))
-    log(
-        f"\ntrained {result.steps} steps in {result.train_seconds:.0f}s ({result.train_tokens_per_second:.0f} tokens/s, peak {result.peak_memory_mb:.0f} MB); run written to {run_dir}"
-    )
+            summary[f"{name}_test"] = {k: v for k, v in metrics.items() if k not in hidden}
     return summary

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from affinage.data import config_transforms
-from affinage.data.formats import Example, alpaca_prompt
+from affinage.data.inference import inference_example, row_fields
+from affinage.data.prompting import Prompting
 from affinage.data.transforms import apply_transforms
-from affinage.evaluate import Prompting, generate
+from affinage.evaluate import generate
 
 
 class BasicModelRunner:
@@ -18,15 +19,16 @@ class BasicModelRunner:
     are used) or any ``base_model`` value (the bare model with its chat template).
     """
 
-    def __init__(self, model_or_run: str | Path, device: str = "cpu"):
-        from affinage.pipeline import set_threads
+    def __init__(self, model_or_run: str | Path, device: str | None = None):
+        from affinage.run_dir import RunDir
+        from affinage.runtime import setup
 
-        set_threads()
+        device = setup(device)  # CUDA when present, unless told otherwise
         path = Path(model_or_run)
-        if (path / "config.yaml").is_file():
-            from affinage.run import load_run
+        if RunDir(path).is_run():
+            from affinage.run import open_run
 
-            run = load_run(path, device=device)
+            run = open_run(path, device=device)
             self.model, self.tokenizer, self.prompting = run.model, run.tokenizer, run.prompting
             self.max_new_tokens = run.config.generation.max_new_tokens
             self.temperature = run.config.generation.temperature
@@ -47,7 +49,7 @@ class BasicModelRunner:
 
     def predict_many(self, prompts: list[str | dict[str, Any]], max_new_tokens: int | None = None) -> list[str]:
         # The prompt gets the run's prompt-side transforms (e.g. strip_accents), as in training.
-        examples = [to_example(p, input_field=self.input_field, templated=self.templated) for p in prompts]
+        examples = [inference_example(p, input_field=self.input_field, templated=self.templated) for p in prompts]
         examples = apply_transforms(examples, self.transforms, prompt_side_only=True)
         return generate(
             self.model,
@@ -58,47 +60,3 @@ class BasicModelRunner:
             temperature=self.temperature,
             top_p=self.top_p,
         )
-
-
-def row_fields(config: Any) -> tuple[str | None, bool]:
-    """The run's prompt column (input_features) and whether a literal template fills from rows."""
-    from affinage.data import feature_fields
-    from affinage.data.template import is_literal_template
-
-    return feature_fields(config)[0], is_literal_template(config.prompt.template)
-
-
-def to_example(
-    item: str | dict[str, Any], where: str = "", *, input_field: str | None = None, templated: bool = False
-) -> Example:
-    """A bare string or a data row (prompt, instruction/input, messages, or the run's own
-    input column / template fields) as an inference example."""
-    if isinstance(item, str):
-        return Example(
-            prompt=item,
-            completion="",
-            row={"prompt": item, **({input_field: item} if input_field else {})},
-            source=where,
-        )
-    if templated:
-        return Example(prompt=None, completion="", row=item, source=where)  # the template is filled from the row
-    if input_field and input_field in item:
-        return Example(prompt=str(item[input_field]), completion="", row=item, source=where)
-    if "messages" in item:
-        messages = [m for m in item["messages"]]
-        if messages and messages[-1].get("role") == "assistant":
-            messages = messages[:-1]  # predict the final answer, not the one already given
-        return Example(prompt=None, completion="", messages=messages, row=item, source=where)
-    if "instruction" in item:
-        return Example(
-            prompt=alpaca_prompt(str(item["instruction"]), item.get("input")), completion="", row=item, source=where
-        )
-    if "prompt" in item:
-        return Example(prompt=str(item["prompt"]), completion="", row=item, source=where)
-    from affinage.errors import DataError
-
-    raise DataError(
-        f"row has none of prompt, instruction, messages (fields: {', '.join(sorted(item))})",
-        where=where,
-        fix="give each row a 'prompt' field",
-    )

@@ -5,8 +5,8 @@ import copy
 from affinage.data import check as check_module
 from affinage.data.check import run_checks
 from affinage.data.formats import Example
+from affinage.data.prompting import Prompting
 from affinage.data.template import Encoded
-from affinage.evaluate import Prompting
 
 
 def _examples(name, n=6, offset=0):

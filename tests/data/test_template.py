@@ -4,7 +4,7 @@ from affinage.config import config_from_dict
 from affinage.data.formats import Example, row_to_example
 from affinage.data.template import encode_example, encode_prompt, render_prompt
 from affinage.errors import ConfigError, DataError
-from affinage.runner import to_example
+from affinage.data.inference import inference_example
 
 
 def test_loss_only_on_completion_and_ends_with_eos(tokenizer):
@@ -21,8 +21,8 @@ def test_loss_only_on_completion_and_ends_with_eos(tokenizer):
 def test_training_and_inference_render_the_same_prompt(tokenizer):
     row = {"prompt": "Candidature spontanée", "completion": "RH"}
     train_example = Example(prompt=row["prompt"], completion="RH", row=row)
-    inference_example = to_example({"prompt": row["prompt"]})
-    assert encode_prompt(tokenizer, train_example) == encode_prompt(tokenizer, inference_example)
+    inferred = inference_example({"prompt": row["prompt"]})
+    assert encode_prompt(tokenizer, train_example) == encode_prompt(tokenizer, inferred)
     assert render_prompt(tokenizer, train_example).endswith("<|im_start|>assistant\n")
 
 

@@ -24,7 +24,7 @@ from affinage.export.card import model_card, write_card
 from affinage.export.hub import push_folder
 from affinage.lora import inject_lora
 from affinage.models import EMBEDDED_MODELS, base_model_hub_id
-from affinage.train import train
+from affinage.training import train
 from tests.conftest import EMAILS, tiny_llama, write_jsonl
 
 TOKEN = "hf_affinage_test_token"

@@ -232,17 +232,3 @@ def report_text(report: CheckReport) -> str:
         + (f", {len(report.warnings)} warning(s)" if report.warnings else "")
     )
     return "\n".join(lines)
-
-
-def check_config(config: Any, tokenizer: Any = None) -> CheckReport:
-    """Every check on the data a config describes (loads the tokenizer only, not the model)."""
-    from affinage.data import load_splits
-    from affinage.models import load_tokenizer, resolve_model_path
-    from affinage.pipeline import detect_task
-    from affinage.run import prompting_for
-
-    splits = load_splits(config)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(resolve_model_path(config.base_model), config.trust_remote_code)
-    task = detect_task(config, splits.train)
-    return run_checks(tokenizer, splits.non_empty(), task["labels"], prompting_for(config), config.trainer.max_seq_len)

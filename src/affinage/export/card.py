@@ -23,6 +23,7 @@ from affinage.atomic import write_text_atomic
 from affinage.errors import AffinageError
 from affinage.export.ollama import ollama_usage
 from affinage.models import base_model_hub_id
+from affinage.run_dir import RunDir
 
 WHATS = ("adapter", "merged", "gguf", "ollama")
 LIBRARY = {"adapter": "peft", "merged": "transformers", "gguf": "gguf", "ollama": "gguf"}
@@ -90,11 +91,11 @@ def _count_rows(path: Path) -> int:
 def _label_counts(run_dir: Path) -> dict[str, Counter]:
     """Label counts per split, read through the run's transforms; empty when the rows cannot be read here."""
     from affinage.data import load_file
-    from affinage.run import read_run_config
 
     try:
-        config = read_run_config(run_dir)
-        files = {split: run_dir / "data" / f"{split}.jsonl" for split in SPLITS}
+        directory = RunDir(run_dir)
+        config = directory.read_config()
+        files = {split: directory.split_path(split) for split in SPLITS}
         return {
             split: Counter(e.completion.strip() for e in load_file(config, path))
             for split, path in files.items()
@@ -106,21 +107,16 @@ def _label_counts(run_dir: Path) -> dict[str, Counter]:
 
 def read_run_facts(run_dir: Path, name: str | None = None) -> RunFacts:
     """The card's facts; a run needs its config.yaml, everything else is optional."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise AffinageError(
-            f"{run_dir} is not an affinage run (no config.yaml)", fix="pass the --output directory of `affinage train`"
-        )
-    config_text = config_path.read_text(encoding="utf-8")
-    task = _read_json(run_dir / "task.json") or {"task": "generation", "labels": None}
+    directory = RunDir(run_dir).require()
+    config_text = directory.config_path.read_text(encoding="utf-8")
+    task = _read_json(directory.task_path) or {"task": "generation", "labels": None}
     facts = RunFacts(
-        name=name or run_dir.resolve().name,
+        name=name or directory.path.resolve().name,
         config=yaml.safe_load(config_text) or {},
         config_text=config_text,
         task=task,
-        summary=_read_json(run_dir / "summary.json"),
-        rows={split: _count_rows(run_dir / "data" / f"{split}.jsonl") for split in SPLITS},
+        summary=_read_json(directory.summary_path),
+        rows={split: _count_rows(directory.split_path(split)) for split in SPLITS},
     )
     if task.get("task") == "classification" and task.get("labels"):
         facts.label_counts = _label_counts(run_dir)

@@ -18,9 +18,9 @@ from affinage.lora.inject import fuse_lora
 
 
 def merge_run(run_dir: str | Path, output_dir: str | Path) -> dict[str, Any]:
-    from affinage.run import load_run
+    from affinage.run import open_run
 
-    run = load_run(run_dir, quantized=False)  # a 4-bit base is merged into its full-precision weights
+    run = open_run(run_dir, quantized=False)  # a 4-bit base is merged into its full-precision weights
     fuse_lora(run.model)
     with atomic_directory(Path(output_dir)) as tmp:
         return save_merged(run, tmp)

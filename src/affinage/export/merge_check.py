@@ -20,11 +20,11 @@ def check_merged(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from affinage.evaluate import generate
-    from affinage.run import load_run
-    from affinage.runner import to_example
+    from affinage.run import open_run
+    from affinage.data.inference import inference_example
 
-    run = load_run(run_dir, quantized=False)
-    examples = [to_example(row) for row in rows]
+    run = open_run(run_dir, quantized=False)
+    examples = [inference_example(row) for row in rows]
     adapter_outputs = generate(run.model, run.tokenizer, examples, run.prompting, max_new_tokens=max_new_tokens)
     del run
 

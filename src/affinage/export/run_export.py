@@ -67,22 +67,19 @@ def export_run(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write the export of ``run_dir`` in ``fmt`` to ``output``; the report is returned and kept in the export."""
-    from affinage.run import load_run, read_run_config
+    from affinage.run import open_run
+    from affinage.run_dir import RunDir
 
     options = options or ExportOptions()
     run_dir, output = Path(run_dir), Path(output)
     _check_request(run_dir, fmt, output, options)
-    read_run_config(run_dir)  # "is this a run?" before anything loads
-    if not (run_dir / "adapter" / CONFIG_NAME).is_file():
-        raise AffinageError(
-            f"{run_dir} has no trained adapter yet", fix="let `affinage train` finish (it resumes if killed)"
-        )
+    RunDir(run_dir).require(adapter=True)  # before anything loads
     if options.check:
         require_checkers(fmt)
     partial = output.parent / f"{output.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    run = load_run(run_dir, quantized=False)  # a 4-bit base is exported from its full-precision weights
+    run = open_run(run_dir, quantized=False)  # a 4-bit base is exported from its full-precision weights
     template, _, exact = run_chat_template(run.tokenizer, run.config.prompt.template, run.config.prompt.system)
     shipment = Shipment(
         run=run,

@@ -1,0 +1,44 @@
+"""Where and how fast this process computes: CPU threads and the device, decided once.
+
+The CLI and the Python API call :func:`setup` once per process; library code receives the
+device it should use and never picks one itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from affinage.errors import AffinageError
+
+
+def set_threads() -> int:
+    """Use every core (PyTorch's default can leave one idle inside containers), or AFFINAGE_THREADS.
+
+    Two torch processes sharing the cores must split them (e.g. AFFINAGE_THREADS=1 each on 2
+    cores): oversubscribed OpenMP threads spin against each other and run many times slower.
+    """
+    wanted = os.environ.get("AFFINAGE_THREADS")
+    threads = int(wanted) if wanted else max(1, len(os.sched_getaffinity(0)))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """``requested`` (``cpu``, ``cuda``, ``cuda:1``), else CUDA when present, else the CPU."""
+    if not requested or requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise AffinageError(f"unknown device '{requested}'", where="--device", fix="use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AffinageError("CUDA was asked for but this PyTorch sees no GPU", where="--device", fix="use --device cpu")
+    return device
+
+
+def setup(requested_device: str | None = None) -> torch.device:
+    """Threads set, device chosen: the one call a process makes before computing."""
+    set_threads()
+    return pick_device(requested_device)
