@@ -92,7 +92,7 @@ class Run:
     @property
     def summary(self) -> dict[str, Any]:
         """Steps, speed, memory and the base/fine-tuned test metrics of the finished run."""
-        return self.directory.read_json("summary.json") or {}
+        return self.directory.read_summary() or {}
 
     def evaluate(self, data: str | Path | None = None, *, device: str | None = None) -> dict[str, Any]:
         """The task metrics on ``data`` (default: the run's test split)."""

@@ -40,7 +40,7 @@ class RunReport:
 def gather(run_dir: Path, *, compute_missing_base: bool = True, device: str | None = None) -> RunReport:
     """Everything the report shows, from the run directory."""
     directory = RunDir(run_dir).require()
-    evaluation = directory.read_json("eval.json")
+    evaluation = directory.read_eval()
     if not evaluation or not evaluation.get("fine_tuned"):
         raise AffinageError(
             f"{run_dir} has no test evaluation (eval.json)",
@@ -56,7 +56,7 @@ def gather(run_dir: Path, *, compute_missing_base: bool = True, device: str | No
     return RunReport(
         name=name,
         config=directory.read_config_dict(),
-        summary=directory.read_json("summary.json") or {},
+        summary=directory.read_summary() or {},
         records=records,
         base=base,
         tuned=tuned,
@@ -76,7 +76,7 @@ def _evaluate_base(directory: RunDir, device: str | None) -> dict[str, Any]:
 
     run = open_run(directory.path, with_adapter=False, device=setup(device))
     base = evaluate_examples(run.model, run.tokenizer, run.examples(), run.task, run.config, run.prompting)
-    directory.write_json("eval.json", {**directory.read_json("eval.json"), "base": base})
+    directory.write_eval({**directory.read_eval(), "base": base})
     return base
 
 

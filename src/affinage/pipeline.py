@@ -75,7 +75,7 @@ def run_training(
     start = run_dir.start(config, overwrite=overwrite)
     if start == "finished":
         log(f"{run_dir.path} already holds this finished run: nothing to do (--overwrite trains it again)")
-        return run_dir.read_json("summary.json")
+        return run_dir.read_summary()
     if start == "resume":
         log(f"resuming the interrupted run in {run_dir.path}")
     for note in splits.notes:
@@ -99,7 +99,7 @@ def run_training(
     load_adapter(prepared.model, run_dir.adapter_dir)  # the best validation checkpoint, not the last step
     tuned_metrics = _evaluate_test(prepared, "fine-tuned model", log)
     if tuned_metrics:
-        run_dir.write_json("eval.json", {"base": base_metrics, "fine_tuned": tuned_metrics})
+        run_dir.write_eval({"base": base_metrics, "fine_tuned": tuned_metrics})
     summary = _summary(prepared, result, base_metrics, tuned_metrics, time.perf_counter() - started)
     run_dir.finish(summary)
     if tuned_metrics:

@@ -126,6 +126,16 @@ class RunDir:
     def write_json(self, name: str, data: Any) -> None:
         write_json(self.path / name, data)
 
+    def read_eval(self) -> dict[str, Any] | None:
+        """``{"base": metrics, "fine_tuned": metrics}`` on the test split, with predictions."""
+        return self.read_json("eval.json")
+
+    def write_eval(self, evaluation: dict[str, Any]) -> None:
+        self.write_json("eval.json", evaluation)
+
+    def read_summary(self) -> dict[str, Any] | None:
+        return self.read_json("summary.json")
+
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []

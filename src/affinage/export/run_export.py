@@ -184,7 +184,7 @@ def _write_base_and_adapter(shipment: Shipment, log: Callable[[str], None]) -> d
         chat_template=shipment.chat_template,
         name=str(run.config.base_model),
     )
-    lora = write_adapter_gguf(lora_path, Path(run.path) / "adapter", base.config)
+    lora = write_adapter_gguf(lora_path, run.run_dir.adapter_dir, base.config)
     log(
         f"wrote base.gguf ({info['quant']}, {info['bytes'] / 1e6:.1f} MB) and adapter.gguf "
         f"({lora['tensor_pairs']} LoRA pairs, alpha {lora['alpha']:g})"
@@ -245,7 +245,7 @@ def _write_ollama(shipment: Shipment, log: Callable[[str], None]) -> dict[str, s
 
 
 def _write_peft(shipment: Shipment, log: Callable[[str], None]) -> dict[str, str]:
-    source = Path(shipment.run.path) / "adapter"
+    source = shipment.run.run_dir.adapter_dir
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         shutil.copy2(source / name, shipment.directory / name)
     return {"config": CONFIG_NAME, "weights": WEIGHTS_NAME}
