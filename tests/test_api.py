@@ -11,7 +11,7 @@ from tests.conftest import EMAILS, write_jsonl
 @pytest.fixture
 def config(tmp_path, model_dir):
     rows = [
-        {"prompt": f"[INST] rediriger l'email suivant : \"{text} ({v}{i})\"[/INST]", "completion": label}
+        {"prompt": f'[INST] rediriger l\'email suivant : "{text} ({v}{i})"[/INST]', "completion": label}
         for label, texts in EMAILS.items()
         for i, text in enumerate(texts)
         for v in range(3)

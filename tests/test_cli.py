@@ -191,8 +191,8 @@ def test_merged_chat_template_renders_what_the_run_trained_on(tmp_path, config_p
     """apply_chat_template of the merged tokenizer == affinage's prompt; --check finds the same generations."""
     from transformers import AutoTokenizer
 
-    from affinage.data.template import render_prompt
     from affinage.data.inference import inference_example as to_example
+    from affinage.data.template import render_prompt
 
     run = tmp_path / "run"
     sets = [f"prompt.{key}={json.dumps(value)}" for key, value in prompt.items()]

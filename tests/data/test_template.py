@@ -2,9 +2,9 @@ import pytest
 
 from affinage.config import config_from_dict
 from affinage.data.formats import Example, row_to_example
+from affinage.data.inference import inference_example
 from affinage.data.template import encode_example, encode_prompt, render_prompt
 from affinage.errors import ConfigError, DataError
-from affinage.data.inference import inference_example
 
 
 def test_loss_only_on_completion_and_ends_with_eos(tokenizer):

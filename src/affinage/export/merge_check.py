@@ -19,9 +19,9 @@ def check_merged(
 ) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from affinage.data.inference import inference_example
     from affinage.evaluate import generate
     from affinage.run import open_run
-    from affinage.data.inference import inference_example
 
     run = open_run(run_dir, quantized=False)
     examples = [inference_example(row) for row in rows]
