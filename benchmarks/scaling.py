@@ -124,13 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"fp32 matmul: {flops / 1e12:.3f} TFLOP/s, {args.steps} steps per cell")
     print(
-        "| seq len | batch | PEFT+TRL tok/s | affinage tok/s | speed | PEFT+TRL peak MB | affinage peak MB | memory | ceiling tok/s |"
+        "| seq len | batch | PEFT+TRL tok/s | affinage tok/s | speed "
+        "| PEFT+TRL peak MB | affinage peak MB | memory | ceiling tok/s |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['seq_len']} | {r['batch']} | {r['peft_tokens_per_second']} | {r['affinage_tokens_per_second']} | {r['speed_ratio']}x "
-            f"| {r['peft_peak_mb']:.0f} | {r['affinage_peak_mb']:.0f} | {r['memory_ratio']}x | {r['ceiling_tokens_per_second']} |"
+            f"| {r['seq_len']} | {r['batch']} | {r['peft_tokens_per_second']} | {r['affinage_tokens_per_second']} "
+            f"| {r['speed_ratio']}x | {r['peft_peak_mb']:.0f} | {r['affinage_peak_mb']:.0f} | {r['memory_ratio']}x "
+            f"| {r['ceiling_tokens_per_second']} |"
         )
     return 0
 

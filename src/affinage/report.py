@@ -43,19 +43,25 @@ def metrics_text(metrics: dict[str, Any]) -> str:
     where = f"({metrics['n']} examples, {metrics['method']}, {metrics['examples_per_second']} examples/s)"
     if metrics["task"] == "generation":
         return (
-            f"exact match {metrics['exact_match']:.1%}  chrF {metrics['chrf']:.1f}  words {metrics['mean_output_words']} "
+            f"exact match {metrics['exact_match']:.1%}  chrF {metrics['chrf']:.1f}  "
+            f"words {metrics['mean_output_words']} "
             f"(reference {metrics['mean_reference_words']}){_loss_text(metrics)}  {where}"
         )
     if metrics["task"] == "pattern":
-        return f"{metrics['pattern']} pattern {metrics['pattern_score']:.1%}  words {metrics['mean_output_words']}{_loss_text(metrics)}  {where}"
+        return (
+            f"{metrics['pattern']} pattern {metrics['pattern_score']:.1%}  "
+            f"words {metrics['mean_output_words']}{_loss_text(metrics)}  {where}"
+        )
     lines = [f"accuracy {metrics['accuracy']:.1%}  macro-F1 {metrics['macro_f1']:.3f}{_loss_text(metrics)}  {where}"]
     if "coverage" in metrics:
         lines.append(
-            f"  answered {metrics['coverage']:.1%} of examples (abstain threshold), accuracy when answered {metrics['answered_accuracy']:.1%}"
+            f"  answered {metrics['coverage']:.1%} of examples (abstain threshold), "
+            f"accuracy when answered {metrics['answered_accuracy']:.1%}"
         )
     for label, stats in metrics["per_class"].items():
         lines.append(
-            f"  {label:<12} precision {stats['precision']:.3f}  recall {stats['recall']:.3f}  F1 {stats['f1']:.3f}  n={stats['support']}"
+            f"  {label:<12} precision {stats['precision']:.3f}  recall {stats['recall']:.3f}  "
+            f"F1 {stats['f1']:.3f}  n={stats['support']}"
         )
     lines.append(confusion_text(metrics))
     return "\n".join(lines)

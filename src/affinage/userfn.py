@@ -41,7 +41,8 @@ def import_user_function(path: str, base_dir: str | Path, where: str, builtins: 
         raise ConfigError(
             f"cannot import '{module_name}' for '{path}': no {file}",
             where=where,
-            fix=f"put {module_name.replace('.', '/')}.py next to the config file (installed modules are not loaded, for safety)",
+            fix=f"put {module_name.replace('.', '/')}.py next to the config file "
+            "(installed modules are not loaded, for safety)",
         )
     unique = "affinage_user_" + hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(unique, file)

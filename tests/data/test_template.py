@@ -160,7 +160,8 @@ def test_single_turn_chat_encodes_as_before(tokenizer):
 
 
 NAMED = {
-    "chatml": "<|im_start|>system\nRoute les emails.<|im_end|>\n<|im_start|>user\nBonjour<|im_end|>\n<|im_start|>assistant\n"
+    "chatml": "<|im_start|>system\nRoute les emails.<|im_end|>\n<|im_start|>user\nBonjour<|im_end|>\n"
+    "<|im_start|>assistant\n"
     "Salut<|im_end|>\n<|im_start|>user\nFacture 42<|im_end|>\n<|im_start|>assistant\n",
     "phi3": "<|system|>\nRoute les emails.<|end|>\n<|user|>\nBonjour<|end|>\n<|assistant|>\nSalut<|end|>\n"
     "<|user|>\nFacture 42<|end|>\n<|assistant|>\n",
@@ -168,13 +169,15 @@ NAMED = {
     "<|start_header_id|>user<|end_header_id|>\n\nBonjour<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     "Salut<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nFacture 42<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n",
-    "llama2": "<s>[INST] <<SYS>>\nRoute les emails.\n<</SYS>>\n\nBonjour [/INST] Salut </s><s>[INST] Facture 42 [/INST]",
+    "llama2": "<s>[INST] <<SYS>>\nRoute les emails.\n<</SYS>>\n\nBonjour [/INST] Salut </s>"
+    "<s>[INST] Facture 42 [/INST]",
     "mistral": "<s>[INST] Route les emails.\n\nBonjour [/INST] Salut</s>[INST] Facture 42 [/INST]",
 }
 SINGLE = {
     "chatml": "<|im_start|>user\nFacture 42<|im_end|>\n<|im_start|>assistant\n",
     "phi3": "<|user|>\nFacture 42<|end|>\n<|assistant|>\n",
-    "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nFacture 42<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nFacture 42<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
     "llama2": "<s>[INST] Facture 42 [/INST]",
     "mistral": "<s>[INST] Facture 42 [/INST]",
 }

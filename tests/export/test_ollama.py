@@ -183,6 +183,7 @@ def test_drop_bos_leaves_the_bos_to_the_tokenizer(tokenizer):
 
 def test_trimming_templates_are_reported():
     assert trims_content(NAMED_JINJA["llama3"]) and trims_content(GEMMA3, bos_token="<bos>")
+    assert trims_content(NAMED_JINJA["llama2"]) and not trims_content(NAMED_JINJA["mistral"])
     assert not trims_content(NAMED_JINJA["chatml"]) and not trims_content(CHATML)
 
 
@@ -192,6 +193,8 @@ def test_trimming_templates_are_reported():
         (NAMED_JINJA["chatml"], "<|im_end|>", ["<|im_end|>", "<|im_start|>"]),
         (NAMED_JINJA["phi3"], "<|endoftext|>", ["<|endoftext|>", "<|end|>", "<|user|>"]),
         (NAMED_JINJA["llama3"], "<|eot_id|>", ["<|eot_id|>", "<|start_header_id|>"]),
+        (NAMED_JINJA["llama2"], "</s>", ["</s>", "<s>"]),
+        (NAMED_JINJA["mistral"], "</s>", ["</s>", "[INST]"]),
         (NAMED_JINJA["alpaca"], "</s>", ["</s>", "### Instruction:"]),
         (GEMMA3, "<eos>", ["<eos>", "<end_of_turn>", "<start_of_turn>"]),
         (with_default_system(CHATML, ""), "<|im_end|>", ["<|im_end|>", "<|im_start|>"]),

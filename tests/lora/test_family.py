@@ -44,7 +44,10 @@ def _peft_name(name: str) -> str:
 
 
 def test_d_dora_gradients_reach_magnitude_and_factors_as_in_peft(tmp_path, tokenizer, ids):
-    """Same loss and gradients as PEFT's DoRA (linear, embedding and head) on the same weights (rtol 1e-4, atol 1e-6)."""
+    """Same loss and gradients as PEFT's DoRA (linear, embedding and head) on the same weights.
+
+    Tolerances: rtol 1e-4, atol 1e-6.
+    """
     config = peft.LoraConfig(
         r=4,
         lora_alpha=8,

@@ -76,7 +76,8 @@ def load_splits(config: Config) -> DataSplits:
             examples, labels, [e.identity_text() for e in examples], data.split.ratios, data.split.seed
         )
         notes.append(
-            f"split {len(examples)} rows of {data.dataset} into {len(train)}/{len(valid)}/{len(test)} (stratified, duplicates grouped)"
+            f"split {len(examples)} rows of {data.dataset} into {len(train)}/{len(valid)}/{len(test)} "
+            "(stratified, duplicates grouped)"
         )
     elif data.train:
         root = config.resolve_path(data.train)

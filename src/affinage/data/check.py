@@ -59,7 +59,8 @@ def check_leakage(splits: dict[str, list[Example]], report: CheckReport) -> None
         repeated = [group[1] for group in seen[name].values() if len(group) > 1]
         if repeated:
             report.warnings.append(
-                f"{name}: {len(repeated)} duplicate examples (same text up to case, accents, punctuation), e.g. {_named(repeated)}"
+                f"{name}: {len(repeated)} duplicate examples (same text up to case, accents, punctuation), "
+                f"e.g. {_named(repeated)}"
             )
     for other in ("valid", "test"):
         shared = [seen[other][key][0] for key in seen.get("train", {}) if key in seen.get(other, {})]

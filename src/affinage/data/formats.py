@@ -174,7 +174,8 @@ def _read_csv(path: Path, text: str, delimiter: str) -> list[tuple[int | str, An
                 raise DataError(
                     f"the row has {len(record)} fields but the header has {len(header)}",
                     where=f"{path}:{start}",
-                    fix='quote fields that hold a comma, a quote or a line break ("like, this"; a quote inside is written "")',
+                    fix='quote fields that hold a comma, a quote or a line break ("like, this"; '
+                    'a quote inside is written "")',
                 )
             row = {
                 name: value for name, value in zip(header, record) if name
@@ -290,7 +291,8 @@ def row_to_example(
             raise DataError(
                 f"cannot tell the row's format (fields: {', '.join(sorted(row))})",
                 where=where,
-                fix="use prompt/completion, instruction/input/output, messages or text, or set input_features and output_features",
+                fix="use prompt/completion, instruction/input/output, messages or text, "
+                "or set input_features and output_features",
             )
     completion = _text_field(row, output_field, where)
     if templated:
@@ -323,6 +325,7 @@ def load_examples(
             raise DataError(
                 f"mixed formats: this row is {FORMATS[kind]} but {path}:{first[1]} is {FORMATS[first[0]]}",
                 where=where,
-                fix=f"use one format per file: rewrite this row as {FORMATS[first[0]]}, or move the {FORMATS[kind]} rows to a file of their own",
+                fix=f"use one format per file: rewrite this row as {FORMATS[first[0]]}, "
+                f"or move the {FORMATS[kind]} rows to a file of their own",
             )
     return examples

@@ -71,7 +71,8 @@ def _inst(messages: Messages, llama2: bool) -> str:
         expected = "user" if index % 2 == 0 else "assistant"
         if message["role"] != expected:
             raise ValueError(
-                f"{'llama2' if llama2 else 'mistral'} needs user and assistant turns to alternate, starting with the user"
+                f"{'llama2' if llama2 else 'mistral'} needs user and assistant turns to alternate, "
+                "starting with the user"
             )
         content = message["content"].strip() if llama2 else message["content"]
         if expected == "user":
@@ -132,7 +133,8 @@ def _fill_template(template: str, example: Example) -> str:
     missing = [name for name in fields if name not in values]
     if missing:
         raise DataError(
-            f"template placeholder {{{missing[0]}}} has no matching field (fields: {', '.join(sorted(values)) or 'none'})",
+            f"template placeholder {{{missing[0]}}} has no matching field "
+            f"(fields: {', '.join(sorted(values)) or 'none'})",
             where=example.source or "prompt.template",
             fix="rename the placeholder or add the field to every row",
         )
@@ -153,7 +155,8 @@ def _alpaca(example: Example) -> str:
                 "the alpaca template holds one instruction: this conversation has "
                 + ", ".join(m["role"] for m in history),
                 where=example.source or "prompt.template",
-                fix="use a chat template (prompt.template: chatml, llama3... or empty for the model's own) for conversations",
+                fix="use a chat template (prompt.template: chatml, llama3... or empty for the model's own) "
+                "for conversations",
             )
         instruction, extra = history[0]["content"], ""
     if extra.strip():
@@ -302,7 +305,8 @@ def _assistant_spans(
             raise DataError(
                 f"assistant message {index} is not in the rendered chat template (the template rewrites past answers)",
                 where=example.source or "prompt.template",
-                fix="set prompt.template to a named template (chatml, llama3, ...), or keep only the last answer in messages",
+                fix="set prompt.template to a named template (chatml, llama3, ...), "
+                "or keep only the last answer in messages",
             )
         answer_end = found + len(needle)
         spans.append((found, answer_end, end))

@@ -4,9 +4,10 @@ A merged directory is used through ``tokenizer.apply_chat_template`` by tools th
 of affinage, so its template must render exactly the prompt the run trained on:
 - the model's own template, with the run's ``prompt.system`` as the default system message
   (SmolLM2's template would otherwise insert its own default and change every prompt);
-- a named template (alpaca, chatml, phi3, llama3) written as its Jinja equivalent.
-Templates that cannot be expressed (a literal ``{field}`` template, llama2/mistral) keep the
-base template; the merge report says so.
+- a named template (alpaca, chatml, llama2, llama3, mistral, phi3) written as its Jinja twin,
+  which renders exactly what :mod:`affinage.data.template` renders (tests/data/test_template_parity.py).
+A literal ``{field}`` template cannot be expressed: it keeps the base template; the merge report
+says so.
 """
 
 from __future__ import annotations
@@ -17,29 +18,88 @@ from typing import Any
 ALPACA_JINJA = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'user' %}"
-    "{{ 'Below is an instruction that describes a task. Write a response that appropriately completes the request.\\n\\n"
+    "{{ 'Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\\n\\n"
     "### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
     "{%- elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
     "{%- endif %}{%- endfor %}"
 )
 
 CHATML_JINJA = (
-    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
 PHI3_JINJA = (
-    "{%- for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{%- endif %}"
 )
 
 LLAMA3_JINJA = (
     "{{ '<|begin_of_text|>' }}{%- for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
+    "+ message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
-NAMED_JINJA = {"alpaca": ALPACA_JINJA, "chatml": CHATML_JINJA, "phi3": PHI3_JINJA, "llama3": LLAMA3_JINJA}
+# Llama 2 chat and Mistral instruct (``_inst`` in affinage.data.template): the system message
+# is taken out of the loop and folded into the first instruction; turns must alternate
+# user/assistant; the BOS ``<s>`` and ``</s>`` are written literally, as training writes them.
+_INST_PRELUDE = (
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set system = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set system = none %}{%- set loop_messages = messages %}{%- endif %}"
+)
+
+
+def _alternation_check(name: str) -> str:
+    """Refuse what ``_inst`` refuses (roles out of turn), rather than render a prompt training never saw."""
+    return (
+        "{%- set expected = 'user' if loop.index0 % 2 == 0 else 'assistant' %}"
+        "{%- if message['role'] != expected %}{{ raise_exception('"
+        + name
+        + " needs user and assistant turns to alternate, starting with the user') }}{%- endif %}"
+    )
+
+
+# Meta's format: every exchange opens with <s>, <<SYS>> inside the first [INST], contents trimmed,
+# answers padded with spaces.
+LLAMA2_JINJA = (
+    _INST_PRELUDE
+    + "{%- for message in loop_messages %}"
+    + _alternation_check("llama2")
+    + "{%- if message['role'] == 'user' %}"
+    "{%- if loop.first and system is not none %}"
+    "{{ '<s>[INST] <<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + message['content'] | trim + ' [/INST]' }}"
+    "{%- else %}{{ '<s>[INST] ' + message['content'] | trim + ' [/INST]' }}{%- endif %}"
+    "{%- else %}{{ ' ' + message['content'] | trim + ' </s>' }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+# Mistral's format: one <s> at the start, no system role (the system message opens the first
+# instruction), contents as they are, answers followed directly by </s>.
+MISTRAL_JINJA = (
+    _INST_PRELUDE
+    + "{%- for message in loop_messages %}"
+    + _alternation_check("mistral")
+    + "{%- if message['role'] == 'user' %}"
+    "{%- if loop.first %}{{ '<s>' }}{%- endif %}"
+    "{%- if loop.first and system is not none %}{{ '[INST] ' + system + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- else %}{{ ' ' + message['content'] + '</s>' }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+NAMED_JINJA = {
+    "alpaca": ALPACA_JINJA,
+    "chatml": CHATML_JINJA,
+    "llama2": LLAMA2_JINJA,
+    "llama3": LLAMA3_JINJA,
+    "mistral": MISTRAL_JINJA,
+    "phi3": PHI3_JINJA,
+}
 
 
 def with_default_system(template: str, system: str) -> str:
@@ -87,7 +147,7 @@ def merged_chat_template(
 def run_chat_template(tokenizer: Any, template: str | None, system: str | None) -> tuple[str | None, str, bool]:
     """The chat template an export of a run ships: (template, note, whether it renders the training prompt).
 
-    When it does not (a literal ``{field}`` template, llama2/mistral), clients must send the
+    When it does not (a literal ``{field}`` template), clients must send the
     prompt as affinage renders it (a plain completion), and the export says so.
     """
     from affinage.data.template import adds_special_tokens, template_name, tokenizer_adds, uses_chat_template

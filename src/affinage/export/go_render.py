@@ -17,6 +17,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from affinage.cache import cache_dir
 from affinage.errors import AffinageError
 
 INSTALL_FIX = "install Go (`apt-get install golang-go`, or https://go.dev/dl), or skip the check with --no-check"
@@ -41,8 +42,6 @@ def _go_env(root: Path) -> dict[str, str]:
 
 def renderer_binary() -> Path:
     """The compiled renderer, built on first use (keyed by the Go source's hash)."""
-    from affinage.models import cache_dir
-
     go = shutil.which("go")
     if go is None:
         raise AffinageError(

@@ -21,7 +21,7 @@ from affinage.errors import AffinageError
 START, END = "", "END"
 ROLES = ("system", "user", "assistant")
 UNTRANSLATABLE_FIX = (
-    "train with a named template (prompt.template: chatml, llama3, phi3 or alpaca), "
+    "train with a named template (prompt.template: chatml, llama2, llama3, mistral, phi3 or alpaca), "
     "or write the Modelfile's TEMPLATE by hand (Go text/template over .Messages)"
 )
 GENERATION_PARAMETERS = {

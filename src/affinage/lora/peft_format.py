@@ -319,7 +319,8 @@ def _load_module(module: LoRALinear | LoRAEmbedding, name: str, tensors: dict[st
             tensor = _pissa_part(module, kind, tensor)
             if tensor is None:
                 raise AffinageError(
-                    f"{name}.lora_{kind}: shape {tuple(tensors[kind].shape)} but the layer expects {tuple(target.shape)}",
+                    f"{name}.lora_{kind}: shape {tuple(tensors[kind].shape)} "
+                    f"but the layer expects {tuple(target.shape)}",
                     where=where,
                     fix="use the adapter with the base model (and rank) it was trained with",
                 )
