@@ -241,6 +241,11 @@ class TrainerConfig(_Section):
         description="With adapter.layers_to_transform, run the frozen lower blocks once per example, not once per "
         "epoch.",
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that also get the training curves: tensorboard (event files in the run's "
+        "tensorboard/ directory), wandb, mlflow (each needs its package installed).",
+    )
 
     @field_validator("max_tokens_per_forward")
     @classmethod

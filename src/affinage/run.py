@@ -9,6 +9,7 @@ Layout (``affinage train ... --output DIR``)::
     DIR/metrics.jsonl      one record per step and per validation
     DIR/summary.json       final metrics, speed and memory
     DIR/checkpoint/        resume state while training (removed when the run completes)
+    DIR/tensorboard/       TensorBoard event files (with trainer.report_to: [tensorboard])
 """
 
 from __future__ import annotations
