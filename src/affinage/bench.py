@@ -152,13 +152,12 @@ def _peft_trl(
     }
 
 
-def _affinage(
-    model: Any, tokenizer: Any, train_data: list, args: argparse.Namespace, workdir: Path
-) -> tuple[Any, dict]:
+def _affinage(model: Any, tokenizer: Any, train_data: list, args: argparse.Namespace) -> tuple[Any, dict]:
+    """affinage's plan and loop, as the recipe runs them, with no file written (no checkpoint, no adapter)."""
     from affinage.config import TrainerConfig
     from affinage.lora.inject import inject_lora
     from affinage.lora.layers import share_dropout
-    from affinage.training import train
+    from affinage.training import BatchPlan, History, TrainState, lora_optimizer, run_plan
 
     torch.manual_seed(args.seed)
     inject_lora(model, "all-linear", r=args.rank, alpha=args.alpha, dropout=args.dropout)
@@ -173,20 +172,15 @@ def _affinage(
         max_seq_len=args.seq_len,
         seed=args.seed,
     )
-    result = train(
-        model,
-        train_data,
-        [],
-        config,
-        pad_id=tokenizer.pad_token_id,
-        run_dir=workdir / "affinage",
-        base_model_name="bench",
-        adapter_dropout=args.dropout,
-        device=torch.device(args.device),
-        progress=False,
-    )
-    losses = [r["loss"] for r in result.history if "loss" in r]
-    return model, {"seconds": result.train_seconds, "tokens": result.train_tokens, "losses": losses}
+    device = torch.device(args.device)
+    torch.manual_seed(config.seed)
+    optimizer = lora_optimizer(model, config)
+    plan = BatchPlan.build(model, train_data, [], config, pad_id=tokenizer.pad_token_id, device=device)
+    history = History()
+    state = TrainState(seconds=plan.setup_seconds)  # the one-off frozen-prefix pass counts, as in the recipe
+    state = run_plan(model, plan, optimizer, config, state=state, listeners=[history], device=device)
+    losses = [r["loss"] for r in history.records if "loss" in r]
+    return model, {"seconds": state.seconds, "tokens": state.tokens, "losses": losses}
 
 
 def run_side(args: argparse.Namespace) -> dict[str, Any]:
@@ -203,9 +197,10 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
         model_name = str(_quick_model_dir(workdir)) if args.quick else args.model
         loaded = load_base_model(model_name, dtype=dtype, device=device)
         train_data, held_out = _encoded_data(loaded.tokenizer, Path(args.data), args.seq_len, args.seed, args.held_out)
-        runner = _peft_trl if args.only == "peft" else _affinage
-        extra = (dtype, workdir) if args.only == "peft" else (workdir,)
-        model, timing = runner(loaded.model, loaded.tokenizer, train_data, args, *extra)
+        if args.only == "peft":
+            model, timing = _peft_trl(loaded.model, loaded.tokenizer, train_data, args, dtype, workdir)
+        else:
+            model, timing = _affinage(loaded.model, loaded.tokenizer, train_data, args)
         held_out_loss = evaluate_loss(model, held_out, args.batch_size, loaded.tokenizer.pad_token_id, device)
     tail = timing["losses"][-5:]
     return {
@@ -260,9 +255,9 @@ def table(results: dict[str, Any]) -> str:
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in width))
-    p = results["peft"]
+    p, ours = results["peft"], results["affinage"]
     lines.append(
-        f"({p['steps']} steps, {p['device']}, {p['precision']}; tokens: PEFT {p['tokens']}, affinage {results['affinage']['tokens']})"
+        f"({p['steps']} steps, {p['device']}, {p['precision']}; tokens: PEFT {p['tokens']}, affinage {ours['tokens']})"
     )
     return "\n".join(lines)
 

@@ -52,26 +52,27 @@ class AdapterConfig(_Section):
     )
     layers_to_transform: int | list[int] | None = Field(
         None,
-        description="Blocks to adapt: None for all, N for the last N blocks (backward stops below them: faster), or a list of indices.",
+        description="Blocks to adapt: None for all, N for the last N blocks (backward stops below them: faster), or a "
+        "list of indices.",
     )
     use_rslora: bool = Field(
         False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r (PEFT's use_rslora)."
     )
     use_dora: bool = Field(
         False,
-        description="DoRA: a trainable magnitude per output feature times the direction of W + scaling*B*A (PEFT's use_dora). "
-        "Needs a full-precision base (no quantization).",
+        description="DoRA: a trainable magnitude per output feature times the direction of W + scaling*B*A "
+        "(PEFT's use_dora). Needs a full-precision base (no quantization).",
     )
     init: Literal["default", "gaussian", "pissa"] = Field(
         "default",
-        description="Initial A and B (B = 0 except pissa): default (A Kaiming-uniform), gaussian (A ~ N(0, std 1/r)), or pissa "
-        "(A, B from the top-r singular vectors of W, the base keeps the residual; saved as a rank-2r LoRA on the original "
-        "base). Embeddings always start with A = 0, B ~ N(0, 1), as in PEFT.",
+        description="Initial A and B (B = 0 except pissa): default (A Kaiming-uniform), gaussian (A ~ N(0, std 1/r)), "
+        "or pissa (A, B from the top-r singular vectors of W, the base keeps the residual; saved as a rank-2r LoRA on "
+        "the original base). Embeddings always start with A = 0, B ~ N(0, 1), as in PEFT.",
     )
     rank_pattern: dict[str, int] = Field(
         default_factory=dict,
-        description="Per-module ranks overriding r, PEFT's rank_pattern: a key matches a module whose name ends with it "
-        "(regex (.*\\.)?key$), e.g. {down_proj: 32, layers.0.self_attn.q_proj: 4}.",
+        description="Per-module ranks overriding r, PEFT's rank_pattern: a key matches a module whose name ends "
+        "with it (regex (.*\\.)?key$), e.g. {down_proj: 32, layers.0.self_attn.q_proj: 4}.",
     )
     alpha_pattern: dict[str, float] = Field(
         default_factory=dict,
@@ -105,8 +106,9 @@ class AdapterConfig(_Section):
 class PromptConfig(_Section):
     template: str | None = Field(
         None,
-        description="A named template (alpaca, chatml, llama2, llama3, mistral, phi3), or a literal prompt with {field} "
-        "placeholders filled from each data row. Empty: the model's own chat template wraps the input feature as the user message.",
+        description="A named template (alpaca, chatml, llama2, llama3, mistral, phi3), or a literal prompt with "
+        "{field} placeholders filled from each data row. Empty: the model's own chat template wraps the input "
+        "feature as the user message.",
     )
     system: str | None = Field(
         None, description="System message for chat templates (None: the template's own default)."
@@ -133,7 +135,8 @@ class PromptConfig(_Section):
     def _system_needs_a_chat_template(self) -> PromptConfig:
         if self.template == "alpaca" and self.system is not None:
             raise ValueError(
-                "prompt.system has no place in the alpaca template (its preamble is fixed); remove it or use a chat template"
+                "prompt.system has no place in the alpaca template (its preamble is fixed); remove it or use a chat "
+                "template"
             )
         return self
 
@@ -151,8 +154,9 @@ class SplitConfig(_Section):
 
 class TransformConfig(_Section):
     name: str = Field(
-        description="'strip_accents', 'normalize_unicode', 'hearts' (seed 002: one heart from its list between every word "
-        "of the answer) or a user function 'module.function' taking (text) or (text, rng) and returning text."
+        description="'strip_accents', 'normalize_unicode', 'hearts' (seed 002: one heart from its list between "
+        "every word of the answer) or a user function 'module.function' taking (text) or (text, rng) and returning "
+        "text."
     )
     side: Literal["prompt", "completion", "both"] | None = Field(
         None,
@@ -234,7 +238,13 @@ class TrainerConfig(_Section):
     )
     cache_frozen_blocks: bool = Field(
         True,
-        description="With adapter.layers_to_transform, run the frozen lower blocks once per example, not once per epoch.",
+        description="With adapter.layers_to_transform, run the frozen lower blocks once per example, not once per "
+        "epoch.",
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that also get the training curves: tensorboard (event files in the run's "
+        "tensorboard/ directory), wandb, mlflow (each needs its package installed).",
     )
 
     @field_validator("max_tokens_per_forward")
@@ -257,7 +267,8 @@ class TrainerConfig(_Section):
 class EvalConfig(_Section):
     task: Literal["auto", "classification", "generation", "pattern"] = Field(
         "auto",
-        description="auto: pattern when eval.pattern is set, classification when the output feature is a category or has "
+        description="auto: pattern when eval.pattern is set, classification when the output feature is a category or "
+        "has "
         "few distinct values, else generation.",
     )
     method: Literal["score", "generate"] = Field(
@@ -286,7 +297,8 @@ class Config(_Section):
     model_type: Literal["llm"] = "llm"
     base_model: str = Field(
         DEFAULT_BASE_MODEL,
-        description="'smollm2-135m-instruct' (embedded), 'gemma3-270m', a .gguf path, a local HF directory or a Hub id.",
+        description="'smollm2-135m-instruct' (embedded), 'gemma3-270m', a .gguf path, a local HF directory or a Hub "
+        "id.",
     )
     trust_remote_code: bool = Field(False, description="Run model code from the Hub. Off unless you trust it.")
     quantization: QuantizationConfig | None = Field(None, description="Load the base model quantized (QLoRA).")

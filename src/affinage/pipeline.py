@@ -28,7 +28,7 @@ from affinage.report import comparison_table, headline, task_metric
 from affinage.run_dir import RunDir
 from affinage.runtime import pick_device
 from affinage.task import detect_task, encode_all, evaluate_examples
-from affinage.training import TrainResult, train
+from affinage.training import TrainResult, fine_tune
 
 Log = Callable[[str], None]
 
@@ -83,13 +83,17 @@ def run_training(
     prepared = _prepare(config, splits, run_dir, device or pick_device(), log)
     base_metrics = _evaluate_test(prepared, "base model", log) if compare_base else None
     task_score = _inject_adapter(prepared, log)
-    result = train(
+    paths = run_dir.training
+    result = fine_tune(
         prepared.model,
         prepared.encoded["train"],
         prepared.encoded.get("valid", []),
         config.trainer,
         pad_id=prepared.tokenizer.pad_token_id,
-        run_dir=run_dir.path,
+        adapter_dir=paths.adapter_dir,
+        checkpoint_path=paths.checkpoint_path,
+        metrics_path=paths.metrics_path,
+        tensorboard_dir=paths.tensorboard_dir,
         base_model_name=config.base_model,
         adapter_dropout=config.adapter.dropout,
         device=prepared.device,

@@ -29,6 +29,7 @@ from affinage.data.formats import Example
 from affinage.data.transforms import BUILTIN
 from affinage.errors import AffinageError
 from affinage.patterns import NAMED
+from affinage.training.recipe import TrainPaths
 from affinage.userfn import user_module_file
 
 SPLITS = ("train", "valid", "test")
@@ -52,10 +53,11 @@ class RunDir:
     task_path = property(lambda self: self.path / "task.json")
     eval_path = property(lambda self: self.path / "eval.json")
     summary_path = property(lambda self: self.path / "summary.json")
-    metrics_path = property(lambda self: self.path / "metrics.jsonl")
-    adapter_dir = property(lambda self: self.path / "adapter")
-    checkpoint_dir = property(lambda self: self.path / "checkpoint")
-    tensorboard_dir = property(lambda self: self.path / "tensorboard")
+    training = property(lambda self: TrainPaths.under(self.path))  # adapter, checkpoint, metrics, tensorboard
+    metrics_path = property(lambda self: self.training.metrics_path)
+    adapter_dir = property(lambda self: self.training.adapter_dir)
+    checkpoint_dir = property(lambda self: self.training.checkpoint_path.parent)
+    tensorboard_dir = property(lambda self: self.training.tensorboard_dir)
     report_path = property(lambda self: self.path / "report.html")
 
     def split_path(self, name: str) -> Path:
@@ -174,8 +176,9 @@ class RunDir:
         """Remove what a training run writes: no stale adapter, checkpoint or results survive."""
         for directory in (self.checkpoint_dir, self.adapter_dir, self.tensorboard_dir):
             shutil.rmtree(directory, ignore_errors=True)
-        for name in RESULTS + ("metrics.jsonl",):
+        for name in RESULTS:
             (self.path / name).unlink(missing_ok=True)
+        self.metrics_path.unlink(missing_ok=True)
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Write the summary (the run is then finished) and drop the resume state."""

@@ -1,0 +1,142 @@
+"""What a run leaves behind, one listener each: metrics.jsonl, the progress bar, the best adapter,
+early stopping and the checkpoint.
+
+Each takes the paths it writes as arguments; none knows about run directories. The recipe
+lists them in an order that matters: :class:`BestAdapter` first (it keeps the best/stale
+counts and marks the evaluation ``best``), then the loggers, the checkpoint and
+:class:`EarlyStopping`, which reads the stale count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from affinage.lora.peft_format import save_adapter
+from affinage.training.loop import Listener, StepReport
+from affinage.training.state import TrainState
+
+
+def evaluation_record(evaluation: dict) -> dict:
+    """A validation's metrics.jsonl line: loss to 5 digits, score to 4."""
+    digits = {"valid_loss": 5, "valid_score": 4}
+    return {key: round(value, digits[key]) if key in digits else value for key, value in evaluation.items()}
+
+
+class History(Listener):
+    """This session's metrics.jsonl records, in memory, and the last training loss (unrounded)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self.last_loss: float | None = None
+
+    def on_step(self, state: TrainState, report: StepReport) -> None:
+        self.records.append(report.record())
+        self.last_loss = report.loss
+
+    def on_validation(self, state: TrainState, evaluation: dict) -> None:
+        self.records.append(evaluation_record(evaluation))
+
+
+class MetricsLog(Listener):
+    """One JSON line per step, per validation and for an early stop, appended as they happen."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_start(self, state: TrainState) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if state.step == 0 or not self.path.exists():
+            self.path.write_text("")  # a fresh run starts a fresh log
+        else:  # drop records of steps the checkpoint does not hold
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= state.step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def _write(self, record: dict) -> None:
+        with self.path.open("a") as log:
+            log.write(json.dumps(record) + "\n")
+
+    def on_step(self, state: TrainState, report: StepReport) -> None:
+        self._write(report.record())
+
+    def on_validation(self, state: TrainState, evaluation: dict) -> None:
+        self._write(evaluation_record(evaluation))
+
+    def on_early_stop(self, state: TrainState) -> None:
+        self._write({"step": state.step, "early_stop": True, "best_step": state.best_step})
+
+
+class ProgressBar(Listener):
+    """A tqdm bar over the run's steps: loss, tokens/s and the best validation loss."""
+
+    def __init__(self, total: int, desc: str = "train") -> None:
+        self.total, self.desc = total, desc
+        self.bar: Any = None
+
+    def on_start(self, state: TrainState) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, initial=state.step, desc=self.desc, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, state: TrainState, report: StepReport) -> None:
+        self.bar.set_postfix(
+            loss=f"{report.loss:.3f}",
+            tok_s=f"{state.tokens / state.seconds:.0f}",
+            **({"val": f"{state.best_loss:.3f}"} if state.best_loss is not None else {}),
+        )
+        self.bar.update(1)
+
+    def on_end(self, state: TrainState) -> None:
+        self.bar.close()
+
+
+class BestAdapter(Listener):
+    """Keeps the adapter of the best validation (lowest loss, or highest task score) in ``adapter_dir``.
+
+    It also counts validations without improvement (``state.stale``). A run that never validates
+    (no validation split) keeps its last adapter.
+    """
+
+    def __init__(
+        self, model: nn.Module, adapter_dir: Path, *, base_model_id: str, dropout: float = 0.0, by_score: bool = False
+    ) -> None:
+        self.model, self.adapter_dir = model, Path(adapter_dir)
+        self.base_model_id, self.dropout, self.by_score = base_model_id, dropout, by_score
+
+    def _save(self) -> None:
+        save_adapter(self.model, self.adapter_dir, self.base_model_id, self.dropout)
+
+    def on_validation(self, state: TrainState, evaluation: dict) -> None:
+        score = evaluation.get("valid_score")
+        improved = state.record_validation(evaluation["step"], evaluation["valid_loss"], score, by_score=self.by_score)
+        if improved:
+            self._save()
+        evaluation["best"] = improved
+
+    def on_end(self, state: TrainState) -> None:
+        if state.best_step is None:  # nothing to select on: the last adapter is the result
+            self._save()
+
+
+class EarlyStopping(Listener):
+    """Stops after ``patience`` validations without improvement (as counted by :class:`BestAdapter`)."""
+
+    def __init__(self, patience: int | None) -> None:
+        self.patience = patience
+
+    def should_stop(self, state: TrainState) -> bool:
+        return bool(self.patience) and state.stale >= self.patience
+
+
+class Checkpointer(Listener):
+    """After each validation, the whole :class:`TrainState` (adapter, optimizer, RNG) to ``path``, atomically."""
+
+    def __init__(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.path, self.model, self.optimizer = Path(path), model, optimizer
+
+    def on_validation(self, state: TrainState, evaluation: dict) -> None:
+        state.snapshot(self.model, self.optimizer).save(self.path)

@@ -1,0 +1,193 @@
+"""The training loop itself: steps, nothing else (mlx-lm's shape).
+
+It takes the model, a batch stream, a loss function and an optimizer, and for each optimizer
+step runs its micro-batches forward and backward, clips, steps, then tells its listeners.
+Gradient accumulation normalises by the labelled tokens of the whole step, so every token weighs
+the same. It writes no file and draws nothing: metrics, progress bars, checkpoints and the best
+adapter are listeners (:mod:`affinage.training.listeners`) the recipe wires in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from affinage.data.batching import split_rows
+from affinage.gated_mlp import recompute_gated_activations
+from affinage.training.losses import CPU, LossFn, to_device
+from affinage.training.state import TrainState
+
+Validate = Callable[[nn.Module], dict[str, float]]  # {"valid_loss": ..., optionally "valid_score": ...}
+
+
+@dataclass
+class StepReport:
+    """One optimizer step, unrounded: what listeners log and draw."""
+
+    step: int
+    epoch: int
+    loss: float  # mean per labelled token
+    lr: float
+    tokens: int  # real (non-padding) tokens
+    seconds: float
+    grad_norm: float | None = None
+
+    def record(self) -> dict:
+        """The step's metrics.jsonl line."""
+        record = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": round(self.loss, 5),
+            "lr": self.lr,
+            "tokens_per_second": round(self.tokens / self.seconds, 1),
+        }
+        if self.grad_norm is not None:
+            record["grad_norm"] = round(self.grad_norm, 4)
+        return record
+
+
+class Listener:
+    """Told about the run as it goes; every hook is optional. Listeners run in the order given."""
+
+    def on_start(self, state: TrainState) -> None: ...
+
+    def on_step(self, state: TrainState, report: StepReport) -> None:
+        """After the optimizer step, before any validation."""
+
+    def on_validation(self, state: TrainState, evaluation: dict) -> None:
+        """``evaluation`` is {"step", "epoch", "valid_loss", ...}; a listener may add to it for the next ones."""
+
+    def should_stop(self, state: TrainState) -> bool:
+        return False
+
+    def on_early_stop(self, state: TrainState) -> None: ...
+
+    def on_step_end(self, state: TrainState, report: StepReport) -> None:
+        """After the step and its validation (not after the step that stopped the run early)."""
+
+    def on_end(self, state: TrainState) -> None:
+        """When the loop finishes normally (not when it raises)."""
+
+
+def checkpoint_forward(setting: bool | str, batch: dict, budget: int | None) -> bool:
+    """Whether this forward recomputes its blocks: always, never, or (auto) when it is a single
+    row over the token budget, the one case :func:`split_rows` cannot make smaller."""
+    if setting == "auto":
+        return budget is not None and batch["input_ids"].numel() > budget
+    return bool(setting)
+
+
+@contextmanager
+def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """transformers' per-block checkpointing (non-reentrant: RNG state and dropout masks replay) while training."""
+    if not enabled:
+        yield
+        return
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
+
+
+@dataclass
+class StepOptions:
+    """How one optimizer step runs."""
+
+    accumulation: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    forward_budget: int | None = None  # tokens per forward pass; a bigger micro-batch runs as several
+    checkpointing: bool | str = False  # activation checkpointing: True, False or "auto" (see checkpoint_forward)
+    device: torch.device = CPU
+
+
+def train_step(
+    model: nn.Module,
+    batches: Iterator[tuple[int, dict]],
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    options: StepOptions,
+) -> StepReport:
+    """One optimizer step over ``options.accumulation`` micro-batches; ``step`` is left at 0 for the caller."""
+    started = time.perf_counter()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    micro = [next(batches) for _ in range(options.accumulation)]
+    # A micro-batch over the token budget runs as several forwards: same gradient, lower peak.
+    chunks = [to_device(c, options.device) for _, batch in micro for c in split_rows(batch, options.forward_budget)]
+    # Normalise by the labelled tokens of the whole step so every token weighs the same.
+    step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in chunks)
+    step_loss = 0.0
+    for batch in chunks:
+        with activation_checkpointing(model, checkpoint_forward(options.checkpointing, batch, options.forward_budget)):
+            loss_sum, _ = loss_fn(model, batch)
+            (loss_sum / max(step_tokens, 1)).backward()
+        step_loss += float(loss_sum.detach())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm) if options.max_grad_norm else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    return StepReport(
+        step=0,
+        epoch=micro[-1][0],
+        loss=step_loss / max(step_tokens, 1),
+        lr=lr,
+        tokens=sum(int(b["attention_mask"].sum()) for b in chunks),
+        seconds=seconds,
+        grad_norm=None if grad_norm is None else float(grad_norm),
+    )
+
+
+def run_steps(
+    model: nn.Module,
+    batches: Iterator[tuple[int, dict]],
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int,
+    lr_at: Callable[[int], float],
+    state: TrainState | None = None,
+    options: StepOptions | None = None,
+    validate: Validate | None = None,
+    eval_every: int | None = None,
+    listeners: Sequence[Listener] = (),
+) -> TrainState:
+    """Train until ``state.step == steps`` (or a listener stops the run); validate every ``eval_every`` steps
+    and at the last one. ``batches`` must already stand at ``state.batches``."""
+    state = state or TrainState()
+    options = options or StepOptions()
+    for listener in listeners:
+        listener.on_start(state)
+    stopped = any(listener.should_stop(state) for listener in listeners)  # it had stopped before a kill
+    model.train()
+    # Gated MLPs keep gate and up for backward, not also act(gate): same gradients, less memory.
+    with recompute_gated_activations(model):
+        while state.step < steps and not stopped:
+            report = train_step(model, batches, loss_fn, optimizer, lr_at(state.step), options)
+            state.step += 1
+            state.batches += options.accumulation
+            state.tokens += report.tokens
+            state.seconds += report.seconds
+            report.step = state.step
+            for listener in listeners:
+                listener.on_step(state, report)
+            if validate is not None and (state.step % (eval_every or steps) == 0 or state.step == steps):
+                evaluation = {"step": state.step, "epoch": report.epoch, **validate(model)}
+                for listener in listeners:
+                    listener.on_validation(state, evaluation)
+                if stopped := any(listener.should_stop(state) for listener in listeners):
+                    for listener in listeners:
+                        listener.on_early_stop(state)
+                    break
+            for listener in listeners:
+                listener.on_step_end(state, report)
+    for listener in listeners:
+        listener.on_end(state)
+    return state

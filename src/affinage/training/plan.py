@@ -1,0 +1,134 @@
+"""What a run will feed the loop: its batches, its loss functions and how long it lasts.
+
+The decisions that depend on the data and the machine are taken here, once, before the first
+step: pack examples into rows or not, run the frozen lower blocks once per example (the
+frozen-prefix cache) or not, and how many tokens one forward pass may hold.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from affinage.config import TrainerConfig
+from affinage.data.batching import bucketed_batches, collate, collate_packed, padding_share
+from affinage.data.template import Encoded
+from affinage.prefix_cache import FrozenPrefix, cache_fits, frozen_boundary
+from affinage.training.losses import CPU, LossFn, causal_lm_loss, full_logits_loss
+
+PACK_WHEN_PADDING_ABOVE = 0.15  # packing: auto packs when bucketed batches would be this much padding
+
+CPU_TOKENS_PER_FORWARD = 512  # trainer.max_tokens_per_forward: auto on CPU (docs/performance.md)
+
+
+def resolve_forward_budget(setting: int | str | None, device: torch.device) -> int | None:
+    """Tokens per forward pass: ``auto`` is a budget on CPU (its matmuls are saturated well below
+    it, so splitting costs no speed) and none on GPU, where batch size is the user's memory knob."""
+    if setting == "auto":
+        return CPU_TOKENS_PER_FORWARD if device.type == "cpu" else None
+    return setting
+
+
+def micro_batches(
+    data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int, pack_into: int | None = None
+) -> Iterator[tuple[int, dict]]:
+    """Endless stream of (epoch, batch), reshuffled every epoch with a seed derived from it.
+
+    With ``pack_into`` the examples of a micro-batch are packed into rows of that many tokens:
+    the same examples per step (same schedule, same loss), fewer padding tokens.
+    """
+    lengths = [len(e.input_ids) for e in data]
+    epoch = 0
+    while True:
+        for indices in bucketed_batches(lengths, batch_size, seed + epoch):
+            examples = [data[i] for i in indices]
+            yield (
+                epoch,
+                collate_packed(examples, pad_id, pack_into) if pack_into else collate(examples, pad_id, indices),
+            )
+        epoch += 1
+
+
+@dataclass
+class BatchPlan:
+    """The batch stream, loss functions and step counts of one run (see :meth:`build`)."""
+
+    train_data: Sequence[Encoded]
+    valid_data: Sequence[Encoded]
+    batch_size: int
+    seed: int
+    pad_id: int
+    pack_into: int | None  # packed rows of this many tokens (None: one example per row)
+    prefix_cached: bool
+    forward_budget: int | None  # tokens per forward pass (None: no limit)
+    train_loss_fn: LossFn
+    valid_loss_fn: LossFn
+    total_steps: int
+    eval_every: int
+    setup_seconds: float = 0.0  # the one-off frozen-prefix pass: honest speed counts it as training time
+
+    @property
+    def packed(self) -> bool:
+        return self.pack_into is not None
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        train_data: Sequence[Encoded],
+        valid_data: Sequence[Encoded],
+        cfg: TrainerConfig,
+        *,
+        pad_id: int,
+        device: torch.device = CPU,
+        loss_fn: LossFn | None = None,
+    ) -> BatchPlan:
+        """Decide packing, prefix cache and token budget for ``model`` (its LoRA factors already trainable)."""
+        loss_fn = loss_fn or (causal_lm_loss if cfg.logits_only_on_labels else full_logits_loss)
+        steps_per_epoch = max(1, math.ceil(len(train_data) / cfg.batch_size) // cfg.gradient_accumulation)
+        boundary = frozen_boundary(model) if cfg.cache_frozen_blocks and cfg.packing is not True else None
+        use_prefix_cache = bool(boundary) and cache_fits(list(train_data) + list(valid_data), model)
+        # Packing and the frozen-prefix cache (per example) exclude each other; the cache saves more.
+        waste = padding_share([len(e.input_ids) for e in train_data], cfg.batch_size, cfg.seed)
+        pack = cfg.packing is True or (
+            cfg.packing == "auto" and not use_prefix_cache and waste > PACK_WHEN_PADDING_ABOVE
+        )
+        plan = cls(
+            train_data=train_data,
+            valid_data=valid_data,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            pad_id=pad_id,
+            pack_into=cfg.max_seq_len if pack else None,
+            prefix_cached=use_prefix_cache,
+            forward_budget=resolve_forward_budget(cfg.max_tokens_per_forward, device),
+            train_loss_fn=loss_fn,
+            valid_loss_fn=loss_fn,
+            total_steps=cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch)),
+            eval_every=cfg.eval_every or steps_per_epoch,
+        )
+        if use_prefix_cache:
+            plan._cache_prefix(model, boundary, device)
+        return plan
+
+    def _cache_prefix(self, model: nn.Module, boundary: int, device: torch.device) -> None:
+        """Run the frozen blocks once over both splits; the loss functions then start above them."""
+        started = time.perf_counter()
+        prefix = FrozenPrefix(model, boundary)
+        train_cache = prefix.compute(self.train_data, self.batch_size, self.pad_id, device)
+        self.train_loss_fn = prefix.wrap(self.train_loss_fn, train_cache)
+        valid_cache = prefix.compute(self.valid_data, self.batch_size, self.pad_id, device)
+        self.valid_loss_fn = prefix.wrap(self.valid_loss_fn, valid_cache)
+        self.setup_seconds = time.perf_counter() - started
+
+    def batches(self, skip: int = 0) -> Iterator[tuple[int, dict]]:
+        """The endless (epoch, micro-batch) stream, after its first ``skip`` micro-batches (a resumed run's)."""
+        stream = micro_batches(self.train_data, self.batch_size, self.seed, self.pad_id, self.pack_into)
+        for _ in range(skip):  # resume at the exact batch the run stopped at
+            next(stream)
+        return stream

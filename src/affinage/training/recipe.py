@@ -1,0 +1,243 @@
+"""The training recipe: wires the plan, the state, the listeners and the loop for one run.
+
+:func:`fine_tune` takes every path it writes as an argument; :func:`train` is the older
+entry point that derives them from a run directory (``DIR/adapter``, ``DIR/checkpoint/state.pt``,
+``DIR/metrics.jsonl``, ``DIR/tensorboard``), which :mod:`affinage.pipeline` calls.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from affinage.config import TrainerConfig
+from affinage.data.template import Encoded
+from affinage.lora.layers import mark_only_lora_as_trainable
+from affinage.models import base_model_hub_id
+from affinage.training.listeners import BestAdapter, Checkpointer, EarlyStopping, History, MetricsLog, ProgressBar
+from affinage.training.loop import Listener, StepOptions, Validate, run_steps
+from affinage.training.losses import CPU, LossFn, evaluate_loss
+from affinage.training.plan import BatchPlan
+from affinage.training.reporting import reporters
+from affinage.training.schedule import lr_schedule
+from affinage.training.state import TrainState
+
+TaskScore = Callable[[nn.Module], float]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_tokens: int
+    train_seconds: float
+    train_tokens_per_second: float
+    peak_memory_mb: float
+    final_train_loss: float | None
+    best_valid_loss: float | None
+    best_step: int | None
+    best_valid_score: float | None = None
+    packed: bool = False
+    frozen_prefix_cached: bool = False
+    truncated: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def lora_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    """AdamW on the LoRA factors only (everything else frozen)."""
+    mark_only_lora_as_trainable(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+
+
+def validation(plan: BatchPlan, device: torch.device, task_score: TaskScore | None = None) -> Validate | None:
+    """The loop's validation: loss on the plan's validation split, and ``task_score`` when given."""
+    if not plan.valid_data:
+        return None
+
+    def validate(model: nn.Module) -> dict[str, float]:
+        loss = evaluate_loss(model, plan.valid_data, plan.batch_size, plan.pad_id, device, plan.valid_loss_fn)
+        result = {"valid_loss": loss}
+        if task_score is not None:
+            result["valid_score"] = round(task_score(model), 4)  # compared at the precision it is reported
+            model.train()
+        return result
+
+    return validate
+
+
+def run_plan(
+    model: nn.Module,
+    plan: BatchPlan,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainerConfig,
+    *,
+    state: TrainState | None = None,
+    listeners: Sequence[Listener] = (),
+    device: torch.device = CPU,
+    validate: Validate | None = None,
+) -> TrainState:
+    """The loop over ``plan``'s batches with ``cfg``'s schedule, from ``state`` (a resumed run's) on."""
+    state = state or TrainState()
+    options = StepOptions(
+        accumulation=cfg.gradient_accumulation,
+        max_grad_norm=cfg.max_grad_norm,
+        forward_budget=plan.forward_budget,
+        checkpointing=cfg.gradient_checkpointing,
+        device=device,
+    )
+    return run_steps(
+        model,
+        plan.batches(skip=state.batches),
+        plan.train_loss_fn,
+        optimizer,
+        steps=plan.total_steps,
+        lr_at=lr_schedule(cfg, plan.total_steps),
+        state=state,
+        options=options,
+        validate=validate,
+        eval_every=plan.eval_every,
+        listeners=listeners,
+    )
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """Where a training run's outputs go; a run directory lays them out with :meth:`under`."""
+
+    adapter_dir: Path
+    checkpoint_path: Path
+    metrics_path: Path
+    tensorboard_dir: Path
+
+    @classmethod
+    def under(cls, directory: str | Path) -> TrainPaths:
+        directory = Path(directory)
+        return cls(
+            adapter_dir=directory / "adapter",
+            checkpoint_path=directory / "checkpoint" / "state.pt",
+            metrics_path=directory / "metrics.jsonl",
+            tensorboard_dir=directory / "tensorboard",
+        )
+
+
+def fine_tune(
+    model: nn.Module,
+    train_data: Sequence[Encoded],
+    valid_data: Sequence[Encoded],
+    cfg: TrainerConfig,
+    *,
+    pad_id: int,
+    adapter_dir: Path,
+    checkpoint_path: Path | None = None,
+    metrics_path: Path | None = None,
+    tensorboard_dir: Path | None = None,
+    base_model_name: str,
+    adapter_dropout: float = 0.0,
+    device: torch.device = CPU,
+    loss_fn: LossFn | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    task_score: TaskScore | None = None,
+) -> TrainResult:
+    """Fine-tune the LoRA factors of ``model``; the best adapter goes to ``adapter_dir``.
+
+    The best adapter is the one with the lowest validation loss, or with
+    ``cfg.best_metric == "task"`` the highest ``task_score(model)`` (accuracy, chrF, pattern
+    score on the validation split). ``cfg.early_stopping_patience`` validations without
+    improvement end the run. With ``checkpoint_path`` (and ``resume``) a killed run goes on where
+    its last checkpoint stopped; ``None`` for a path writes nothing there.
+    """
+    torch.manual_seed(cfg.seed)
+    optimizer = lora_optimizer(model, cfg)
+    state = TrainState()
+    if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
+        state = TrainState.load(checkpoint_path, cfg.gradient_accumulation)
+        state.restore(model, optimizer)
+    plan = BatchPlan.build(model, train_data, valid_data, cfg, pad_id=pad_id, device=device, loss_fn=loss_fn)
+    state.seconds += plan.setup_seconds  # honest speed: the one-off frozen-prefix pass counts as training time
+    history = History()
+    listeners: list[Listener] = [
+        BestAdapter(
+            model,
+            adapter_dir,
+            base_model_id=base_model_hub_id(base_model_name),
+            dropout=adapter_dropout,
+            by_score=cfg.best_metric == "task" and task_score is not None,
+        ),
+        history,
+        *([MetricsLog(metrics_path)] if metrics_path is not None else []),
+        *([Checkpointer(checkpoint_path, model, optimizer)] if checkpoint_path is not None else []),
+        EarlyStopping(cfg.early_stopping_patience),
+        *reporters(cfg.report_to, tensorboard_dir=tensorboard_dir, config=cfg.model_dump(mode="json")),
+        *([ProgressBar(plan.total_steps)] if progress else []),
+    ]
+    validate = validation(plan, device, task_score)
+    state = run_plan(model, plan, optimizer, cfg, state=state, listeners=listeners, device=device, validate=validate)
+    return _result(state, plan, history, device)
+
+
+def _result(state: TrainState, plan: BatchPlan, history: History, device: torch.device) -> TrainResult:
+    return TrainResult(
+        steps=state.step,
+        train_tokens=state.tokens,
+        train_seconds=round(state.seconds, 2),
+        train_tokens_per_second=round(state.tokens / max(state.seconds, 1e-9), 1),
+        peak_memory_mb=round(peak_memory_mb(device), 1),
+        final_train_loss=history.last_loss,
+        best_valid_loss=state.best_loss,
+        best_step=state.best_step,
+        best_valid_score=state.best_score,
+        packed=plan.packed,
+        frozen_prefix_cached=plan.prefix_cached,
+        history=history.records,
+    )
+
+
+def train(
+    model: nn.Module,
+    train_data: Sequence[Encoded],
+    valid_data: Sequence[Encoded],
+    cfg: TrainerConfig,
+    *,
+    pad_id: int,
+    run_dir: Path,
+    base_model_name: str,
+    adapter_dropout: float = 0.0,
+    device: torch.device = CPU,
+    loss_fn: LossFn | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    task_score: TaskScore | None = None,
+) -> TrainResult:
+    """:func:`fine_tune` with its outputs laid out under ``run_dir`` (:meth:`TrainPaths.under`)."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    paths = TrainPaths.under(run_dir)
+    return fine_tune(
+        model,
+        train_data,
+        valid_data,
+        cfg,
+        pad_id=pad_id,
+        adapter_dir=paths.adapter_dir,
+        checkpoint_path=paths.checkpoint_path,
+        metrics_path=paths.metrics_path,
+        tensorboard_dir=paths.tensorboard_dir,
+        base_model_name=base_model_name,
+        adapter_dropout=adapter_dropout,
+        device=device,
+        loss_fn=loss_fn,
+        resume=resume,
+        progress=progress,
+        task_score=task_score,
+    )
