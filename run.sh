@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up (idempotent, fast when done) and runs a job.
 #   ./run.sh email-router   fine-tune the email router on the embedded model, print base vs fine-tuned
-#   ./run.sh test           run the test suite
+#   ./run.sh test           ruff (format + lint), then the test suite
 #   ./run.sh <args>         any `affinage` command, e.g. ./run.sh eval runs/email-router --json
 # TORCH_SPEC overrides the torch requirement (default: the CPU build, torch==2.13.0); for a CUDA
 # machine use e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
@@ -57,6 +57,8 @@ case "${1:-email-router}" in
   test)
     shift
     test_tools
+    # Format and lint first: ruff is part of the test command, so CI runs it too.
+    "$VENV/bin/ruff" format --check --quiet . && "$VENV/bin/ruff" check --quiet .
     exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *)
     exec "$VENV/bin/affinage" "$@" ;;

@@ -143,19 +143,45 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def router_rows() -> list[dict]:
+    """36 tiny email-router rows, 3 departments, the seed's [INST] prompt."""
+    return [
+        {"prompt": f'[INST] rediriger l\'email suivant : "{text} ({variant}{index})"[/INST]', "completion": label}
+        for label, texts in EMAILS.items()
+        for index, text in enumerate(texts)
+        for variant in range(3)
+    ]
+
+
 @pytest.fixture
 def email_rows() -> list[dict]:
-    rows = []
-    for label, texts in EMAILS.items():
-        for index, text in enumerate(texts):
-            for variant in range(3):
-                rows.append(
-                    {
-                        "prompt": f'[INST] rediriger l\'email suivant : "{text} ({variant}{index})"[/INST]',
-                        "completion": label,
-                    }
-                )
-    return rows
+    return router_rows()
+
+
+def router_config(directory: Path, model_dir: Path, **sections) -> dict:
+    """A tiny email router on the tiny model, its rows written to ``directory``; ``sections`` merge in."""
+    write_jsonl(directory / "emails.jsonl", router_rows())
+    config = {
+        "base_model": str(model_dir),
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "output_features": [{"name": "completion", "type": "category"}],
+        "data": {"dataset": str(directory / "emails.jsonl")},
+        "trainer": {"max_steps": 6, "batch_size": 4, "learning_rate": 0.01, "eval_every": 3, "max_seq_len": 96},
+    }
+    for key, value in sections.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
+    return config
+
+
+def trained_router(directory: Path, model_dir: Path, *extra: str, **sections) -> Path:
+    """``affinage train`` of :func:`router_config` into ``directory/run``; returns the run directory."""
+    import yaml
+
+    from affinage.cli import main
+
+    (directory / "config.yaml").write_text(yaml.safe_dump(router_config(directory, model_dir, **sections)))
+    assert main(["train", str(directory / "config.yaml"), "--output", str(directory / "run"), "--quiet", *extra]) == 0
+    return directory / "run"
 
 
 @pytest.fixture(scope="session")

@@ -5,25 +5,12 @@ import pytest
 import affinage
 from affinage.cli import main
 from affinage.errors import AffinageError
-from tests.conftest import EMAILS, write_jsonl
+from tests.conftest import router_config
 
 
 @pytest.fixture
 def config(tmp_path, model_dir):
-    rows = [
-        {"prompt": f'[INST] rediriger l\'email suivant : "{text} ({v}{i})"[/INST]', "completion": label}
-        for label, texts in EMAILS.items()
-        for i, text in enumerate(texts)
-        for v in range(3)
-    ]
-    write_jsonl(tmp_path / "emails.jsonl", rows)
-    return {
-        "base_model": str(model_dir),
-        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "output_features": [{"name": "completion", "type": "category"}],
-        "data": {"dataset": str(tmp_path / "emails.jsonl")},
-        "trainer": {"max_steps": 4, "batch_size": 4, "learning_rate": 0.01, "eval_every": 2, "max_seq_len": 96},
-    }
+    return router_config(tmp_path, model_dir, trainer={"max_steps": 4, "eval_every": 2})
 
 
 def test_train_returns_a_run_that_evaluates_predicts_and_merges(tmp_path, config):

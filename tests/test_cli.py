@@ -6,19 +6,12 @@ import pytest
 import yaml
 
 from affinage.cli import main
-from tests.conftest import write_jsonl
+from tests.conftest import router_config, write_jsonl
 
 
 @pytest.fixture
-def config_path(tmp_path, model_dir, email_rows):
-    write_jsonl(tmp_path / "emails.jsonl", email_rows)
-    config = {
-        "base_model": str(model_dir),
-        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "output_features": [{"name": "completion", "type": "category"}],
-        "data": {"dataset": "emails.jsonl"},
-        "trainer": {"max_steps": 6, "batch_size": 4, "learning_rate": 0.01, "eval_every": 3, "max_seq_len": 96},
-    }
+def config_path(tmp_path, model_dir):
+    config = router_config(tmp_path, model_dir, data={"dataset": "emails.jsonl"})
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

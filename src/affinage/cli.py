@@ -91,7 +91,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     info = merge_run(args.run, args.output)
     note = " (the 4-bit base was replaced by its full-precision weights first)" if info["dequantized_base"] else ""
     print(
-        f"merged {args.run} into {args.output} ({info['dtype']}){note}: loads with AutoModelForCausalLM.from_pretrained; "
+        f"merged {args.run} into {args.output} ({info['dtype']}){note}: "
+        "loads with AutoModelForCausalLM.from_pretrained; "
         f"chat template: {info['chat_template']}"
     )
     if args.check:

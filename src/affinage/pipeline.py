@@ -83,17 +83,13 @@ def run_training(
     prepared = _prepare(config, splits, run_dir, device or pick_device(), log)
     base_metrics = _evaluate_test(prepared, "base model", log) if compare_base else None
     task_score = _inject_adapter(prepared, log)
-    paths = run_dir.training
     result = fine_tune(
         prepared.model,
         prepared.encoded["train"],
         prepared.encoded.get("valid", []),
         config.trainer,
         pad_id=prepared.tokenizer.pad_token_id,
-        adapter_dir=paths.adapter_dir,
-        checkpoint_path=paths.checkpoint_path,
-        metrics_path=paths.metrics_path,
-        tensorboard_dir=paths.tensorboard_dir,
+        paths=run_dir.training,
         base_model_name=config.base_model,
         adapter_dropout=config.adapter.dropout,
         device=prepared.device,
@@ -196,9 +192,8 @@ def _inject_adapter(prepared: Prepared, log: Log) -> Callable[[Any], float] | No
         (f"init={adapter.init}", adapter.init != "default"),
     )
     variant = "".join(f" {name}" for name, on in flags if on)
-    log(
-        f"LoRA{variant} r={adapter.r} alpha={adapter.alpha} on {len(targets)} layers: {trainable:,} trainable parameters"
-    )
+    where = f"on {len(targets)} layers: {trainable:,} trainable parameters"
+    log(f"LoRA{variant} r={adapter.r} alpha={adapter.alpha} {where}")
     if config.trainer.best_metric != "task" or not prepared.splits.valid:
         return None
 

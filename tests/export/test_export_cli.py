@@ -4,11 +4,10 @@ import json
 
 import gguf
 import pytest
-import yaml
 
 from affinage.cli import main
 from affinage.export.llamacpp_check import Answer, same_answer
-from tests.conftest import write_jsonl
+from tests.conftest import trained_router
 
 
 @pytest.fixture(scope="module")
@@ -23,27 +22,11 @@ def generation_run(tmp_path_factory, model_dir):
 
 
 def train_tiny(root, model_dir, output_type):
-    from tests.conftest import EMAILS
-
-    rows = [
-        {"prompt": f'[INST] rediriger l\'email suivant : "{text} ({v}{i})"[/INST]', "completion": label}
-        for label, texts in EMAILS.items()
-        for i, text in enumerate(texts)
-        for v in range(3)
-    ]
-    write_jsonl(root / "emails.jsonl", rows)
-    config = {
-        "base_model": str(model_dir),
-        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "prompt": {"system": ""},
-        "output_features": [{"name": "completion", "type": output_type}],
-        "eval": {"task": "classification" if output_type == "category" else "generation"},
-        "data": {"dataset": "emails.jsonl"},
-        "trainer": {"max_steps": 6, "batch_size": 4, "learning_rate": 0.01, "eval_every": 3, "max_seq_len": 96},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    assert main(["train", str(root / "config.yaml"), "--output", str(root / "run"), "--quiet", "--no-base-eval"]) == 0
-    return root / "run"
+    task = "classification" if output_type == "category" else "generation"
+    features = [{"name": "completion", "type": output_type}]
+    return trained_router(
+        root, model_dir, "--no-base-eval", prompt={"system": ""}, output_features=features, eval={"task": task}
+    )
 
 
 def export(run, tmp_path, fmt, *extra):

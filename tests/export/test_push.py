@@ -25,7 +25,7 @@ from affinage.export.hub import push_folder
 from affinage.lora import inject_lora
 from affinage.models import EMBEDDED_MODELS, base_model_hub_id
 from affinage.training import train
-from tests.conftest import EMAILS, tiny_llama, write_jsonl
+from tests.conftest import EMAILS, tiny_llama, trained_router
 
 TOKEN = "hf_affinage_test_token"
 
@@ -131,23 +131,7 @@ def hub(monkeypatch):
 def run_dir(tmp_path_factory, model_dir) -> Path:
     """A tiny trained run (with base vs fine-tuned metrics) shared by the tests of this file."""
     root = tmp_path_factory.mktemp("push")
-    rows = [
-        {"prompt": f'[INST] rediriger l\'email suivant : "{text} ({variant}{index})"[/INST]', "completion": label}
-        for label, texts in EMAILS.items()
-        for index, text in enumerate(texts)
-        for variant in range(3)
-    ]
-    write_jsonl(root / "emails.jsonl", rows)
-    config = {
-        "base_model": str(model_dir),
-        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "output_features": [{"name": "completion", "type": "category"}],
-        "data": {"dataset": "emails.jsonl"},
-        "trainer": {"max_steps": 4, "batch_size": 4, "learning_rate": 0.01, "eval_every": 2, "max_seq_len": 96},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    assert main(["train", str(root / "config.yaml"), "--output", str(root / "run"), "--quiet"]) == 0
-    return root / "run"
+    return trained_router(root, model_dir, trainer={"max_steps": 4, "eval_every": 2})
 
 
 @pytest.fixture
@@ -266,7 +250,6 @@ def test_embedded_aliases_resolve_to_hub_ids_and_adapters_name_them(tokenizer, t
 
 
 def test_cli_push_uploads_a_checked_gguf_with_its_card(hub, run_dir, capsys):
-    from affinage.cli import main
 
     assert main(["push", str(run_dir), "--repo-id", "someone/router-gguf", "--what", "gguf", "--quant", "f16"]) == 0
     (commit,) = hub.commits
@@ -279,7 +262,6 @@ def test_cli_push_uploads_a_checked_gguf_with_its_card(hub, run_dir, capsys):
 
 
 def test_cli_push_dry_run_prints_the_card_and_sends_nothing(hub, run_dir, capsys, monkeypatch):
-    from affinage.cli import main
 
     monkeypatch.delenv("HF_TOKEN")  # a dry run needs no token
     monkeypatch.setattr("affinage.export.hub.get_token", lambda: None)
@@ -290,7 +272,6 @@ def test_cli_push_dry_run_prints_the_card_and_sends_nothing(hub, run_dir, capsys
 
 
 def test_cli_push_without_a_token_fails_before_exporting(hub, run_dir, capsys, monkeypatch):
-    from affinage.cli import main
     from affinage.export import push
 
     monkeypatch.delenv("HF_TOKEN")

@@ -116,9 +116,9 @@ class TrainPaths:
     """Where a training run's outputs go; a run directory lays them out with :meth:`under`."""
 
     adapter_dir: Path
-    checkpoint_path: Path
-    metrics_path: Path
-    tensorboard_dir: Path
+    checkpoint_path: Path | None = None  # None: no resume state written
+    metrics_path: Path | None = None  # None: no metrics.jsonl
+    tensorboard_dir: Path | None = None
 
     @classmethod
     def under(cls, directory: str | Path) -> TrainPaths:
@@ -138,10 +138,7 @@ def fine_tune(
     cfg: TrainerConfig,
     *,
     pad_id: int,
-    adapter_dir: Path,
-    checkpoint_path: Path | None = None,
-    metrics_path: Path | None = None,
-    tensorboard_dir: Path | None = None,
+    paths: TrainPaths,
     base_model_name: str,
     adapter_dropout: float = 0.0,
     device: torch.device = CPU,
@@ -150,17 +147,18 @@ def fine_tune(
     progress: bool = True,
     task_score: TaskScore | None = None,
 ) -> TrainResult:
-    """Fine-tune the LoRA factors of ``model``; the best adapter goes to ``adapter_dir``.
+    """Fine-tune the LoRA factors of ``model``; the best adapter goes to ``paths.adapter_dir``.
 
     The best adapter is the one with the lowest validation loss, or with
     ``cfg.best_metric == "task"`` the highest ``task_score(model)`` (accuracy, chrF, pattern
     score on the validation split). ``cfg.early_stopping_patience`` validations without
-    improvement end the run. With ``checkpoint_path`` (and ``resume``) a killed run goes on where
-    its last checkpoint stopped; ``None`` for a path writes nothing there.
+    improvement end the run. With ``paths.checkpoint_path`` (and ``resume``) a killed run goes on
+    where its last checkpoint stopped; a path left ``None`` writes nothing there.
     """
     torch.manual_seed(cfg.seed)
     optimizer = lora_optimizer(model, cfg)
     state = TrainState()
+    checkpoint_path, metrics_path = paths.checkpoint_path, paths.metrics_path
     if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
         state = TrainState.load(checkpoint_path, cfg.gradient_accumulation)
         state.restore(model, optimizer)
@@ -170,7 +168,7 @@ def fine_tune(
     listeners: list[Listener] = [
         BestAdapter(
             model,
-            adapter_dir,
+            paths.adapter_dir,
             base_model_id=base_model_hub_id(base_model_name),
             dropout=adapter_dropout,
             by_score=cfg.best_metric == "task" and task_score is not None,
@@ -179,7 +177,7 @@ def fine_tune(
         *([MetricsLog(metrics_path)] if metrics_path is not None else []),
         *([Checkpointer(checkpoint_path, model, optimizer)] if checkpoint_path is not None else []),
         EarlyStopping(cfg.early_stopping_patience),
-        *reporters(cfg.report_to, tensorboard_dir=tensorboard_dir, config=cfg.model_dump(mode="json")),
+        *reporters(cfg.report_to, tensorboard_dir=paths.tensorboard_dir, config=cfg.model_dump(mode="json")),
         *([ProgressBar(plan.total_steps)] if progress else []),
     ]
     validate = validation(plan, device, task_score)
@@ -222,17 +220,13 @@ def train(
 ) -> TrainResult:
     """:func:`fine_tune` with its outputs laid out under ``run_dir`` (:meth:`TrainPaths.under`)."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    paths = TrainPaths.under(run_dir)
     return fine_tune(
         model,
         train_data,
         valid_data,
         cfg,
         pad_id=pad_id,
-        adapter_dir=paths.adapter_dir,
-        checkpoint_path=paths.checkpoint_path,
-        metrics_path=paths.metrics_path,
-        tensorboard_dir=paths.tensorboard_dir,
+        paths=TrainPaths.under(run_dir),
         base_model_name=base_model_name,
         adapter_dropout=adapter_dropout,
         device=device,
