@@ -124,3 +124,14 @@ def test_free_generation_is_gated_on_the_next_token_given_the_same_prefix(genera
     checks = report(output)["checks"]["llama.cpp"]
     assert code == 0 and checks["gate"] == "token_agreement" and checks["token_agreement"] >= 0.95
     assert checks["task_metric"]["affinage"] is None  # generation: no label or pattern metric to compare
+
+
+def test_alpaca_rows_with_an_input_have_no_chat_form():
+    from affinage.data.formats import Example
+    from affinage.export.export_checks import has_chat_form
+
+    row = {"instruction": "Résume", "input": "Un long texte.", "output": "Court."}
+    with_input = Example(prompt="Résume\n\nUn long texte.", completion="Court.", row=row)
+    plain = Example(prompt="Résume", completion="Court.", row={"instruction": "Résume", "output": "Court."})
+    assert not has_chat_form(with_input, "alpaca") and has_chat_form(plain, "alpaca")
+    assert has_chat_form(with_input, "chatml") and has_chat_form(with_input, None)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from affinage.data.template import adds_special_tokens, render_prompt
+from affinage.data.template import adds_special_tokens, render_prompt, template_name
 from affinage.errors import AffinageError
 from affinage.evaluate import match_label
 from affinage.export.go_render import go_available, render_with_go
@@ -136,10 +136,24 @@ def check_ollama_template(shipment: Any, examples: Sequence[Any]) -> dict[str, A
     if not shipment.chat_exact:
         return {"n": 0, "same": 0, "note": "the run's prompt has no chat form: clients send affinage's rendered prompt"}
     template = modelfile_template((shipment.directory / "Modelfile").read_text(encoding="utf-8"))
+    expressible = [e for e in examples if has_chat_form(e, prompt.template)]
+    skipped, examples = len(examples) - len(expressible), expressible
     rendered = render_with_go(template, [ollama_messages(e, prompt.system) for e in examples])
     expected = [render_prompt(tokenizer, e, prompt.template, prompt.system) for e in examples]
     if shipment.drop_bos and tokenizer.bos_token:  # Ollama's tokenizer adds the BOS the template leaves out
         expected = [text.removeprefix(tokenizer.bos_token) for text in expected]
     same = [a == b for a, b in zip(rendered, expected)]
     differences = [{"go": a, "training": b} for a, b, s in zip(rendered, expected, same) if not s]
-    return {"n": len(same), "same": sum(same), "differences": differences[:5]}
+    report = {"n": len(same), "same": sum(same), "differences": differences[:5]}
+    if skipped:
+        report["no_chat_form"] = skipped  # Alpaca rows with an input: one chat message cannot carry two fields
+    return report
+
+
+def has_chat_form(example: Any, template: str | None) -> bool:
+    """Whether a chat client can send this row as training saw it.
+
+    An Alpaca row with an ``input`` is rendered with Alpaca's "paired with an input" preamble in
+    training; a chat client sends one user message, so no chat template can tell the two apart.
+    """
+    return template_name(template) != "alpaca" or not str(example.row.get("input") or "").strip()

@@ -282,7 +282,10 @@ def _run_checks(fmt: str, shipment: Shipment, examples: list, answers: list[str]
     if fmt == "ollama":
         checks["ollama_template"] = check_ollama_template(shipment, examples)
         found = checks["ollama_template"]
-        log(f"Ollama TEMPLATE rendered by Go: {found['same']}/{found['n']} prompts exactly the training prompt")
+        unsent = (
+            f" ({found['no_chat_form']} Alpaca rows with an input have no chat form)" if "no_chat_form" in found else ""
+        )
+        log(f"Ollama TEMPLATE rendered by Go: {found['same']}/{found['n']} prompts exactly the training prompt{unsent}")
     return checks
 
 
