@@ -7,8 +7,8 @@ import subprocess
 import pytest
 import yaml
 
-from affinage.compare import gather, side_by_side, write_report
 from affinage.evaluate import classification_metrics
+from affinage.report.compare import gather, side_by_side, write_report
 
 LABELS = ["Finance", "RH", "SPAM"]
 
@@ -119,7 +119,7 @@ def test_report_renders_in_a_headless_browser(run_dir, tmp_path):
 
 
 def test_cells_from_data_are_always_escaped():
-    from affinage.compare_render import Cell, _table
+    from affinage.report.render import Cell, _table
 
     page = _table(["h"], [["<td><img src=x onerror=alert(1)>"], [Cell("<td>kept</td>")]])
     assert "<img" not in page and "&lt;td&gt;&lt;img" in page and "<td>kept</td>" in page

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from affinage.data.batching import collate
-from affinage.gated_mlp import recompute_gated_activations
 from affinage.training import causal_lm_loss
+from affinage.training.gated_mlp import recompute_gated_activations
 from tests.conftest import adapted_tiny, saved_bytes, tiny_gemma3, tiny_llama, trainable_grads
 from tests.test_train import _encoded
 

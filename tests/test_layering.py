@@ -21,7 +21,7 @@ PACKAGE = "affinage"
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first. An entry names a module and its submodules; one ending in "*" is a name prefix
-# (``affinage.compare*``: compare, compare_content, compare_render); the most specific entry that
+# (``affinage.export*``: export and its submodules); the most specific entry that
 # matches decides a module's layer. The package root ``affinage`` (its __init__) is only itself.
 # A module may import modules of its own layer or of lower ones.
 LAYERS: list[list[str]] = [
@@ -38,15 +38,15 @@ LAYERS: list[list[str]] = [
     ["affinage.config"],
     # the data of a config (affinage.data's __init__), prompting, inference rows, checks, the split command
     ["affinage.data"],
-    ["affinage.models", "affinage.quantize", "affinage.gated_mlp"],
+    ["affinage.models", "affinage.models.quantize", "affinage.training.gated_mlp"],
     ["affinage.lora"],
-    ["affinage.prefix_cache", "affinage.training"],
+    ["affinage.training.prefix_cache", "affinage.training"],
     # measuring a model, and the task a run learns
-    ["affinage.evaluate", "affinage.patterns", "affinage.task"],
+    ["affinage.evaluate", "affinage.evaluate.patterns", "affinage.evaluate.task"],
     # a run on disk (its layout), opened for use, and inference with it
     ["affinage.run_dir", "affinage.run", "affinage.runner"],
     # what is made from runs: exports, reports, benchmarks
-    ["affinage.export", "affinage.report", "affinage.compare*", "affinage.plots", "affinage.bench"],
+    ["affinage.export", "affinage.report", "affinage.report.compare*", "affinage.report.plots", "affinage.bench"],
     # the recipe, which wires all of the above
     ["affinage.pipeline"],
     ["affinage.api", "affinage.cli", "affinage"],
@@ -219,7 +219,7 @@ def test_a_new_upward_import_or_cycle_is_found():
         "affinage.cli": set(),
     }
     assert layer_of("affinage.config") > layer_of("affinage.errors")
-    assert layer_of("affinage.compare_render") == layer_of("affinage.compare") > layer_of("affinage.run")
+    assert layer_of("affinage.report.render") == layer_of("affinage.report.compare") > layer_of("affinage.run")
     assert layer_of("affinage.data.check") == layer_of("affinage.data") > layer_of("affinage.data.template")
     assert layer_of("affinage") == layer_of("affinage.cli") and layer_of("affinage.nothing") is None
     assert strongly_connected(graph) == [frozenset({"affinage.errors", "affinage.config"})]

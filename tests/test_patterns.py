@@ -1,7 +1,7 @@
 import pytest
 
 from affinage.errors import ConfigError
-from affinage.patterns import hearts_score, resolve_checker
+from affinage.evaluate.patterns import hearts_score, resolve_checker
 
 
 @pytest.mark.parametrize(

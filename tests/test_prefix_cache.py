@@ -6,8 +6,8 @@ from affinage.data.batching import collate
 from affinage.data.formats import Example
 from affinage.data.template import encode_example
 from affinage.lora import inject_lora, lora_modules, mark_only_lora_as_trainable
-from affinage.prefix_cache import FrozenPrefix, frozen_boundary
 from affinage.training import causal_lm_loss, train
+from affinage.training.prefix_cache import FrozenPrefix, frozen_boundary
 from tests.conftest import EMAILS, tiny_gemma3, tiny_llama
 
 

@@ -268,9 +268,9 @@ def test_a_token_budget_per_forward_gives_the_same_training(tokenizer, tmp_path,
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
 def test_activation_checkpointing_gives_the_same_gradients_with_dropout(build, tokenizer):
     """Recomputed blocks replay the RNG: the same dropout masks, the same loss and gradients."""
-    from affinage.gated_mlp import recompute_gated_activations
     from affinage.lora.layers import share_dropout
     from affinage.training import activation_checkpointing
+    from affinage.training.gated_mlp import recompute_gated_activations
 
     model = adapted_tiny(build, tokenizer, dropout=0.2)
     share_dropout(model)

@@ -96,9 +96,9 @@ class Run:
 
     def evaluate(self, data: str | Path | None = None, *, device: str | None = None) -> dict[str, Any]:
         """The task metrics on ``data`` (default: the run's test split)."""
+        from affinage.evaluate.task import evaluate_examples
         from affinage.run import open_run
         from affinage.runtime import setup
-        from affinage.task import evaluate_examples
 
         run = open_run(self.path, device=setup(device))
         return evaluate_examples(run.model, run.tokenizer, run.examples(data), run.task, run.config, run.prompting)

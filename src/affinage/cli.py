@@ -35,10 +35,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from affinage.evaluate.task import evaluate_examples
     from affinage.report import metrics_text
     from affinage.run import open_run
     from affinage.runtime import setup
-    from affinage.task import evaluate_examples
 
     run = open_run(args.run, device=setup(args.device))
     examples = run.examples(args.data)
@@ -166,7 +166,7 @@ def _add_check_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from affinage.compare import gather, write_report
+    from affinage.report.compare import gather, write_report
 
     run_dir = Path(args.run)
     output = Path(args.output) if args.output else run_dir / "report.html"

@@ -20,6 +20,7 @@ from affinage.data.check import CheckReport, run_checks
 from affinage.data.prompting import Prompting
 from affinage.data.template import Encoded
 from affinage.errors import DataError
+from affinage.evaluate.task import detect_task, encode_all, evaluate_examples
 from affinage.lora.inject import inject_lora
 from affinage.lora.layers import share_dropout
 from affinage.lora.peft_format import load_adapter
@@ -27,7 +28,6 @@ from affinage.models import load_base_model, load_tokenizer, resolve_dtype, reso
 from affinage.report import comparison_table, headline, task_metric
 from affinage.run_dir import RunDir
 from affinage.runtime import pick_device
-from affinage.task import detect_task, encode_all, evaluate_examples
 from affinage.training import TrainResult, fine_tune
 
 Log = Callable[[str], None]

@@ -28,7 +28,7 @@ from affinage.config import Config, config_from_dict, config_to_dict
 from affinage.data.formats import Example
 from affinage.data.transforms import BUILTIN
 from affinage.errors import AffinageError
-from affinage.patterns import NAMED
+from affinage.evaluate.patterns import NAMED
 from affinage.training.recipe import TrainPaths
 from affinage.userfn import user_module_file
 

@@ -7,7 +7,7 @@ from affinage.data import load_file
 from affinage.data.formats import Example
 from affinage.data.transforms import HEARTS, Transform, add_hearts, apply_transforms, strip_accents
 from affinage.errors import ConfigError
-from affinage.patterns import hearts_score
+from affinage.evaluate.patterns import hearts_score
 
 
 def test_strip_accents_keeps_letters_and_punctuation():
@@ -83,7 +83,7 @@ def test_apply_transforms_in_order():
 
 def test_installed_callables_are_never_loaded(tmp_path):
     """A shared config or run must not be able to name os.system or builtins.exec."""
-    from affinage.patterns import resolve_checker
+    from affinage.evaluate.patterns import resolve_checker
 
     for name in ("os.system", "subprocess.call", "builtins.exec"):
         with pytest.raises(ConfigError, match="installed modules are not loaded"):

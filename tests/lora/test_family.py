@@ -15,8 +15,8 @@ from affinage.data.template import encode_example
 from affinage.errors import AffinageError, ConfigError
 from affinage.lora import LoRAEmbedding, LoRALinear, inject_lora, load_adapter, lora_modules, save_adapter
 from affinage.lora.inject import pattern_key, pattern_value
-from affinage.prefix_cache import frozen_boundary
 from affinage.training import causal_lm_loss, full_logits_loss, train
+from affinage.training.prefix_cache import frozen_boundary
 from tests.conftest import EMAILS, tiny_gemma3, tiny_llama
 from tests.lora.test_variants import logits, randomise
 

@@ -33,7 +33,7 @@ def collate(examples: Sequence[Encoded], pad_id: int, indices: Sequence[int] | N
     """Right-pad to the longest example; padded positions carry no loss and no attention.
 
     ``indices`` (the examples' positions in their data set) travel with the batch for
-    per-example caches (see ``affinage.prefix_cache``).
+    per-example caches (see ``affinage.training.prefix_cache``).
     """
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)

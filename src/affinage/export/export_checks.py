@@ -51,7 +51,7 @@ def task_metric(run: Any, examples: Sequence[Any], answers: Sequence[str]) -> di
         hits = [match_label(answer, labels) == label for answer, label in zip(answers, gold)]
         return {"accuracy": round(sum(hits) / max(len(hits), 1), 4)}
     if run.config.eval.pattern:
-        from affinage.patterns import resolve_checker
+        from affinage.evaluate.patterns import resolve_checker
 
         checker = resolve_checker(run.config.eval.pattern, str(run.path))
         return {"pattern_score": round(sum(checker(a) for a in answers) / max(len(answers), 1), 4)}

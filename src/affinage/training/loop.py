@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from affinage.data.batching import split_rows
-from affinage.gated_mlp import recompute_gated_activations
+from affinage.training.gated_mlp import recompute_gated_activations
 from affinage.training.losses import CPU, LossFn, to_device
 from affinage.training.state import TrainState
 

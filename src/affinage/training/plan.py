@@ -18,8 +18,8 @@ from torch import nn
 from affinage.config import TrainerConfig
 from affinage.data.batching import bucketed_batches, collate, collate_packed, padding_share
 from affinage.data.template import Encoded
-from affinage.prefix_cache import FrozenPrefix, cache_fits, frozen_boundary
 from affinage.training.losses import CPU, LossFn, causal_lm_loss, full_logits_loss
+from affinage.training.prefix_cache import FrozenPrefix, cache_fits, frozen_boundary
 
 PACK_WHEN_PADDING_ABOVE = 0.15  # packing: auto packs when bucketed batches would be this much padding
 

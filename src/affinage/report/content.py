@@ -1,7 +1,7 @@
 """What the comparison report says, independent of how it is written (HTML or Markdown).
 
-:mod:`affinage.compare` gathers a :class:`RunReport` from a run directory and writes it;
-:mod:`affinage.compare_render` lays out the rows computed here. Both import this module, so the
+:mod:`affinage.report.compare` gathers a :class:`RunReport` from a run directory and writes it;
+:mod:`affinage.report.render` lays out the rows computed here. Both import this module, so the
 dependencies point one way (compare -> compare_render -> compare_content).
 """
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from affinage.atomic import write_file_atomic, write_text_atomic
-from affinage.compare_content import (  # the report's content, importable from here as before
+from affinage.data.inference import inference_example, question_text, row_fields
+from affinage.errors import AffinageError
+from affinage.report.content import (  # the report's content, importable from here as before
     RunReport,
     escape,
     glance_rows,
@@ -21,10 +23,8 @@ from affinage.compare_content import (  # the report's content, importable from 
     metric_rows,
     side_by_side,
 )
-from affinage.compare_render import render_html, render_markdown
-from affinage.data.inference import inference_example, question_text, row_fields
-from affinage.errors import AffinageError
-from affinage.plots import training_curves_png
+from affinage.report.plots import training_curves_png
+from affinage.report.render import render_html, render_markdown
 from affinage.run_dir import SPLITS, RunDir
 
 __all__ = [
@@ -72,9 +72,9 @@ def gather(run_dir: Path, *, compute_missing_base: bool = True, device: str | No
 
 def _evaluate_base(directory: RunDir, device: str | None) -> dict[str, Any]:
     """The run was trained with --no-base-eval: evaluate the bare base model now (and keep it)."""
+    from affinage.evaluate.task import evaluate_examples
     from affinage.run import open_run
     from affinage.runtime import setup
-    from affinage.task import evaluate_examples
 
     run = open_run(directory.path, with_adapter=False, device=setup(device))
     base = evaluate_examples(run.model, run.tokenizer, run.examples(), run.task, run.config, run.prompting)

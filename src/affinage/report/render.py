@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from affinage.compare_content import RunReport, escape, glance_rows, headline_sentence, metric_rows, side_by_side
+from affinage.report.content import RunReport, escape, glance_rows, headline_sentence, metric_rows, side_by_side
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;\
