@@ -8,22 +8,15 @@ base), ``library_name`` and ``eval_results`` (the model-index).
 
 from __future__ import annotations
 
-import json
-import re
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from affinage.atomic import write_text_atomic
 from affinage.errors import AffinageError
-from affinage.export.ollama import ollama_usage
-from affinage.models import base_model_hub_id
-from affinage.run_dir import RunDir
+from affinage.export.card_facts import RunFacts, read_run_facts
+from affinage.export.card_usage import fenced, usage
 
 WHATS = ("adapter", "merged", "gguf", "ollama")
 LIBRARY = {"adapter": "peft", "merged": "transformers", "gguf": "gguf", "ollama": "gguf"}
@@ -42,85 +35,6 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "loss": ("loss", "test loss", "{:.4f}"),
     "perplexity": ("perplexity", "test perplexity", "{:.2f}"),
 }
-
-
-@dataclass
-class RunFacts:
-    """What a card says about a run, read once from its files."""
-
-    name: str
-    config: dict[str, Any]
-    config_text: str
-    task: dict[str, Any]
-    summary: dict[str, Any] | None
-    rows: dict[str, int]
-    label_counts: dict[str, Counter] = field(default_factory=dict)
-
-    @property
-    def base_model(self) -> str:
-        return base_model_hub_id(str(self.config.get("base_model", "")))
-
-    @property
-    def base_hub_id(self) -> str | None:
-        """The base as a Hub id, or None for a local path (the Hub rejects a path as ``base_model``)."""
-        base = self.base_model
-        if not base or base.startswith((".", "/", "~")) or base.endswith(".gguf") or Path(base).expanduser().exists():
-            return None
-        try:
-            validate_repo_id(base)
-        except HFValidationError:
-            return None
-        return base
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file of the run, or None when it is missing or unreadable (an interrupted run)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _count_rows(path: Path) -> int:
-    if not path.is_file():
-        return 0
-    with path.open(encoding="utf-8") as handle:
-        return sum(1 for line in handle if line.strip())
-
-
-def _label_counts(run_dir: Path) -> dict[str, Counter]:
-    """Label counts per split, read through the run's transforms; empty when the rows cannot be read here."""
-    from affinage.data import load_file
-
-    try:
-        directory = RunDir(run_dir)
-        config = directory.read_config()
-        files = {split: directory.split_path(split) for split in SPLITS}
-        return {
-            split: Counter(e.completion.strip() for e in load_file(config, path))
-            for split, path in files.items()
-            if path.is_file()
-        }
-    except (AffinageError, OSError, ValueError, ImportError):
-        return {}
-
-
-def read_run_facts(run_dir: Path, name: str | None = None) -> RunFacts:
-    """The card's facts; a run needs its config.yaml, everything else is optional."""
-    directory = RunDir(run_dir).require()
-    config_text = directory.config_path.read_text(encoding="utf-8")
-    task = _read_json(directory.task_path) or {"task": "generation", "labels": None}
-    facts = RunFacts(
-        name=name or directory.path.resolve().name,
-        config=yaml.safe_load(config_text) or {},
-        config_text=config_text,
-        task=task,
-        summary=_read_json(directory.summary_path),
-        rows={split: _count_rows(directory.split_path(split)) for split in SPLITS},
-    )
-    if task.get("task") == "classification" and task.get("labels"):
-        facts.label_counts = _label_counts(run_dir)
-    return facts
 
 
 def _measured(summary: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -197,11 +111,6 @@ def write_card(run_dir: Path, export_dir: Path, what: str, *, repo_id: str | Non
     return path
 
 
-def ollama_name(name: str) -> str:
-    """A model name Ollama accepts: lowercase letters, digits, dots, dashes and underscores."""
-    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._") or "model"
-
-
 # ---------------------------------------------------------------- the card's text
 
 KIND_TEXT = {
@@ -221,7 +130,7 @@ def card_body(facts: RunFacts, what: str, repo: str, gguf_file: str) -> str:
         _results(facts),
         _data(facts),
         _training(facts),
-        _usage(facts, what, repo, gguf_file),
+        usage(facts, what, repo, gguf_file),
         _config(facts),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
@@ -313,120 +222,6 @@ def _number(value: Any) -> Any:
     return f"{value:.4g}" if isinstance(value, float) else value
 
 
-def _prompt_note(facts: RunFacts) -> str:
-    prompt = facts.config.get("prompt") or {}
-    template = f"the `{prompt['template']}` prompt template" if prompt.get("template") else "the model's chat template"
-    system = " with the run's system prompt (see the config below)" if prompt.get("system") else ""
-    return f"The model was trained on prompts formatted with {template}{system}: format your prompts the same way."
-
-
-def _fenced(text: str, language: str) -> str:
-    fence = "```"
-    while fence in text:
-        fence += "`"
-    return f"{fence}{language}\n{text.rstrip()}\n{fence}"
-
-
 def _config(facts: RunFacts) -> str:
     intro = "## Run config\n\nThe run's `config.yaml` (paths are those of the training machine):\n\n"
-    return intro + _fenced(facts.config_text, "yaml")
-
-
-def _usage(facts: RunFacts, what: str, repo: str, gguf_file: str) -> str:
-    if what == "adapter":
-        parts = [_with_peft(facts, repo), _with_affinage_run()]
-    elif what == "merged":
-        parts = [_with_transformers(facts, repo), _with_affinage_download(facts, repo)]
-    else:
-        parts = [_with_llama_cpp(repo, gguf_file), _with_ollama(facts, what, repo, gguf_file)]
-    return "## How to use\n\n" + "\n\n".join(parts)
-
-
-def _with_peft(facts: RunFacts, repo: str) -> str:
-    base = facts.base_hub_id or facts.base_model
-    auto = (
-        f"from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
-        f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{base}")'
-    )
-    explicit = (
-        f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-        f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
-        f'model = PeftModel.from_pretrained(base, "{repo}")'
-    )
-    local = "" if facts.base_hub_id else "\n\nThe base model is a local directory of the training machine: use a copy."
-    return (
-        f"### With PEFT\n\n{_fenced(auto, 'python')}\n\nor, with the base model loaded yourself:\n\n"
-        f"{_fenced(explicit, 'python')}\n\n{_prompt_note(facts)}{local}"
-    )
-
-
-def _with_affinage_run() -> str:
-    commands = 'affinage predict RUN "your text"\naffinage eval RUN'
-    return (
-        f"### With affinage\n\n{_fenced(commands, 'bash')}\n\n`RUN` is the run directory this adapter was exported "
-        "from (`affinage train CONFIG --output RUN`); affinage formats prompts as in training."
-    )
-
-
-def _generate_args(facts: RunFacts) -> str:
-    sections = (facts.config.get("generation") or {}, facts.config.get("eval") or {})
-    limit = next((section["max_new_tokens"] for section in sections if section.get("max_new_tokens")), None)
-    return f", max_new_tokens={limit}" if limit else ""
-
-
-def _with_transformers(facts: RunFacts, repo: str) -> str:
-    code = (
-        f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{repo}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")\n'
-        f'messages = [{{"role": "user", "content": "your text"}}]\n'
-        f'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",\n'
-        f"                                       return_dict=True)\n"
-        f"output = model.generate(**inputs{_generate_args(facts)})\n"
-        f'print(tokenizer.decode(output[0][inputs["input_ids"].shape[-1]:], skip_special_tokens=True))'
-    )
-    return (
-        f"### With transformers\n\n{_fenced(code, 'python')}\n\n"
-        "The tokenizer's chat template formats prompts the way the model was trained."
-    )
-
-
-def _with_affinage_download(facts: RunFacts, repo: str) -> str:
-    folder = ollama_name(facts.name)
-    commands = f'hf download {repo} --local-dir {folder}\naffinage predict {folder} "your text"'
-    return f"### With affinage\n\n{_fenced(commands, 'bash')}"
-
-
-def _gguf_layout(gguf_file: str) -> tuple[str, str]:
-    """(the files to fetch, llama.cpp's model arguments): a merged file, or ``base.gguf`` + ``--lora adapter.gguf``."""
-    if gguf_file == "adapter.gguf":
-        return "base.gguf adapter.gguf", "-m base.gguf --lora adapter.gguf"
-    return gguf_file, f"-m {gguf_file}"
-
-
-def _with_llama_cpp(repo: str, gguf_file: str) -> str:
-    files, arguments = _gguf_layout(gguf_file)
-    commands = f"hf download {repo} {files} --local-dir .\nllama-cli {arguments} -cnv"
-    return (
-        f"### With llama.cpp\n\n{_fenced(commands, 'bash')}\n\nllama.cpp formats the chat with the file's own template."
-    )
-
-
-def _with_ollama(facts: RunFacts, what: str, repo: str, gguf_file: str) -> str:
-    name = ollama_name(facts.name)
-    if what == "ollama":  # the export ships its Modelfile (template, stop tokens, parameters)
-        fetch = f"hf download {repo} --local-dir {name}   # or use this directory as it is\ncd {name}\n"
-        usage = ollama_usage(name, adapter=gguf_file == "adapter.gguf").replace("## Run with Ollama\n\n", "")
-        return f"### With Ollama\n\n{_fenced(fetch, 'bash')}\n\n{usage}"
-    files, _ = _gguf_layout(gguf_file)
-    lines = "FROM ./base.gguf\\nADAPTER ./adapter.gguf" if gguf_file == "adapter.gguf" else f"FROM ./{gguf_file}"
-    commands = (
-        f"hf download {repo} {files} --local-dir .\nprintf '{lines}\\n' > Modelfile\n"
-        f"ollama create {name} -f Modelfile\nollama run {name}"
-    )
-    note = (
-        "This bare Modelfile uses the chat template stored in the GGUF; `affinage export --format ollama` "
-        "writes a Modelfile with the TEMPLATE, stop strings and parameters checked against training."
-    )
-    return f"### With Ollama\n\n{_fenced(commands, 'bash')}\n\n{note}"
+    return intro + fenced(facts.config_text, "yaml")
