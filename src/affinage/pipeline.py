@@ -75,6 +75,9 @@ def run_training(
     start = run_dir.start(config, overwrite=overwrite)
     if start == "finished":
         log(f"{run_dir.path} already holds this finished run: nothing to do (--overwrite trains it again)")
+        evaluation = run_dir.read_eval() or {}
+        if evaluation.get("fine_tuned"):
+            log("\n" + comparison_table(evaluation.get("base"), evaluation["fine_tuned"]))
         return run_dir.read_summary()
     if start == "resume":
         log(f"resuming the interrupted run in {run_dir.path}")
