@@ -11,6 +11,7 @@ import resource
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -208,30 +209,9 @@ def train(
     valid_data: Sequence[Encoded],
     cfg: TrainerConfig,
     *,
-    pad_id: int,
     run_dir: Path,
-    base_model_name: str,
-    adapter_dropout: float = 0.0,
-    device: torch.device = CPU,
-    loss_fn: LossFn | None = None,
-    resume: bool = True,
-    progress: bool = True,
-    task_score: TaskScore | None = None,
+    **options: Any,
 ) -> TrainResult:
-    """:func:`fine_tune` with its outputs laid out under ``run_dir`` (:meth:`TrainPaths.under`)."""
+    """:func:`fine_tune` (same keyword options) with its outputs laid out under ``run_dir``."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return fine_tune(
-        model,
-        train_data,
-        valid_data,
-        cfg,
-        pad_id=pad_id,
-        paths=TrainPaths.under(run_dir),
-        base_model_name=base_model_name,
-        adapter_dropout=adapter_dropout,
-        device=device,
-        loss_fn=loss_fn,
-        resume=resume,
-        progress=progress,
-        task_score=task_score,
-    )
+    return fine_tune(model, train_data, valid_data, cfg, paths=TrainPaths.under(run_dir), **options)
