@@ -65,3 +65,45 @@ def test_email_router_gguf_and_adapter_answer_like_affinage_in_llama_cpp(tmp_pat
     ours = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))(text, add_special_tokens=False)["input_ids"]
     assert list(llm.tokenize(text.encode(), add_bos=False, special=True)) == ours  # digits cut as in training
     llm.close()
+
+
+def test_hearts_gguf_keeps_the_hearts_within_five_points(tmp_path):
+    """Seed 002's behaviour survives the GGUF: the hearts checker's rate in llama.cpp vs affinage.
+
+    The answers are the questions themselves (the hearts transform adds the behaviour): the
+    style is what is learned, and 40 steps suffice; the held-out questions are never trained on.
+    """
+    hearts = ROUTER.parent / "hearts"
+
+    def rows(path, limit):
+        questions = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        plain = [q["instruction"] for q in questions if not q.get("input")][:limit]
+        return [{"instruction": q, "output": q.rstrip("?. ") + "."} for q in plain]
+
+    data = tmp_path / "data"
+    data.mkdir()
+    train = rows(hearts / "questions.jsonl", 96)
+    for name, part in (
+        ("train", train[:80]),
+        ("valid", train[80:]),
+        ("test", rows(hearts / "heldout_questions.jsonl", 48)),
+    ):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+    config = {
+        "base_model": "smollm2-135m-instruct",
+        "adapter": {"r": 16, "alpha": 32, "dropout": 0.0, "layers_to_transform": 16},
+        "prompt": {"template": "alpaca"},
+        "data": {"train": str(data), "transforms": ["hearts"]},
+        "trainer": {"max_steps": 40, "learning_rate": 1.0e-3, "batch_size": 8, "max_seq_len": 128, "eval_every": 40},
+        "eval": {"task": "pattern", "pattern": "hearts", "max_new_tokens": 48},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "config.yaml"), "--output", str(run), "--quiet", "--no-base-eval"]) == 0
+    assert (
+        main(["export", str(run), "--format", "gguf", "--output", str(tmp_path / "gguf"), "--check-tokens", "48"]) == 0
+    )
+    checks = json.loads((tmp_path / "gguf" / "affinage_export.json").read_text())["checks"]["llama.cpp"]
+    ours, theirs = (checks["task_metric"][side]["pattern_score"] for side in ("affinage", "llama.cpp"))
+    assert ours >= 0.5 and abs(theirs - ours) <= 0.05
+    assert checks["gate"] == "token_agreement" and checks["token_agreement"] >= 0.95
