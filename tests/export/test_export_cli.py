@@ -31,7 +31,8 @@ def train_tiny(root, model_dir, output_type):
 
 def export(run, tmp_path, fmt, *extra):
     output = tmp_path / fmt
-    code = main(["export", str(run), "--format", fmt, "--output", str(output), "--quant", "f16", *extra])
+    command = ["export", str(run), "--format", fmt, "--output", str(output), "--quant", "f16", "--check-tokens", "8"]
+    code = main([*command, *extra])
     return code, output
 
 
@@ -135,3 +136,21 @@ def test_alpaca_rows_with_an_input_have_no_chat_form():
     plain = Example(prompt="Résume", completion="Court.", row={"instruction": "Résume", "output": "Court."})
     assert not has_chat_form(with_input, "alpaca") and has_chat_form(plain, "alpaca")
     assert has_chat_form(with_input, "chatml") and has_chat_form(with_input, None)
+
+
+def test_outputs_never_overlap_the_run_or_a_file(run, tmp_path, capsys):
+    assert main(["export", str(run), "--format", "peft", "--output", str(run / "inside")]) == 2
+    assert main(["merge", str(run), "--output", str(run.parent)]) == 2  # would hold the run
+    (tmp_path / "model.gguf").write_text("not a directory")
+    assert main(["export", str(run), "--format", "peft", "--output", str(tmp_path / "model.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "overlap the run" in err and "is a file" in err
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_push_names_a_bad_repo_id_before_exporting(run, capsys, monkeypatch):
+    from affinage.export import push
+
+    monkeypatch.setattr(push, "export_run", lambda *args, **kwargs: pytest.fail("exported for a bad repo id"))
+    assert main(["push", str(run), "--repo-id", "my model!"]) == 2
+    assert "not a valid Hub repository id" in capsys.readouterr().err

@@ -80,6 +80,8 @@ def check_gguf(shipment: Any, examples: Sequence[Any], answers: Sequence[str]) -
         "create_chat_completion (the GGUF's chat template)" if chat else "create_completion (affinage's prompt)"
     )
     report["gate"] = "agreement" if run.task.get("task") == "classification" else "token_agreement"
+    sendable = [c.same_prompt for e, c in zip(examples, compared) if has_chat_form(e, run.config.prompt.template)]
+    report["same_prompt_tokens_chat_form"] = round(sum(sendable) / max(len(sendable), 1), 4)
     report["task_metric"] = {
         "affinage": task_metric(run, examples, answers),
         "llama.cpp": task_metric(run, examples, [c.answer.text for c in compared]),

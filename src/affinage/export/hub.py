@@ -44,7 +44,7 @@ def folder_files(folder: Path) -> list[dict[str, Any]]:
     return [{"path": rel, "size": paths[rel].stat().st_size} for rel in kept]
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
@@ -111,7 +111,7 @@ def push_folder(
         raise AffinageError(
             f"nothing to push: {folder} is not a directory", fix="export the run first, then push that folder"
         )
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     files = folder_files(folder)
     if not files:
         raise AffinageError(f"nothing to push: {folder} holds no files", fix="export the run into it first")

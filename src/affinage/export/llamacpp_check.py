@@ -39,16 +39,19 @@ def open_gguf(model_path: Path, *, lora_path: Path | None = None, n_ctx: int = 2
     from llama_cpp import Llama
 
     threads = int(os.environ.get("AFFINAGE_THREADS") or len(os.sched_getaffinity(0)))
-    return Llama(
-        model_path=str(model_path),
-        lora_path=str(lora_path) if lora_path else None,
-        n_ctx=n_ctx,
-        logits_all=logits_all,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-        seed=0,
-    )
+    try:
+        return Llama(
+            model_path=str(model_path),
+            lora_path=str(lora_path) if lora_path else None,
+            n_ctx=n_ctx,
+            logits_all=logits_all,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+            seed=0,
+        )
+    except (ValueError, RuntimeError) as error:  # llama.cpp refused the file: say so, never a traceback
+        raise AffinageError(f"llama.cpp could not load {model_path}: {error}", fix="see the export report") from None
 
 
 def chat_messages(example: Example) -> list[dict[str, str]]:

@@ -14,12 +14,14 @@ from typing import Any
 
 from affinage.atomic import atomic_directory
 from affinage.export.chat_template import run_chat_template
+from affinage.export.outputs import guard_output
 from affinage.lora.inject import fuse_lora
 
 
 def merge_run(run_dir: str | Path, output_dir: str | Path) -> dict[str, Any]:
     from affinage.run import open_run
 
+    guard_output(Path(output_dir), "affinage_merge.json", Path(run_dir))  # never over the run or a user's directory
     run = open_run(run_dir, quantized=False)  # a 4-bit base is merged into its full-precision weights
     fuse_lora(run.model)
     with atomic_directory(Path(output_dir)) as tmp:
@@ -38,7 +40,7 @@ def save_merged(run: Any, directory: Path) -> dict[str, Any]:
     tokenizer.save_pretrained(directory)
     info = {
         "chat_template": template_note,
-        "merged_from": str(Path(run.path).resolve()),
+        "merged_from": Path(run.path).resolve().name,
         "base_model": run.config.base_model,
         "prompt_template": run.config.prompt.template,
         "system": run.config.prompt.system,

@@ -17,16 +17,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from affinage.data.template import tokenizer_adds
+from affinage.data.template import encode_prompt, tokenizer_adds
 from affinage.errors import AffinageError
 from affinage.export.card import write_card
 from affinage.export.chat_template import run_chat_template
-from affinage.export.export_checks import check_gguf, check_ollama_template, require_checkers
+from affinage.export.export_checks import GGUF_FORMATS, check_gguf, check_ollama_template, require_checkers
 from affinage.export.gguf_lora import write_adapter_gguf
 from affinage.export.gguf_vocab import gguf_vocab
 from affinage.export.gguf_write import check_quant, write_model_gguf
 from affinage.export.merge import save_merged
 from affinage.export.ollama import go_template, modelfile_text, stop_tokens
+from affinage.export.outputs import guard_output
 from affinage.lora.inject import fuse_lora
 from affinage.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
@@ -74,13 +75,16 @@ def export_run(
     run_dir, output = Path(run_dir), Path(output)
     _check_request(run_dir, fmt, output, options)
     RunDir(run_dir).require(adapter=True)  # before anything loads
-    if options.check:
+    checked = options.check and fmt in GGUF_FORMATS  # peft and merged are the run's own files: nothing to compare
+    if checked:
         require_checkers(fmt)
     partial = output.parent / f"{output.name}.partial"
+    guard_output(partial, REPORT_NAME, run_dir)
+    run = open_run(run_dir, quantized=False)  # a 4-bit base is exported from its full-precision weights
+    examples = _check_examples(run, options, log) if checked else []
+    template, _, exact = run_chat_template(run.tokenizer, run.config.prompt.template, run.config.prompt.system)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    run = open_run(run_dir, quantized=False)  # a 4-bit base is exported from its full-precision weights
-    template, _, exact = run_chat_template(run.tokenizer, run.config.prompt.template, run.config.prompt.system)
     shipment = Shipment(
         run=run,
         directory=partial,
@@ -89,14 +93,18 @@ def export_run(
         chat_exact=exact,
         drop_bos=tokenizer_adds(run.tokenizer, run.tokenizer.bos_token_id),
     )
-    report: dict[str, Any] = {"format": fmt, "run": str(run_dir.resolve()), "options": asdict(options)}
-    examples = _check_examples(run, options) if options.check else []
+    report: dict[str, Any] = {"format": fmt, "run": run_dir.resolve().name, "options": asdict(options)}
     answers = _affinage_answers(run, examples, options) if examples else []
     report["files"] = WRITERS[fmt](shipment, log)
-    if options.check:
-        report["checks"] = _run_checks(fmt, shipment, examples, answers, log)
     write_card(run_dir, partial, CARD_KIND[fmt])
-    (partial / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        if checked:
+            report["checks"] = _run_checks(fmt, shipment, examples, answers, log)
+    except AffinageError as error:  # llama.cpp or Go refused the files: a failed check, with its report
+        report["checks"] = {"error": str(error)}
+        raise ExportCheckFailed(f"{error}; the export is left in {partial}", fix="see the report") from None
+    finally:
+        (partial / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     _fail_if_disagrees(report, partial, options)
     shutil.rmtree(output, ignore_errors=True)
     partial.rename(output)
@@ -112,27 +120,30 @@ def _check_request(run_dir: Path, fmt: str, output: Path, options: ExportOptions
         raise AffinageError(
             "--adapter applies to --format ollama", fix="use --format gguf-lora for a llama.cpp adapter"
         )
-    if output.resolve() == run_dir.resolve() or run_dir.resolve() in output.resolve().parents:
-        raise AffinageError(
-            f"the export directory {output} is inside the run", fix="choose an --output outside the run"
-        )
-    if output.exists() and any(output.iterdir()) and not (output / REPORT_NAME).is_file():
-        raise AffinageError(
-            f"{output} exists and is not an affinage export: it is never overwritten",
-            fix="choose another --output, or empty that directory",
-        )
+    guard_output(output, REPORT_NAME, run_dir)
     if not 0.0 <= options.min_agreement <= 1.0:
         raise AffinageError(f"--min-agreement {options.min_agreement} must be between 0 and 1")
 
 
-def _check_examples(run: Any, options: ExportOptions) -> list:
-    examples = run.examples()
-    if not examples:
+def _check_examples(run: Any, options: ExportOptions, log: Callable[[str], None]) -> list:
+    """The test rows both sides can answer from the same prompt (affinage cuts an over-long one)."""
+    test = run.run_dir.split_path("test")
+    examples = run.examples() if test.is_file() and test.stat().st_size else []
+    budget = max(run.prompting.max_len - options.check_tokens, run.prompting.max_len // 2)  # as Prompting cuts
+    fitting = [
+        e
+        for e in examples
+        if len(encode_prompt(run.tokenizer, e, run.prompting.template, run.prompting.system)) <= budget
+    ]
+    if not fitting:
         raise AffinageError(
-            f"{run.path} has no test rows to verify the export on",
+            f"{run.path} has no test rows to verify the export on"
+            + (f" ({len(examples)} are longer than max_seq_len - --check-tokens)" if examples else ""),
             fix="train with a test split, or pass --no-check to write the export unverified",
         )
-    return examples[: options.check_limit] if options.check_limit else examples
+    if len(fitting) < len(examples):
+        log(f"{len(examples) - len(fitting)} test rows longer than the prompt budget ({budget} tokens) left out")
+    return fitting[: options.check_limit] if options.check_limit else fitting
 
 
 def _affinage_answers(run: Any, examples: list, options: ExportOptions) -> list[str]:
@@ -298,6 +309,13 @@ def _fail_if_disagrees(report: dict[str, Any], partial: Path, options: ExportOpt
             f"llama.cpp gives affinage's {what} on {llama[llama['gate']]:.1%} of the test prompts, below "
             f"--min-agreement {options.min_agreement:.0%}; the export is left in {partial} (see {REPORT_NAME})",
             fix="look at the differences in the report; a lower --quant loses less (f16), or pass --no-check",
+        )
+    if llama is not None and llama["same_prompt_tokens_chat_form"] < options.min_agreement:
+        raise ExportCheckFailed(
+            f"llama.cpp's prompt tokens differ from training on {1 - llama['same_prompt_tokens_chat_form']:.1%} of "
+            f"the test prompts a chat client can send: the file's tokenizer or chat template is not the run's; "
+            f"the export is left in {partial}",
+            fix="report this as a bug with the export report; --format merged is the fallback",
         )
     template = checks.get("ollama_template")
     if template is not None and template["same"] < template["n"]:
