@@ -62,3 +62,28 @@ def test_cli_train_refuses_then_overwrites(tmp_path, config, capsys):
     assert main(["train", str(path), "--output", output, "--quiet", "--set", "trainer.max_steps=2"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["train", str(path), "--output", output, "--quiet", "--overwrite", "--set", "trainer.max_steps=2"]) == 0
+
+
+def test_a_run_in_use_is_refused_and_a_dead_processes_lock_taken_over(tmp_path, config):
+    import os
+    import subprocess
+
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / ".lock").write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(AffinageError, match=f"in use by process {os.getppid()}"):
+        affinage.train(config, output=output, progress=False, compare_base=False)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (output / ".lock").write_text(str(dead.pid))  # its process is gone: the lock is stale
+    run = affinage.train(config, output=output, progress=False, compare_base=False)
+    assert run.summary["steps"] == 4 and not (output / ".lock").exists()
+
+
+def test_an_unwritable_output_fails_before_the_model_loads(tmp_path, config, monkeypatch):
+    from affinage import pipeline
+
+    monkeypatch.setattr(pipeline, "load_base_model", lambda *a, **k: pytest.fail("loaded a model for nothing"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(AffinageError, match="cannot write to"):
+        affinage.train(config, output=tmp_path / "a-file" / "run", progress=False)

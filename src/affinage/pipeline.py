@@ -72,46 +72,51 @@ def run_training(
     started = time.perf_counter()
     run_dir = RunDir(output_dir)
     splits = load_splits(config)  # bad data fails before anything is written
-    start = run_dir.start(config, overwrite=overwrite)
-    if start == "finished":
-        log(f"{run_dir.path} already holds this finished run: nothing to do (--overwrite trains it again)")
-        evaluation = run_dir.read_eval() or {}
-        if evaluation.get("fine_tuned"):
-            log("\n" + comparison_table(evaluation.get("base"), evaluation["fine_tuned"]))
-        return run_dir.read_summary()
-    if start == "resume":
-        log(f"resuming the interrupted run in {run_dir.path}")
-    for note in splits.notes:
-        log(note)
-    prepared = _prepare(config, splits, run_dir, device or pick_device(), log)
-    base_metrics = _evaluate_test(prepared, "base model", log) if compare_base else None
-    task_score = _inject_adapter(prepared, log)
-    result = fine_tune(
-        prepared.model,
-        prepared.encoded["train"],
-        prepared.encoded.get("valid", []),
-        config.trainer,
-        pad_id=prepared.tokenizer.pad_token_id,
-        paths=run_dir.training,
-        base_model_name=config.base_model,
-        adapter_dropout=config.adapter.dropout,
-        device=prepared.device,
-        progress=progress,
-        task_score=task_score,
-    )
-    load_adapter(prepared.model, run_dir.adapter_dir)  # the best validation checkpoint, not the last step
-    tuned_metrics = _evaluate_test(prepared, "fine-tuned model", log)
-    if tuned_metrics:
-        run_dir.write_eval({"base": base_metrics, "fine_tuned": tuned_metrics})
-    summary = _summary(prepared, result, base_metrics, tuned_metrics, time.perf_counter() - started)
-    run_dir.finish(summary)
-    if tuned_metrics:
-        log("\n" + comparison_table(base_metrics, tuned_metrics))
-    log(
-        f"\ntrained {result.steps} steps in {result.train_seconds:.0f}s ({result.train_tokens_per_second:.0f} "
-        f"tokens/s, peak {result.peak_memory_mb:.0f} MB); run written to {run_dir.path}"
-    )
-    return summary
+    with run_dir.locked():  # one process per run; an unwritable --output fails here, before the model loads
+        start = run_dir.start(config, overwrite=overwrite)
+        if start == "finished":
+            return _report_finished(run_dir, log)
+        if start == "resume":
+            log(f"resuming the interrupted run in {run_dir.path}")
+        for note in splits.notes:
+            log(note)
+        prepared = _prepare(config, splits, run_dir, device or pick_device(), log)
+        base_metrics = _evaluate_test(prepared, "base model", log) if compare_base else None
+        task_score = _inject_adapter(prepared, log)
+        result = fine_tune(
+            prepared.model,
+            prepared.encoded["train"],
+            prepared.encoded.get("valid", []),
+            config.trainer,
+            pad_id=prepared.tokenizer.pad_token_id,
+            paths=run_dir.training,
+            base_model_name=config.base_model,
+            adapter_dropout=config.adapter.dropout,
+            device=prepared.device,
+            progress=progress,
+            task_score=task_score,
+        )
+        load_adapter(prepared.model, run_dir.adapter_dir)  # the best validation checkpoint, not the last step
+        tuned_metrics = _evaluate_test(prepared, "fine-tuned model", log)
+        if tuned_metrics:
+            run_dir.write_eval({"base": base_metrics, "fine_tuned": tuned_metrics})
+        summary = _summary(prepared, result, base_metrics, tuned_metrics, time.perf_counter() - started)
+        run_dir.finish(summary)
+        if tuned_metrics:
+            log("\n" + comparison_table(base_metrics, tuned_metrics))
+        log(
+            f"\ntrained {result.steps} steps in {result.train_seconds:.0f}s ({result.train_tokens_per_second:.0f} "
+            f"tokens/s, peak {result.peak_memory_mb:.0f} MB); run written to {run_dir.path}"
+        )
+        return summary
+
+
+def _report_finished(run_dir: RunDir, log: Log) -> dict[str, Any]:
+    log(f"{run_dir.path} already holds this finished run: nothing to do (--overwrite trains it again)")
+    evaluation = run_dir.read_eval() or {}
+    if evaluation.get("fine_tuned"):
+        log("\n" + comparison_table(evaluation.get("base"), evaluation["fine_tuned"]))
+    return run_dir.read_summary()
 
 
 def _prepare(config: Config, splits: DataSplits, run_dir: RunDir, device: torch.device, log: Log) -> Prepared:

@@ -10,6 +10,7 @@ Layout (``affinage train CONFIG --output DIR``)::
     DIR/eval.json          base and fine-tuned test metrics, with predictions
     DIR/summary.json       final metrics, speed and memory: its presence marks a finished run
     DIR/checkpoint/        resume state while training (removed when the run completes)
+    DIR/.lock              the training process's pid while it runs (a dead process's lock is taken over)
     DIR/tensorboard/       event files when trainer.report_to has tensorboard
     DIR/report.html, report.md, report-curves.png   `affinage compare`
 """
@@ -17,7 +18,10 @@ Layout (``affinage train CONFIG --output DIR``)::
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,6 +173,26 @@ class RunDir:
         self.write_config(config)
         return "new"
 
+    @contextmanager
+    def locked(self) -> Iterator[RunDir]:
+        """Hold the directory for one training process: a second one is refused, a dead one's lock taken over.
+
+        Also the first write into the directory, so an output that cannot be written fails here,
+        before any model loads.
+        """
+        lock = self.path / ".lock"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            _take_lock(lock)
+        except OSError as error:
+            raise AffinageError(
+                f"cannot write to {self.path}: {error.strerror}", fix="choose a writable --output"
+            ) from None
+        try:
+            yield self
+        finally:
+            lock.unlink(missing_ok=True)
+
     def _config_text(self) -> str | None:
         return self.config_path.read_text(encoding="utf-8") if self.config_path.is_file() else None
 
@@ -184,6 +208,41 @@ class RunDir:
         """Write the summary (the run is then finished) and drop the resume state."""
         self.write_json("summary.json", summary)
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+
+def _take_lock(lock: Path) -> None:
+    while True:
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None and _alive(holder):
+                raise AffinageError(
+                    f"{lock.parent} is in use by process {holder} (another `affinage train`)",
+                    fix="wait for it to finish, or train into another --output",
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: the process that held it is gone
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(str(os.getpid()))
+        return
+
+
+def _lock_holder(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().strip() or "0") or None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
 
 
 def write_json(path: Path, data: Any) -> None:
