@@ -11,16 +11,31 @@ from pathlib import Path
 
 
 def write_file_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)`` fills a temporary file beside ``path``, which then replaces it."""
+    """``write(tmp_path)`` fills a temporary file beside ``path``, which then replaces it.
+
+    The file's bytes reach the disk before the rename and the rename before we return (fsync of
+    the file, then of its directory): after a crash ``path`` is the old file or the new one, whole.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -37,6 +52,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
+        _fsync(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
