@@ -24,7 +24,11 @@ class Prompting:
     def from_config(cls, config: Config) -> Prompting:
         return cls(template=config.prompt.template, system=config.prompt.system, max_len=config.trainer.max_seq_len)
 
-    def prompt_ids(self, tokenizer: Any, example: Example, reserve: int = 0) -> list[int]:
+    def prompt_budget(self, reserve: int = 0) -> int:
+        """Prompt tokens kept when ``reserve`` tokens are to be generated after it."""
         # Generation may run past max_len (the model's context is longer); never starve the prompt.
+        return max(self.max_len - reserve, self.max_len // 2)
+
+    def prompt_ids(self, tokenizer: Any, example: Example, reserve: int = 0) -> list[int]:
         ids = encode_prompt(tokenizer, example, self.template, self.system)
-        return fit_prompt(ids, max(self.max_len - reserve, self.max_len // 2))
+        return fit_prompt(ids, self.prompt_budget(reserve))

@@ -129,7 +129,7 @@ def _check_examples(run: Any, options: ExportOptions, log: Callable[[str], None]
     """The test rows both sides can answer from the same prompt (affinage cuts an over-long one)."""
     test = run.run_dir.split_path("test")
     examples = run.examples() if test.is_file() and test.stat().st_size else []
-    budget = max(run.prompting.max_len - options.check_tokens, run.prompting.max_len // 2)  # as Prompting cuts
+    budget = run.prompting.prompt_budget(reserve=options.check_tokens)  # what affinage's side keeps
     fitting = [
         e
         for e in examples
@@ -208,10 +208,6 @@ def _write_gguf(shipment: Shipment, log: Callable[[str], None]) -> dict[str, str
     return {"model": _write_merged_gguf(shipment, "model.gguf", log).name}
 
 
-def _write_gguf_lora(shipment: Shipment, log: Callable[[str], None]) -> dict[str, str]:
-    return _write_base_and_adapter(shipment, log)
-
-
 def ollama_template(shipment: Shipment) -> str:
     """The Modelfile TEMPLATE: the exported chat template in Go; the raw prompt when the run has no chat form."""
     tokenizer = shipment.run.tokenizer
@@ -271,7 +267,7 @@ def _write_merged(shipment: Shipment, log: Callable[[str], None]) -> dict[str, s
 
 WRITERS: dict[str, Callable[[Shipment, Callable[[str], None]], dict[str, str]]] = {
     "gguf": _write_gguf,
-    "gguf-lora": _write_gguf_lora,
+    "gguf-lora": _write_base_and_adapter,
     "ollama": _write_ollama,
     "peft": _write_peft,
     "merged": _write_merged,
