@@ -96,12 +96,10 @@ class Run:
 
     def evaluate(self, data: str | Path | None = None, *, device: str | None = None) -> dict[str, Any]:
         """The task metrics on ``data`` (default: the run's test split)."""
-        from affinage.evaluate.task import evaluate_examples
-        from affinage.run import open_run
+        from affinage.run import evaluate_run
         from affinage.runtime import setup
 
-        run = open_run(self.path, device=setup(device))
-        return evaluate_examples(run.model, run.tokenizer, run.examples(data), run.task, run.config, run.prompting)
+        return evaluate_run(self.path, data, device=setup(device))
 
     def predict(self, inputs: str | dict[str, Any] | list[str | dict[str, Any]], max_new_tokens: int | None = None):
         """The answer to a text or a row (prompt, instruction/input, messages); a list gives a list."""

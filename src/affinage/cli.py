@@ -35,16 +35,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from affinage.evaluate.task import evaluate_examples
     from affinage.report import metrics_text
-    from affinage.run import open_run
+    from affinage.run import evaluate_run
     from affinage.runtime import setup
 
-    run = open_run(args.run, device=setup(args.device))
-    examples = run.examples(args.data)
-    if not examples:
-        raise AffinageError("no examples to evaluate", fix="pass --data FILE.jsonl")
-    metrics = evaluate_examples(run.model, run.tokenizer, examples, run.task, run.config, run.prompting)
+    metrics = evaluate_run(args.run, args.data, device=setup(args.device))
     if args.json:
         print(json.dumps(metrics, ensure_ascii=False))
     else:

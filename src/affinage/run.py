@@ -15,6 +15,8 @@ from affinage.config import Config
 from affinage.data import load_file
 from affinage.data.formats import Example
 from affinage.data.prompting import Prompting
+from affinage.errors import AffinageError
+from affinage.evaluate.task import evaluate_examples
 from affinage.lora.peft_format import load_adapter
 from affinage.models import load_base_model, resolve_dtype
 from affinage.run_dir import RunDir
@@ -64,3 +66,18 @@ def open_run(
     return LoadedRun(
         path=directory.path, config=config, model=loaded.model, tokenizer=loaded.tokenizer, task=directory.read_task()
     )
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    with_adapter: bool = True,
+) -> dict[str, Any]:
+    """The run's task metrics on ``data`` (default: its test split); ``with_adapter=False``: the bare base model."""
+    run = open_run(run_dir, with_adapter=with_adapter, device=device)
+    examples = run.examples(data)
+    if not examples:
+        raise AffinageError("no examples to evaluate", fix="pass --data FILE.jsonl")
+    return evaluate_examples(run.model, run.tokenizer, examples, run.task, run.config, run.prompting)

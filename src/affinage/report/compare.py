@@ -72,12 +72,10 @@ def gather(run_dir: Path, *, compute_missing_base: bool = True, device: str | No
 
 def _evaluate_base(directory: RunDir, device: str | None) -> dict[str, Any]:
     """The run was trained with --no-base-eval: evaluate the bare base model now (and keep it)."""
-    from affinage.evaluate.task import evaluate_examples
-    from affinage.run import open_run
+    from affinage.run import evaluate_run
     from affinage.runtime import setup
 
-    run = open_run(directory.path, with_adapter=False, device=setup(device))
-    base = evaluate_examples(run.model, run.tokenizer, run.examples(), run.task, run.config, run.prompting)
+    base = evaluate_run(directory.path, device=setup(device), with_adapter=False)
     directory.write_eval({**directory.read_eval(), "base": base})
     return base
 
