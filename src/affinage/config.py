@@ -283,6 +283,11 @@ class EvalConfig(_Section):
     )
     max_new_tokens: int = Field(64, ge=1, description="Generation length for generation and pattern tasks.")
     max_examples: int | None = Field(None, ge=1, description="Evaluate on at most this many test rows.")
+    sets: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra evaluation files by name, never trained on (e.g. {heldout: heldout.jsonl, short: "
+        "short.jsonl}): `affinage compare` reports each, base vs fine-tuned.",
+    )
 
 
 class GenerationConfig(_Section):

@@ -5,6 +5,7 @@ The directory's layout is :class:`affinage.run_dir.RunDir`'s; this module loads 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,48 @@ def evaluate_run(
     if not examples:
         raise AffinageError("no examples to evaluate", fix="pass --data FILE.jsonl")
     return evaluate_examples(run.model, run.tokenizer, examples, run.task, run.config, run.prompting)
+
+
+def evaluate_sets(
+    run_dir: str | Path, sets: dict[str, str | Path], *, device: torch.device | str = "cpu", with_base: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Each named file, base vs fine-tuned: ``{name: {file, sha256, n, base, fine_tuned}}``, kept in eval.json.
+
+    A set is evaluated again only when its file's content changed (or the base side is newly
+    asked for), so a second ``affinage compare`` loads no model.
+    """
+    directory = RunDir(run_dir).require(adapter=True)
+    known = dict((directory.read_eval() or {}).get("sets", {}))
+    todo = {}
+    for name, path in sets.items():
+        file = Path(path)
+        if not file.is_file():
+            raise AffinageError(
+                f"evaluation set '{name}': {file} does not exist", fix="fix the path in eval.sets or --data NAME=FILE"
+            )
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        entry = known.get(name)
+        if entry is None or entry.get("sha256") != digest or (with_base and entry.get("base") is None):
+            todo[name] = (file, digest)
+    if todo:
+        results: dict[str, dict[str, Any]] = {name: {} for name in todo}
+        for side, with_adapter in (("base", False), ("fine_tuned", True)):
+            if side == "base" and not with_base:
+                continue
+            run = open_run(run_dir, with_adapter=with_adapter, device=device)
+            for name, (file, _) in todo.items():
+                examples = run.examples(file)
+                results[name][side] = evaluate_examples(
+                    run.model, run.tokenizer, examples, run.task, run.config, run.prompting
+                )
+        for name, (file, digest) in todo.items():
+            side_results = results[name]
+            known[name] = {
+                "file": str(file),
+                "sha256": digest,
+                "n": side_results["fine_tuned"]["n"],
+                "base": side_results.get("base"),
+                "fine_tuned": side_results["fine_tuned"],
+            }
+        directory.write_eval({**(directory.read_eval() or {}), "sets": known})
+    return {name: known[name] for name in sets}

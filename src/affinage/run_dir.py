@@ -256,6 +256,9 @@ def config_yaml(config: Config) -> str:
     for key in ("dataset", "train", "valid", "test"):  # absolute, so the run works from anywhere
         if data.get(key):
             data[key] = str(config.resolve_path(data[key]).resolve())
+    sets = raw["eval"]["sets"]
+    for name, path in sets.items():
+        sets[name] = str(config.resolve_path(path).resolve())
     base = Path(raw["base_model"]).expanduser()
     if config.resolve_path(raw["base_model"]).exists() and not base.is_absolute():  # a relative model path
         raw["base_model"] = str(config.resolve_path(raw["base_model"]).resolve())

@@ -109,9 +109,10 @@ def check_encodings(
     """Loss mask, EOS, truncation, and training vs inference rendering, token by token."""
     eos = tokenizer.eos_token_id
     empty, masked, no_eos, prompt_trained, mismatched = [], [], [], [], []
-    lengths, labelled, total = [], 0, 0
+    lengths, labelled, total, longest = [], 0, 0, 0
     for example, enc in zip(examples, encoded):
         lengths.append(len(enc.input_ids))
+        longest = max(longest, enc.full_length or len(enc.input_ids))
         n_labels = sum(1 for label in enc.labels if label != -100)
         labelled += n_labels
         total += len(enc.input_ids)
@@ -147,7 +148,7 @@ def check_encodings(
     if truncated:
         report.warnings.append(
             f"{name}: {truncated} examples are longer than trainer.max_seq_len={max_len} and get truncated "
-            f"(fix: raise max_seq_len to {max(lengths)})"
+            f"(fix: raise max_seq_len to {longest} to keep them whole)"
         )
     for found, message in (
         (empty, "an empty completion"),

@@ -258,6 +258,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # -100 on prompt tokens: the loss is on the completion only
     truncated: bool
+    full_length: int = 0  # tokens before truncation (what max_seq_len would have to be)
 
 
 def fit_prompt(prompt_ids: list[int], budget: int) -> list[int]:
@@ -374,10 +375,11 @@ def _encode_text(tokenizer: Any, example: Example, max_len: int) -> Encoded:
     ids = tokenizer(example.completion, add_special_tokens=True)["input_ids"]
     if not ids or ids[-1] != tokenizer.eos_token_id:
         ids = ids + [tokenizer.eos_token_id]
-    truncated = len(ids) > max_len
+    full_length = len(ids)
+    truncated = full_length > max_len
     if truncated:
         ids = ids[:max_len]  # the start of the document; its end is dropped (and counted)
-    return Encoded(input_ids=ids, labels=list(ids), truncated=truncated)
+    return Encoded(input_ids=ids, labels=list(ids), truncated=truncated, full_length=full_length)
 
 
 def encode_example(
@@ -395,7 +397,8 @@ def encode_example(
         return _encode_text(tokenizer, example, max_len)
     prompt_ids, prompt_labels = _encode_prompt_with_labels(tokenizer, example, template, system)
     completion_ids = encode_completion(tokenizer, example.completion)
-    truncated = len(prompt_ids) + len(completion_ids) > max_len
+    full_length = len(prompt_ids) + len(completion_ids)
+    truncated = full_length > max_len
     if truncated:
         completion_ids = (
             completion_ids[: max(1, max_len // 2)] if len(completion_ids) > max_len // 2 else completion_ids
@@ -406,4 +409,5 @@ def encode_example(
         input_ids=prompt_ids + completion_ids,
         labels=prompt_labels + completion_ids,
         truncated=truncated,
+        full_length=full_length,
     )

@@ -21,6 +21,8 @@ from affinage.report.content import (  # the report's content, importable from h
     glance_rows,
     headline_sentence,
     metric_rows,
+    set_headers,
+    set_rows,
     side_by_side,
 )
 from affinage.report.plots import training_curves_png
@@ -34,13 +36,20 @@ __all__ = [
     "glance_rows",
     "headline_sentence",
     "metric_rows",
+    "sets_table",
     "side_by_side",
     "write_report",
 ]
 
 
-def gather(run_dir: Path, *, compute_missing_base: bool = True, device: str | None = None) -> RunReport:
-    """Everything the report shows, from the run directory."""
+def gather(
+    run_dir: Path,
+    *,
+    compute_missing_base: bool = True,
+    device: str | None = None,
+    extra_sets: dict[str, str] | None = None,
+) -> RunReport:
+    """Everything the report shows, from the run directory; ``extra_sets`` add to the config's ``eval.sets``."""
     directory = RunDir(run_dir).require()
     evaluation = directory.read_eval()
     if not evaluation or not evaluation.get("fine_tuned"):
@@ -51,9 +60,12 @@ def gather(run_dir: Path, *, compute_missing_base: bool = True, device: str | No
     base, tuned = evaluation.get("base"), evaluation["fine_tuned"]
     if base is None and compute_missing_base:
         base = _evaluate_base(directory, device)
+    config = directory.read_config()
+    named_sets = {**config.eval.sets, **(extra_sets or {})}
+    sets = _evaluate_sets(directory, named_sets, compute_missing_base, device) if named_sets else {}
     records = directory.read_metrics()
     rows = {name: directory.read_rows(name) for name in SPLITS}
-    input_field, templated = row_fields(directory.read_config())
+    input_field, templated = row_fields(config)
     name = directory.path.resolve().name
     return RunReport(
         name=name,
@@ -67,6 +79,7 @@ def gather(run_dir: Path, *, compute_missing_base: bool = True, device: str | No
         ],
         splits={split: len(value) for split, value in rows.items()},
         curves_png=training_curves_png(records, title=f"{name}: loss"),
+        sets=sets,
     )
 
 
@@ -80,7 +93,25 @@ def _evaluate_base(directory: RunDir, device: str | None) -> dict[str, Any]:
     return base
 
 
+def _evaluate_sets(
+    directory: RunDir, sets: dict[str, str], with_base: bool, device: str | None
+) -> dict[str, dict[str, Any]]:
+    from affinage.run import evaluate_sets
+    from affinage.runtime import setup
+
+    return evaluate_sets(directory.path, sets, device=setup(device), with_base=with_base)
+
+
 # ---- writers --------------------------------------------------------------------------------
+
+
+def sets_table(report: RunReport) -> str:
+    """The evaluation sets' table for the terminal."""
+    rows = [set_headers(report)] + set_rows(report)
+    width = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in width))
+    return "\n".join(lines)
 
 
 def write_report(report: RunReport, output: Path) -> tuple[Path, Path]:

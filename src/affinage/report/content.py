@@ -8,7 +8,7 @@ dependencies point one way (compare -> compare_render -> compare_content).
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from affinage.report import TASK_METRIC
@@ -27,6 +27,7 @@ class RunReport:
     prompts: list[str]
     splits: dict[str, int]
     curves_png: bytes | None
+    sets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _fmt(value: Any, key: str = "") -> str:
@@ -90,6 +91,26 @@ def metric_rows(report: RunReport) -> list[tuple[str, str, str]]:
         before = base.get("per_class", {}).get(label, {}).get("f1")
         rows.append((f"F1 {label}", _fmt(before), _fmt(stats["f1"])))
     return rows
+
+
+def set_rows(report: RunReport) -> list[list[str]]:
+    """One row per named evaluation set: its size and the task metric (and macro-F1), base and fine-tuned."""
+    rows = []
+    for name, entry in report.sets.items():
+        tuned, base = entry["fine_tuned"], entry.get("base") or {}
+        key = TASK_METRIC[tuned["task"]]
+        row = [name, str(entry["n"]), _fmt(base.get(key), key), _fmt(tuned.get(key), key)]
+        if "macro_f1" in tuned:
+            row += [_fmt(base.get("macro_f1"), "macro_f1"), _fmt(tuned["macro_f1"], "macro_f1")]
+        rows.append(row)
+    return rows
+
+
+def set_headers(report: RunReport) -> list[str]:
+    first = next(iter(report.sets.values()))["fine_tuned"]
+    key = TASK_METRIC[first["task"]].replace("_", " ")
+    headers = ["set", "examples", f"base {key}", f"fine-tuned {key}"]
+    return headers + (["base macro-F1", "fine-tuned macro-F1"] if "macro_f1" in first else [])
 
 
 def side_by_side(report: RunReport) -> list[dict[str, Any]]:

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from affinage.report.content import RunReport, escape, glance_rows, headline_sentence, metric_rows, side_by_side
+from affinage.report.content import (
+    RunReport,
+    escape,
+    glance_rows,
+    headline_sentence,
+    metric_rows,
+    set_headers,
+    set_rows,
+    side_by_side,
+)
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;\
@@ -54,6 +63,11 @@ def render_html(report: RunReport, curves_uri: str | None) -> str:
         _table(["metric", "base", "fine-tuned"], [list(r) for r in metric_rows(report)]),
         f"<p>{escape(report.tuned['method'])}</p>",
     ]
+    if report.sets:
+        parts += [
+            "<h2>Evaluation sets (never trained on)</h2>",
+            _table(set_headers(report), set_rows(report)),
+        ]
     if report.tuned["task"] == "classification":
         matrices = [("base model", report.base), ("fine-tuned model", report.tuned)]
         parts.append(
@@ -112,6 +126,8 @@ def render_markdown(report: RunReport, curves_file: str | None) -> str:
         report.tuned["method"],
         "",
     ]
+    if report.sets:
+        parts += ["## Evaluation sets (never trained on)", "", _md_table(set_headers(report), set_rows(report)), ""]
     if report.tuned["task"] == "classification":
         parts += ["## Confusion matrices (rows: gold, columns: predicted)", ""]
         for title, metrics in (("base model", report.base), ("fine-tuned model", report.tuned)):
