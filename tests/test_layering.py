@@ -31,6 +31,7 @@ LAYERS: list[list[str]] = [
     [
         "affinage.data.formats",
         "affinage.data.template",
+        "affinage.data.dedup",
         "affinage.data.split",
         "affinage.data.transforms",
         "affinage.data.batching",

@@ -181,14 +181,31 @@ def _named_file(item: str) -> tuple[str, str]:
 
 
 def _cmd_data_split(args: argparse.Namespace) -> int:
+    from affinage.config import SplitConfig
     from affinage.data.split_cli import split_file
 
     ratios = tuple(float(part) for part in args.ratios.split("/"))
     if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
         raise AffinageError(f"--ratios {args.ratios!r} must be three non-negative numbers like 80/10/10")
-    report = split_file(Path(args.file), Path(args.out), args.by, ratios, args.seed)
+    threshold = args.near_duplicate_threshold
+    if threshold is None:
+        threshold = SplitConfig().near_duplicate_threshold
+    report = split_file(Path(args.file), Path(args.out), args.by, ratios, args.seed, threshold)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
+
+
+def _threshold(value: str) -> float:
+    """--near-duplicate-threshold: a similarity in [0.5, 1], or none (exact duplicates only, as 1)."""
+    if value.strip().lower() in ("none", "null"):
+        return 1.0
+    try:
+        threshold = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.5 <= threshold <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0.5 and 1")
+    return threshold
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
@@ -314,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", help="field to stratify by (default: completion, output or label)")
     p.add_argument("--ratios", default="80/10/10", help="train/valid/test proportions")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--near-duplicate-threshold",
+        type=_threshold,
+        default=None,
+        metavar="T",
+        help="rows at least this similar (0.5 to 1) stay in one split; 1 or none: exact duplicates only "
+        "(default: data.split.near_duplicate_threshold's, see `affinage config`)",
+    )
     p.set_defaults(func=_cmd_data_split)
 
     p = data.add_parser(

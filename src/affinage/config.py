@@ -150,6 +150,15 @@ class FeatureConfig(_Section):
 class SplitConfig(_Section):
     ratios: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/valid/test fractions.")
     seed: int = Field(42, description="Shuffling seed of the split.")
+    near_duplicate_threshold: float | None = Field(
+        0.8,
+        ge=0.5,
+        le=1,
+        description="Rows at least this similar form one group: `data split` keeps a group in one split, "
+        "`data check` reports a group spanning train and valid/test as leakage. Similarity: the Jaccard share of "
+        "character 5-grams or of distinct words, once case, accents, symbols and spacing are folded. 1 or null: "
+        "exact duplicates only (equal once folded).",
+    )
 
 
 class TransformConfig(_Section):

@@ -55,7 +55,14 @@ def check_data(config: Config, tokenizer: Any = None) -> CheckReport:
         tokenizer = load_tokenizer(resolve_model_path(config.base_model), config.trust_remote_code)
     task = detect_task(config, splits.train)
     prompting = Prompting.from_config(config)
-    return run_checks(tokenizer, splits.non_empty(), task["labels"], prompting, config.trainer.max_seq_len)
+    return run_checks(
+        tokenizer,
+        splits.non_empty(),
+        task["labels"],
+        prompting,
+        config.trainer.max_seq_len,
+        near_duplicate_threshold=config.data.split.near_duplicate_threshold,
+    )
 
 
 def run_training(
@@ -137,7 +144,15 @@ def _prepare(config: Config, splits: DataSplits, run_dir: RunDir, device: torch.
     named = splits.non_empty()
     encoded = {name: encode_all(loaded.tokenizer, examples, config) for name, examples in named.items()}
     prompting = Prompting.from_config(config)
-    checks = run_checks(loaded.tokenizer, named, task["labels"], prompting, config.trainer.max_seq_len, encoded)
+    checks = run_checks(
+        loaded.tokenizer,
+        named,
+        task["labels"],
+        prompting,
+        config.trainer.max_seq_len,
+        encoded,
+        near_duplicate_threshold=config.data.split.near_duplicate_threshold,
+    )
     for warning in checks.warnings:
         log(f"data warning: {warning}")
     if not checks.ok:

@@ -103,3 +103,39 @@ def test_chat_template_that_renders_answers_differently_warns(tokenizer):
     assert odd.chat_template != tokenizer.chat_template
     report = run_checks(odd, _splits(), None, Prompting(), 128)
     assert any("renders the full conversation differently" in w for w in report.warnings)
+
+
+INVOICE = "Facture n°2024-118 : merci de régler le solde de la commande avant la fin du mois prochain"
+INVOICE_COPY = "FACTURE N2024-118 merci de bien regler le solde de la commande avant la fin du mois prochain"
+
+
+def _with_invoice(splits, other):
+    splits["train"][3] = Example(prompt=INVOICE, completion="Finance", source="train.jsonl:4")
+    splits[other].append(Example(prompt=INVOICE_COPY, completion="Finance", source=f"{other}.jsonl:5"))
+    return splits
+
+
+def test_a_near_copy_in_test_is_leakage_naming_both_rows(tokenizer):
+    report = run_checks(tokenizer, _with_invoice(_splits(), "test"), ["Finance", "RH"], Prompting(), 128)
+    leak = [e for e in report.errors if e.startswith("leakage: 1 test examples also appear in train")]
+    assert leak and "train.jsonl:4 ~ test.jsonl:5" in leak[0]
+    assert report.stats["duplicates"]["across_splits"] == 1
+    assert "duplicate groups: 1 (2 rows), 1 across splits" in check_module.report_text(report)
+
+
+def test_exact_only_threshold_lets_a_near_copy_pass(tokenizer):
+    splits = _with_invoice(_splits(), "test")
+    report = run_checks(tokenizer, splits, ["Finance", "RH"], Prompting(), 128, near_duplicate_threshold=None)
+    assert not any("leakage" in e for e in report.errors)
+
+
+def test_valid_and_test_sharing_a_group_is_a_warning(tokenizer):
+    splits = _with_invoice(_splits(), "test")
+    splits["valid"].append(Example(prompt=INVOICE.upper(), completion="Finance", source="valid.jsonl:5"))
+    splits["train"][3] = _examples("train", 8)[3]
+    report = run_checks(tokenizer, splits, ["Finance", "RH"], Prompting(), 128)
+    assert not any("leakage" in e for e in report.errors)
+    assert any(
+        w.startswith("valid and test share 1 duplicate groups") and "valid.jsonl:5 ~ test.jsonl:5" in w
+        for w in report.warnings
+    )

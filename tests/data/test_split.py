@@ -1,10 +1,13 @@
+import random
+import string
 from collections import Counter
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from affinage.data.split import normalise_text, stratified_split
+from affinage.data.dedup import normalise_text
+from affinage.data.split import stratified_split
 
 
 def test_normalise_groups_near_duplicates():
@@ -102,3 +105,68 @@ def test_a_label_seen_once_in_a_config_dataset_names_its_row(tmp_path):
     with pytest.raises(DataError, match="'Legal' appears only once") as error:
         load_splits(config_from_dict({"data": {"dataset": "d.jsonl"}}, base_dir=tmp_path))
     assert "d.jsonl:21" in str(error.value)
+
+
+def _invoice_rows():
+    rng = random.Random(0)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(400)]
+    rows = [{"prompt": " ".join(rng.sample(words, 15)), "completion": "AB"[i % 2]} for i in range(40)]
+    body = "merci de régler le solde de la commande {} avant la fin du mois prochain, cordialement"
+    rows += [
+        {"prompt": "facture n°2024-118 " + body.format("A7"), "completion": "A"},
+        {"prompt": "FACTURE N2024-118 " + body.format("A7").upper(), "completion": "B"},  # exact once folded
+        {"prompt": "Facture n° 2024-118, " + body.format("A7 bien"), "completion": "B"},  # a word added
+    ]
+    return rows
+
+
+def test_data_split_reports_the_groups_it_kept_together(tmp_path, capsys):
+    import json
+
+    from affinage.cli import main
+
+    source = tmp_path / "all.jsonl"
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _invoice_rows()))
+    assert main(["data", "split", str(source), "--out", str(tmp_path / "out")]) == 0
+    kept = json.loads(capsys.readouterr().out)["duplicates_kept_together"]
+    assert kept["near_duplicate_threshold"] == 0.8 and (kept["groups"], kept["rows"]) == (1, 3)
+    assert kept["examples"][0]["rows"] == "all.jsonl:41 ~ all.jsonl:42 ~ all.jsonl:43"
+    assert kept["examples"][0]["kind"] == "near"
+    homes = [
+        name
+        for name in ("train", "valid", "test")
+        if "2024-118" in (tmp_path / "out" / f"{name}.jsonl").read_text(encoding="utf-8")
+    ]
+    assert len(homes) == 1
+
+    assert (
+        main(["data", "split", str(source), "--out", str(tmp_path / "exact"), "--near-duplicate-threshold", "1"]) == 0
+    )
+    kept = json.loads(capsys.readouterr().out)["duplicates_kept_together"]
+    assert (kept["groups"], kept["rows"], kept["examples"][0]["kind"]) == (1, 2, "exact")
+
+
+def test_a_config_split_keeps_near_copies_together_and_says_so(tmp_path):
+    import json
+
+    from affinage.config import config_from_dict
+    from affinage.data import load_splits
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _invoice_rows()))
+    splits = load_splits(config_from_dict({"data": {"dataset": "d.jsonl"}}, base_dir=tmp_path))
+    homes = {name for name in ("train", "valid", "test") for e in getattr(splits, name) if "2024" in e.prompt}
+    assert len(homes) == 1
+    assert "1 duplicate group (3 rows), e.g. " in splits.notes[0] and "d.jsonl:43" in splits.notes[0]
+
+
+def test_the_threshold_is_checked_by_the_config():
+    from affinage.config import config_from_dict
+    from affinage.errors import ConfigError
+
+    assert config_from_dict({}).data.split.near_duplicate_threshold == 0.8
+    assert (
+        config_from_dict({"data": {"split": {"near_duplicate_threshold": None}}}).data.split.near_duplicate_threshold
+        is None
+    )
+    with pytest.raises(ConfigError, match="near_duplicate_threshold"):
+        config_from_dict({"data": {"split": {"near_duplicate_threshold": 0.2}}})

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from affinage.config import Config
+from affinage.data.dedup import duplicate_groups, repeated_groups, summarise_groups
 from affinage.data.formats import Example, load_examples
-from affinage.data.split import lonely_label, strata, stratified_split
+from affinage.data.split import lonely_label, split_groups, strata
 from affinage.data.template import is_literal_template, render_prompt
 from affinage.data.transforms import Transform, apply_transforms, build_transforms
 from affinage.errors import DataError
@@ -72,12 +73,13 @@ def load_splits(config: Config) -> DataSplits:
                 where=where,
                 fix="add examples of that label, merge it into another, or give data.train/valid/test files",
             )
-        train, valid, test = stratified_split(
-            examples, labels, [e.identity_text() for e in examples], data.split.ratios, data.split.seed
-        )
+        groups = duplicate_groups([e.identity_text() for e in examples], data.split.near_duplicate_threshold)
+        train, valid, test = split_groups(examples, labels, groups, data.split.ratios, data.split.seed)
+        repeated = repeated_groups(groups)
+        kept = summarise_groups(repeated, [e.source or "?" for e in examples]) if repeated else "no duplicates"
         notes.append(
             f"split {len(examples)} rows of {data.dataset} into {len(train)}/{len(valid)}/{len(test)} "
-            "(stratified, duplicates grouped)"
+            f"(stratified; {kept}, each kept in one split)"
         )
     elif data.train:
         root = config.resolve_path(data.train)

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from affinage.config import SplitConfig
+from affinage.data.dedup import describe_group, duplicate_groups, repeated_groups
 from affinage.data.formats import Example
-from affinage.data.split import normalise_text
 from affinage.data.template import Encoded, encode_example, encode_prompt, render_prompt
 
 MAX_SHOWN = 3  # examples named per finding
@@ -47,28 +48,55 @@ def _named(examples: Sequence[Example]) -> str:
     return shown + (f" and {len(examples) - MAX_SHOWN} more" if len(examples) > MAX_SHOWN else "")
 
 
-def _identity(example: Example) -> str:
-    return normalise_text(example.identity_text())
+_SAME = "same text up to case, accents, symbols and spacing, or near-copies"
 
 
-def check_leakage(splits: dict[str, list[Example]], report: CheckReport) -> None:
-    seen: dict[str, dict[str, list[Example]]] = {name: {} for name in splits}
-    for name, examples in splits.items():
-        for example in examples:
-            seen[name].setdefault(_identity(example), []).append(example)
-        repeated = [group[1] for group in seen[name].values() if len(group) > 1]
-        if repeated:
+def _groups_text(groups: Sequence[Sequence[int]], sources: Sequence[str]) -> str:
+    shown = "; ".join(describe_group(members, sources) for members in groups[:MAX_SHOWN])
+    return shown + (f"; and {len(groups) - MAX_SHOWN} more" if len(groups) > MAX_SHOWN else "")
+
+
+def check_leakage(splits: dict[str, list[Example]], report: CheckReport, threshold: float | None = None) -> None:
+    """Copies of one example within a split (warning) and across splits: leakage.
+
+    Train and valid/test sharing a group is an error (the test score would reward memory);
+    valid and test sharing one is a warning (the checkpoint picked on valid is partly picked on test).
+    """
+    owners = [name for name, examples in splits.items() for _ in examples]
+    examples = [example for name in splits for example in splits[name]]
+    sources = [example.source or "?" for example in examples]
+    groups = repeated_groups(duplicate_groups([e.identity_text() for e in examples], threshold))
+    across = [members for members in groups if len({owners[i] for i in members}) > 1]
+    report.stats["duplicates"] = {
+        "near_duplicate_threshold": threshold,
+        "groups": len(groups),
+        "rows": sum(len(members) for members in groups),
+        "across_splits": len(across),
+        "examples": [describe_group(members, sources) for members in (across or groups)[:MAX_SHOWN]],
+    }
+    for name in splits:
+        within = [[i for i in members if owners[i] == name] for members in groups]
+        within = [members for members in within if len(members) > 1]
+        if within:
+            copies = sum(len(members) - 1 for members in within)
             report.warnings.append(
-                f"{name}: {len(repeated)} duplicate examples (same text up to case, accents, punctuation), "
-                f"e.g. {_named(repeated)}"
+                f"{name}: {copies} duplicate examples ({_SAME}), e.g. {_groups_text(within, sources)}"
             )
     for other in ("valid", "test"):
-        shared = [seen[other][key][0] for key in seen.get("train", {}) if key in seen.get(other, {})]
-        if shared:
+        leaked = [members for members in across if {"train", other} <= {owners[i] for i in members}]
+        if leaked:
+            count = sum(owners[i] == other for members in leaked for i in members)
             report.errors.append(
-                f"leakage: {len(shared)} {other} examples also appear in train, e.g. {_named(shared)} "
-                f"(fix: remove them from one side, or let `affinage data split` group duplicates)"
+                f"leakage: {count} {other} examples also appear in train ({_SAME}), e.g. "
+                f"{_groups_text(leaked, sources)} (fix: remove them from one side, or let `affinage data split` "
+                "group duplicates)"
             )
+    shared = [members for members in across if {owners[i] for i in members} == {"valid", "test"}]
+    if shared:
+        report.warnings.append(
+            f"valid and test share {len(shared)} duplicate groups ({_SAME}): the checkpoint picked on valid is "
+            f"partly picked on test, e.g. {_groups_text(shared, sources)}"
+        )
 
 
 def check_counts(splits: dict[str, list[Example]], labels: list[str] | None, report: CheckReport) -> None:
@@ -189,11 +217,16 @@ def run_checks(
     prompting: Any,
     max_len: int,
     encoded: dict[str, list[Encoded]] | None = None,
+    near_duplicate_threshold: float | None = SplitConfig().near_duplicate_threshold,
 ) -> CheckReport:
-    """Every check; ``encoded`` (the splits already encoded by the caller) saves encoding them twice."""
+    """Every check; ``encoded`` (the splits already encoded by the caller) saves encoding them twice.
+
+    ``near_duplicate_threshold``: the config's ``data.split.near_duplicate_threshold``, so the
+    check finds the groups the split kept together.
+    """
     report = CheckReport()
     check_counts(splits, labels, report)
-    check_leakage(splits, report)
+    check_leakage(splits, report, near_duplicate_threshold)
     encoded = dict(encoded or {})
     for name, examples in splits.items():
         if name not in encoded:
@@ -220,6 +253,13 @@ def report_text(report: CheckReport) -> str:
     lines = [f"counts: {report.stats.get('counts')}"]
     if "per_class" in report.stats:
         lines += [f"  {name}: {counts}" for name, counts in report.stats["per_class"].items()]
+    duplicates = report.stats.get("duplicates")
+    if duplicates and duplicates["groups"]:
+        lines.append(
+            f"duplicate groups: {duplicates['groups']} ({duplicates['rows']} rows), {duplicates['across_splits']} "
+            f"across splits (threshold {duplicates['near_duplicate_threshold']}), e.g. "
+            + "; ".join(duplicates["examples"])
+        )
     for name, stats in report.stats.get("tokens", {}).items():
         lines.append(f"tokens {name}: {stats}")
     for shown in report.rendered:

@@ -1,29 +1,21 @@
 """Stratified train/valid/test split without leakage.
 
 Seed 003's rules: shuffle first, keep every class in every split in its proportion, and never
-let the same email appear in two splits. Near-duplicates (same text up to case, accents,
-spacing and punctuation) are grouped and always land in the same split.
+let the same email appear in two splits. Duplicates and near-duplicates (``affinage.data.dedup``:
+same text up to case, accents, symbols and spacing, or similar above a threshold) are grouped
+and always land in the same split.
 """
 
 from __future__ import annotations
 
 import random
-import re
-import unicodedata
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import TypeVar
 
+from affinage.data.dedup import duplicate_groups
+
 T = TypeVar("T")
-
-_NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
-
-
-def normalise_text(text: str) -> str:
-    """Key for duplicate detection: lower case, no accents, words only."""
-    decomposed = unicodedata.normalize("NFKD", text.casefold())
-    no_accents = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
-    return _NON_WORD.sub(" ", no_accents).strip()
 
 
 def strata(labels: Sequence[str]) -> list[str]:
@@ -69,18 +61,31 @@ def stratified_split(
     texts: Sequence[str],
     ratios: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 42,
+    near_duplicate_threshold: float | None = None,
 ) -> list[list[T]]:
     """Partition ``items`` into ``len(ratios)`` lists, stratified by label, duplicates kept together.
 
-    Groups of near-duplicate texts are the unit of assignment; a group's label is its first
-    member's. The result is deterministic for a given seed.
+    ``near_duplicate_threshold``: None keeps exact duplicates together only (callers pass
+    ``data.split.near_duplicate_threshold``). Deterministic for a given seed.
     """
-    groups: dict[str, list[int]] = defaultdict(list)
-    for index, text in enumerate(texts):
-        groups[normalise_text(text)].append(index)
+    return split_groups(items, labels, duplicate_groups(texts, near_duplicate_threshold), ratios, seed)
+
+
+def split_groups(
+    items: Sequence[T],
+    labels: Sequence[str],
+    groups: Sequence[Sequence[int]],
+    ratios: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 42,
+) -> list[list[T]]:
+    """Partition ``items`` with each group of indices as one unit, so no group spans two splits.
+
+    ``groups`` covers every index once (``dedup.duplicate_groups``); a group's label is its first
+    member's. Callers that report the groups compute them once and pass them here.
+    """
     by_label: dict[str, list[list[int]]] = defaultdict(list)
-    for members in groups.values():
-        by_label[labels[members[0]]].append(members)
+    for members in groups:
+        by_label[labels[members[0]]].append(list(members))
     rng = random.Random(seed)
     splits: list[list[int]] = [[] for _ in ratios]
     for label in sorted(by_label):

@@ -7,11 +7,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from affinage.config import SplitConfig
+from affinage.data.dedup import describe_group, duplicate_groups, is_exact, repeated_groups
 from affinage.data.formats import detect_format, read_rows
-from affinage.data.split import lonely_label, normalise_text, strata, stratified_split
+from affinage.data.split import lonely_label, split_groups, strata
 from affinage.errors import DataError
 
 LABEL_FIELDS = ("completion", "output", "label")
+SHOWN_GROUPS = 5  # duplicate groups listed in the report
+PREVIEW_CHARS = 100  # of each listed row's text
 
 
 def _label_field(row: dict[str, Any], by: str | None, where: str) -> str:
@@ -43,13 +47,44 @@ def _label(row: dict[str, Any], field: str) -> str:
     return str(row[field]).strip()
 
 
+def _preview(text: str) -> str:
+    """Start and end of a text: templated rows share their start, the email often ends the prompt."""
+    text = " ".join(text.split())
+    if len(text) <= PREVIEW_CHARS:
+        return text
+    head = PREVIEW_CHARS * 2 // 5
+    return text[:head] + " … " + text[-(PREVIEW_CHARS - head - 3) :]
+
+
+def _duplicates_report(
+    groups: list[list[int]], texts: list[str], names: list[str], threshold: float | None
+) -> dict[str, Any]:
+    """The groups kept together: how many, their rows, and the first few with their texts."""
+    repeated = repeated_groups(groups)
+    return {
+        "near_duplicate_threshold": threshold,
+        "groups": len(repeated),
+        "rows": sum(len(members) for members in repeated),
+        "examples": [
+            {
+                "rows": describe_group(members, names),
+                "kind": "exact" if is_exact(texts, members) else "near",
+                "texts": [_preview(texts[i]) for i in members[:4]],
+            }
+            for members in repeated[:SHOWN_GROUPS]
+        ],
+    }
+
+
 def split_file(
     path: Path,
     out_dir: Path,
     by: str | None = None,
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 42,
+    near_duplicate_threshold: float | None = SplitConfig().near_duplicate_threshold,
 ) -> dict[str, Any]:
+    """Write train/valid/test.jsonl from ``path``; returns the report `affinage data split` prints."""
     rows = read_rows(path)
     field = _label_field(rows[0][1], by, f"{path}:{rows[0][0]}")
     labels = []
@@ -66,7 +101,9 @@ def split_file(
             where=f"{path}:{first}",
             fix="add examples of that label or merge it into another",
         )
-    splits = stratified_split(rows, labels, [_text(row, field) for _, row in rows], ratios, seed)
+    texts = [_text(row, field) for _, row in rows]
+    groups = duplicate_groups(texts, near_duplicate_threshold)
+    splits = split_groups(rows, labels, groups, ratios, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "source": str(path),
@@ -84,5 +121,6 @@ def split_file(
             if report["stratified_by"]
             else None,
         }
-    report["rows_in_duplicate_groups"] = len(rows) - len({normalise_text(_text(row, field)) for _, row in rows})
+    names = [f"{path.name}:{number}" for number, _ in rows]
+    report["duplicates_kept_together"] = _duplicates_report(groups, texts, names, near_duplicate_threshold)
     return report
