@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from affinage.config import Config
-from affinage.data import DataSplits, load_splits, preview
+from affinage.data import DataSplits, load_eval_sets, load_splits, preview
 from affinage.data.check import CheckReport, run_checks
+from affinage.data.formats import Example
 from affinage.data.prompting import Prompting
 from affinage.data.template import Encoded
 from affinage.errors import DataError
@@ -62,6 +63,7 @@ def check_data(config: Config, tokenizer: Any = None) -> CheckReport:
         prompting,
         config.trainer.max_seq_len,
         near_duplicate_threshold=config.data.split.near_duplicate_threshold,
+        eval_sets=load_eval_sets(config),
     )
 
 
@@ -79,6 +81,7 @@ def run_training(
     started = time.perf_counter()
     run_dir = RunDir(output_dir)
     splits = load_splits(config)  # bad data fails before anything is written
+    eval_sets = load_eval_sets(config)  # and a missing evaluation file too
     with run_dir.locked():  # one process per run; an unwritable --output fails here, before the model loads
         start = run_dir.start(config, overwrite=overwrite)
         if start == "finished":
@@ -87,7 +90,7 @@ def run_training(
             log(f"resuming the interrupted run in {run_dir.path}")
         for note in splits.notes:
             log(note)
-        prepared = _prepare(config, splits, run_dir, device or pick_device(), log)
+        prepared = _prepare(config, splits, eval_sets, run_dir, device or pick_device(), log)
         base_metrics = _evaluate_test(prepared, "base model", log) if compare_base else None
         task_score = _inject_adapter(prepared, log)
         result = fine_tune(
@@ -126,7 +129,14 @@ def _report_finished(run_dir: RunDir, log: Log) -> dict[str, Any]:
     return run_dir.read_summary()
 
 
-def _prepare(config: Config, splits: DataSplits, run_dir: RunDir, device: torch.device, log: Log) -> Prepared:
+def _prepare(
+    config: Config,
+    splits: DataSplits,
+    eval_sets: dict[str, list[Example]],
+    run_dir: RunDir,
+    device: torch.device,
+    log: Log,
+) -> Prepared:
     """Task, splits written to the run, the model loaded, the data checked and encoded."""
     task = detect_task(config, splits.train)
     run_dir.write_task(task)
@@ -152,6 +162,7 @@ def _prepare(config: Config, splits: DataSplits, run_dir: RunDir, device: torch.
         config.trainer.max_seq_len,
         encoded,
         near_duplicate_threshold=config.data.split.near_duplicate_threshold,
+        eval_sets=eval_sets,
     )
     for warning in checks.warnings:
         log(f"data warning: {warning}")

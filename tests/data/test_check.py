@@ -139,3 +139,14 @@ def test_valid_and_test_sharing_a_group_is_a_warning(tokenizer):
         w.startswith("valid and test share 1 duplicate groups") and "valid.jsonl:5 ~ test.jsonl:5" in w
         for w in report.warnings
     )
+
+
+def test_an_evaluation_set_holding_a_copy_of_a_training_row_is_leakage(tokenizer):
+    splits = _splits()
+    splits["train"][3] = Example(prompt=INVOICE, completion="Finance", source="train.jsonl:4")
+    held_out = {"short": [Example(prompt=INVOICE_COPY, completion="Finance", source="short.jsonl:1")]}
+    report = run_checks(tokenizer, splits, ["Finance", "RH"], Prompting(), 128, eval_sets=held_out)
+    leak = [e for e in report.errors if e.startswith("leakage: 1 eval set 'short' examples also appear in train")]
+    assert leak and "train.jsonl:4 ~ short.jsonl:1" in leak[0]
+    clean = {"short": [Example(prompt="une tout autre demande de congé parental", completion="RH", source="s:1")]}
+    assert run_checks(tokenizer, _splits(), ["Finance", "RH"], Prompting(), 128, eval_sets=clean).ok

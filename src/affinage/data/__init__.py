@@ -58,6 +58,19 @@ def load_file(config: Config, path: str | Path) -> list[Example]:
     return apply_transforms(examples, config_transforms(config))
 
 
+def load_eval_sets(config: Config) -> dict[str, list[Example]]:
+    """The config's ``eval.sets`` files, read like the splits (checked for copies of training rows)."""
+    sets = {}
+    for name, path in config.eval.sets.items():
+        file = config.resolve_path(path)
+        if not file.is_file():
+            raise DataError(
+                f"evaluation set file {file} does not exist", where=f"eval.sets.{name}", fix="fix the path or drop it"
+            )
+        sets[name] = load_file(config, file)
+    return sets
+
+
 def load_splits(config: Config) -> DataSplits:
     """Train/valid/test examples as the config's data section describes them."""
     data = config.data

@@ -56,12 +56,19 @@ def _groups_text(groups: Sequence[Sequence[int]], sources: Sequence[str]) -> str
     return shown + (f"; and {len(groups) - MAX_SHOWN} more" if len(groups) > MAX_SHOWN else "")
 
 
-def check_leakage(splits: dict[str, list[Example]], report: CheckReport, threshold: float | None = None) -> None:
+def check_leakage(
+    splits: dict[str, list[Example]],
+    report: CheckReport,
+    threshold: float | None = None,
+    eval_sets: dict[str, list[Example]] | None = None,
+) -> None:
     """Copies of one example within a split (warning) and across splits: leakage.
 
-    Train and valid/test sharing a group is an error (the test score would reward memory);
-    valid and test sharing one is a warning (the checkpoint picked on valid is partly picked on test).
+    Train and valid/test (or an ``eval.sets`` file) sharing a group is an error (the score would
+    reward memory); valid and test sharing one is a warning (the checkpoint picked on valid is
+    partly picked on test).
     """
+    splits = {**splits, **{f"eval set '{name}'": rows for name, rows in (eval_sets or {}).items()}}
     owners = [name for name, examples in splits.items() for _ in examples]
     examples = [example for name in splits for example in splits[name]]
     sources = [example.source or "?" for example in examples]
@@ -75,6 +82,8 @@ def check_leakage(splits: dict[str, list[Example]], report: CheckReport, thresho
         "examples": [describe_group(members, sources) for members in (across or groups)[:MAX_SHOWN]],
     }
     for name in splits:
+        if name.startswith("eval set"):
+            continue  # an evaluation file's own repeats are its author's business, not training's
         within = [[i for i in members if owners[i] == name] for members in groups]
         within = [members for members in within if len(members) > 1]
         if within:
@@ -82,7 +91,7 @@ def check_leakage(splits: dict[str, list[Example]], report: CheckReport, thresho
             report.warnings.append(
                 f"{name}: {copies} duplicate examples ({_SAME}), e.g. {_groups_text(within, sources)}"
             )
-    for other in ("valid", "test"):
+    for other in [name for name in splits if name != "train"]:
         leaked = [members for members in across if {"train", other} <= {owners[i] for i in members}]
         if leaked:
             count = sum(owners[i] == other for members in leaked for i in members)
@@ -218,15 +227,17 @@ def run_checks(
     max_len: int,
     encoded: dict[str, list[Encoded]] | None = None,
     near_duplicate_threshold: float | None = SplitConfig().near_duplicate_threshold,
+    eval_sets: dict[str, list[Example]] | None = None,
 ) -> CheckReport:
     """Every check; ``encoded`` (the splits already encoded by the caller) saves encoding them twice.
 
     ``near_duplicate_threshold``: the config's ``data.split.near_duplicate_threshold``, so the
-    check finds the groups the split kept together.
+    check finds the groups the split kept together; ``eval_sets`` (the config's ``eval.sets``)
+    are checked for copies of training rows too.
     """
     report = CheckReport()
     check_counts(splits, labels, report)
-    check_leakage(splits, report, near_duplicate_threshold)
+    check_leakage(splits, report, near_duplicate_threshold, eval_sets)
     encoded = dict(encoded or {})
     for name, examples in splits.items():
         if name not in encoded:
