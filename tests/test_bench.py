@@ -1,22 +1,42 @@
-"""`affinage bench --quick` runs both sides end to end on a tiny model (it asserts nothing about speed)."""
+"""`affinage bench --quick` runs every side end to end on a tiny model (it asserts nothing about speed)."""
 
 import json
 
 import pytest
 
-from affinage.bench import main
+from affinage.bench import main, ratios
+
+PEERS_ON_CPU = ("trl-speed", "trl-memory", "peft-loop")  # trl-liger only on CUDA with liger-kernel installed
 
 
 @pytest.mark.integration
-def test_quick_benchmark_runs_both_sides(capsys):
+def test_quick_benchmark_runs_every_side(capsys):
     assert main(["--quick", "--steps", "2", "--seq-len", "96", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
-    for side in ("peft", "affinage"):
-        assert results[side]["steps"] == 2 and results[side]["tokens"] > 0 and results[side]["peak_memory_mb"] > 0
-        assert results[side]["held_out_loss"] > 0
-    # The same data, model and seed: both start from the same loss (random LoRA A, zero B).
-    assert results["affinage"]["held_out_loss"] == pytest.approx(results["peft"]["held_out_loss"], rel=0.05)
-    assert set(results["ratios"]) == {"tokens_per_second", "peak_memory", "held_out_loss"}
+    sides = results["sides"]
+    assert set(PEERS_ON_CPU) | {"affinage"} <= set(sides)
+    for side in sides.values():
+        assert side["steps"] == 2 and side["tokens"] > 0 and side["peak_memory_mb"] > 0
+        assert side["held_out_loss"] > 0 and 0 <= side["ceiling_fraction"] < 1
+    # The same data, model and seed: every side starts from the same loss (random LoRA A, zero B).
+    for peer in PEERS_ON_CPU:
+        assert sides["affinage"]["held_out_loss"] == pytest.approx(sides[peer]["held_out_loss"], rel=0.05)
+    assert {"torch", "transformers", "peft", "trl", "python"} <= set(results["versions"])
+    assert results["machine"]["matmul_tflops"] > 0 and set(results["config"]) == set(sides)
+    assert results["ratios"]["fastest_peer"] in PEERS_ON_CPU and results["ratios"]["lightest_peer"] in PEERS_ON_CPU
+
+
+def test_ratios_are_against_the_fastest_and_the_lightest_peer():
+    sides = {
+        "affinage": {"tokens_per_second": 300.0, "peak_memory_mb": 1000.0, "held_out_loss": 1.0},
+        "trl-speed": {"tokens_per_second": 200.0, "peak_memory_mb": 4000.0, "held_out_loss": 1.0},
+        "trl-memory": {"tokens_per_second": 100.0, "peak_memory_mb": 2000.0, "held_out_loss": 1.0},
+        "peft-loop": {"error": "out of memory"},
+    }
+    got = ratios(sides)
+    assert (got["fastest_peer"], got["tokens_per_second"]) == ("trl-speed", 1.5)
+    assert (got["lightest_peer"], got["peak_memory"]) == ("trl-memory", 0.5)
+    assert ratios({"affinage": sides["affinage"], "peft-loop": sides["peft-loop"]}) == {}
 
 
 def _scaling_module():
@@ -46,4 +66,5 @@ def test_scaling_cells_hold_examples_of_exactly_the_cell_length(tmp_path, tokeni
 def test_quick_scaling_grid_runs(capsys):
     assert _scaling_module().main(["--quick", "--cells", "64x2", "--steps", "1", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["rows"]
-    assert row["seq_len"] == 64 and row["peft_tokens_per_second"] > 0 and row["affinage_tokens_per_second"] > 0
+    assert row["seq_len"] == 64 and row["ratios"]["tokens_per_second"] > 0
+    assert all(side["tokens_per_second"] > 0 for side in row["sides"].values())
