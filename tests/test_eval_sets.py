@@ -8,13 +8,28 @@ import affinage.run
 from affinage.cli import main
 from affinage.errors import AffinageError
 from affinage.run import evaluate_run, evaluate_sets
-from tests.conftest import router_rows, trained_router, write_jsonl
+from tests.conftest import trained_router, write_jsonl
+
+UNSEEN = [  # emails of no training row (a copy would be refused as leakage)
+    ("Votre offre de stage m'intéresse beaucoup", "RH"),
+    ("Attestation employeur à me renvoyer", "RH"),
+    ("Écran noir après la mise à jour", "Support"),
+    ("La facture de mars est fausse", "Finance"),
+    ("Remboursement du trop-perçu", "Finance"),
+    ("Le scanner refuse les badges", "Support"),
+]
+
+
+def unseen_rows(indices) -> list[dict]:
+    return [
+        {"prompt": f'[INST] rediriger l\'email suivant : "{UNSEEN[i][0]}"[/INST]', "completion": UNSEEN[i][1]}
+        for i in indices
+    ]
 
 
 @pytest.fixture
 def run(tmp_path, model_dir):
-    rows = router_rows()
-    write_jsonl(tmp_path / "short.jsonl", rows[::5])
+    write_jsonl(tmp_path / "short.jsonl", unseen_rows(range(4)))
     return trained_router(
         tmp_path,
         model_dir,
@@ -25,7 +40,7 @@ def run(tmp_path, model_dir):
 
 
 def test_compare_reports_config_and_extra_sets_base_vs_fine_tuned(run, tmp_path, capsys):
-    write_jsonl(tmp_path / "other.jsonl", router_rows()[1::7])
+    write_jsonl(tmp_path / "other.jsonl", unseen_rows([3, 4, 5]))
     assert main(["compare", str(run), "--data", f"other={tmp_path / 'other.jsonl'}"]) == 0
     printed = capsys.readouterr().out
     assert "short" in printed and "other" in printed and "fine-tuned accuracy" in printed
@@ -46,9 +61,9 @@ def test_sets_are_evaluated_again_only_when_their_file_changes(run, tmp_path, mo
     first = evaluate_sets(run, {"short": file})
     monkeypatch.setattr(affinage.run, "open_run", lambda *a, **k: pytest.fail("a cached set loaded the model"))
     assert evaluate_sets(run, {"short": file}) == first
-    write_jsonl(file, router_rows()[:4])
+    write_jsonl(file, unseen_rows([0, 2, 3, 5]))
     monkeypatch.undo()
-    assert evaluate_sets(run, {"short": file})["short"]["n"] == 4
+    assert evaluate_sets(run, {"short": file})["short"]["sha256"] != first["short"]["sha256"]
 
 
 def test_a_missing_set_file_is_named(run, tmp_path):
