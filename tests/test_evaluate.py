@@ -128,3 +128,19 @@ def test_loss_from_label_scores_equals_the_teacher_forced_loss(tokenizer):
     encoded = [encode_example(tokenizer, e, 128) for e in examples]
     expected = evaluate_loss(model, encoded, 8, tokenizer.pad_token_id, torch.device("cpu"), full_logits_loss)
     assert metrics["loss"] == pytest.approx(expected, abs=2e-4)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
+def test_the_vocabulary_head_gets_a_contiguous_input_and_the_same_logits(build, tokenizer):
+    from affinage.models import contiguous_head_input
+
+    model = build(len(tokenizer)).eval()
+    ids = torch.randint(0, len(tokenizer), (3, 7))
+    with torch.no_grad():
+        before = model(input_ids=ids, logits_to_keep=1).logits
+        contiguous_head_input(model)
+        seen = []
+        model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+        after = model(input_ids=ids, logits_to_keep=1).logits
+    assert seen and seen[0].is_contiguous()  # the strided last-position slice no longer reaches the head
+    assert torch.equal(before, after)
