@@ -168,3 +168,13 @@ def test_fifteen_hundred_rows_in_well_under_two_seconds():
     groups = repeated_groups(duplicate_groups(texts, THRESHOLD))
     assert time.perf_counter() - started < 2.0
     assert len(groups) == 300
+
+
+def test_a_shared_instruction_does_not_make_short_emails_near_copies():
+    instruction = "[INST] rediriger l'email suivant vers le bon service de l'entreprise : \"{}\"[/INST]"
+    emails = [f"CV pour le poste de {job}" for job in ("magasinier", "technicien SAV", "comptable")]
+    emails += [f"Question numéro {i} sur la commande {1000 + 37 * i} livrée hier" for i in range(40)]
+    emails.append("cv pour le poste de MAGASINIER !")  # a real copy of the first
+    groups = repeated_groups(duplicate_groups([instruction.format(e) for e in emails], 0.8))
+    assert [0, len(emails) - 1] in groups  # the copy is caught
+    assert not any({1, 2} & set(g) for g in groups)  # the same instruction and opening words are not a copy

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import unicodedata
 import zlib
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from functools import lru_cache
@@ -26,6 +27,8 @@ from functools import lru_cache
 SHINGLE = 5  # characters per shingle: longer ones make unrelated texts share fewer
 NUM_PERM = 128  # MinHash permutations
 MAX_MISS = 1e-6  # highest chance LSH misses a pair whose similarity is exactly the threshold
+TEMPLATE_SHARE = 0.15  # a word in more than this share of the texts is template (an instruction), not content
+MIN_TEXTS_FOR_TEMPLATE = 40  # below this, word frequencies say nothing about a template
 
 
 class _FoldTable(dict):
@@ -149,6 +152,21 @@ def _near_pairs(folded: Sequence[str], threshold: float) -> list[tuple[int, int]
     return found
 
 
+def template_free(folded: Sequence[str]) -> list[str]:
+    """Each text without the words a sizeable share of all texts carry: what tells the rows apart.
+
+    Rows often share an instruction ("rediriger l'email suivant vers le bon service...") longer
+    than their content; kept, it makes any two short emails look like near-copies. A word in more
+    than ``TEMPLATE_SHARE`` of the texts (the instruction's, and the commonest function words) is
+    dropped from the comparison once there are enough texts to tell; a text left empty keeps its words.
+    """
+    if len(folded) < MIN_TEXTS_FOR_TEMPLATE:
+        return list(folded)
+    frequency = Counter(word for text in folded for word in set(text.split()))
+    common = {word for word, count in frequency.items() if count > TEMPLATE_SHARE * len(folded)}
+    return [" ".join(word for word in text.split() if word not in common) or text for text in folded]
+
+
 def _components(size: int, pairs: Iterable[tuple[int, int]]) -> list[int]:
     """Union-find: each index's component root (the smallest index of its component)."""
     parent = list(range(size))
@@ -183,7 +201,7 @@ def duplicate_groups(texts: Sequence[str], threshold: float | None = None) -> li
             folded.append(words)
         key_of_text.append(key_index[key])
     near = threshold is not None and threshold < 1
-    roots = _components(len(folded), _near_pairs(folded, threshold) if near else [])
+    roots = _components(len(folded), _near_pairs(template_free(folded), threshold) if near else [])
     groups: dict[int, list[int]] = {}
     for index, key in enumerate(key_of_text):
         groups.setdefault(roots[key], []).append(index)

@@ -292,7 +292,11 @@ def _run_checks(fmt: str, shipment: Shipment, examples: list, answers: list[str]
         unsent = (
             f" ({found['no_chat_form']} Alpaca rows with an input have no chat form)" if "no_chat_form" in found else ""
         )
-        log(f"Ollama TEMPLATE rendered by Go: {found['same']}/{found['n']} prompts exactly the training prompt{unsent}")
+        if "note" in found:
+            log(f"Ollama TEMPLATE: {found['note']}")
+        else:
+            same = f"{found['same']}/{found['n']}"
+            log(f"Ollama TEMPLATE rendered by Go: {same} prompts exactly the training prompt{unsent}")
     return checks
 
 
