@@ -35,6 +35,8 @@ def test_smollm2_vocabulary_is_the_one_llama_cpp_wrote():
 def test_email_router_gguf_and_adapter_answer_like_affinage_in_llama_cpp(tmp_path):
     config = yaml.safe_load((ROUTER / "config.yaml").read_text())
     config["data"]["dataset"] = str(ROUTER / "emails.jsonl")
+    config["eval"]["sets"] = {}
+    config["base_model"], config["prompt"] = "smollm2-135m-instruct", {"template": None, "system": ""}  # its chat form
     config["trainer"].update(max_steps=12, eval_every=12, batch_size=8)
     config["adapter"]["layers_to_transform"] = 4  # a short fine-tune that already changes the answers
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
