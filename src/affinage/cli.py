@@ -184,15 +184,26 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     from affinage.config import SplitConfig
     from affinage.data.split_cli import split_file
 
-    ratios = tuple(float(part) for part in args.ratios.split("/"))
-    if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
-        raise AffinageError(f"--ratios {args.ratios!r} must be three non-negative numbers like 80/10/10")
+    ratios = _ratios(args.ratios)
     threshold = args.near_duplicate_threshold
     if threshold is None:
         threshold = SplitConfig().near_duplicate_threshold
     report = split_file(Path(args.file), Path(args.out), args.by, ratios, args.seed, threshold)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
+
+
+def _ratios(text: str) -> tuple[float, float, float]:
+    """--ratios 80/10/10: three non-negative numbers, not all zero."""
+    try:
+        ratios = tuple(float(part) for part in text.split("/"))
+    except ValueError:
+        ratios = ()
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
+        raise AffinageError(
+            f"--ratios {text!r} must be three non-negative numbers", fix="write train/valid/test, e.g. 80/10/10"
+        )
+    return ratios  # type: ignore[return-value]
 
 
 def _threshold(value: str) -> float:
@@ -218,7 +229,9 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
         from affinage.config import apply_overrides
 
         config = config_from_dict(
-            apply_overrides({"data": {"train": str(target.resolve())}}, args.set), source=str(target)
+            apply_overrides({"data": {"train": str(target.resolve())}}, args.set),
+            source=str(target),
+            overrides=args.set,
         )
     else:
         config = load_config(target, args.set)

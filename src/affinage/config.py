@@ -8,6 +8,7 @@ project lives here and nowhere else; each field's description doubles as documen
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -365,17 +366,34 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _format_validation_error(error: ValidationError, source: str) -> ConfigError:
-    lines = []
+def _format_validation_error(error: ValidationError, source: str, overrides: list[str] | None = None) -> ConfigError:
+    """One message for every invalid key or value, each named by its dotted path (and its --set, if any)."""
+    lines, fixes = [], []
     for issue in error.errors():
         key = ".".join(str(part) for part in issue["loc"]) or "(top level)"
+        origin = _override_of(key, overrides or [])
+        origin = f" (from --set {origin})" if origin else ""
         if issue["type"] == "extra_forbidden":
-            parent = issue["loc"][:-1]
-            allowed = _allowed_keys(parent)
-            lines.append(f"unknown key '{key}'; allowed here: {', '.join(allowed)}")
+            allowed = _allowed_keys(issue["loc"][:-1])
+            close = difflib.get_close_matches(str(issue["loc"][-1]), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(f"unknown key '{key}'{origin}{hint}; allowed here: {', '.join(allowed)}")
+            if close:
+                fixes.append(f"rename '{key}' to '{'.'.join([*key.split('.')[:-1], close[0]])}'")
         else:
-            lines.append(f"'{key}': {issue['msg']} (got {issue.get('input')!r})")
-    return ConfigError("; ".join(lines), where=source, fix="correct the key or value (see docs/config.md)")
+            lines.append(f"'{key}'{origin}: {issue['msg']} (got {issue.get('input')!r})")
+    fixes.append("correct the key or value (`affinage config` lists every key with its default; see docs/config.md)")
+    return ConfigError("; ".join(lines), where=source, fix="; ".join(fixes))
+
+
+def _override_of(key: str, overrides: list[str]) -> str | None:
+    """The last ``--set`` that wrote ``key``, a section above it or a key below it, for the error message."""
+    found = None
+    for item in overrides:
+        path = ".".join(parse_override(item)[0])
+        if key == path or key.startswith(path + ".") or path.startswith(key + "."):
+            found = item
+    return found
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
@@ -399,24 +417,44 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return sorted(name for name in model.model_fields if name != "base_dir")
 
 
-def config_from_dict(raw: dict[str, Any], *, source: str = "config", base_dir: str | Path = ".") -> Config:
+def config_from_dict(
+    raw: dict[str, Any], *, source: str = "config", base_dir: str | Path = ".", overrides: list[str] | None = None
+) -> Config:
+    """Validate a config mapping; ``overrides`` (the --set items applied to it) are named in errors."""
     try:
         config = Config.model_validate({**raw, "base_dir": str(base_dir)})
     except ValidationError as error:
-        raise _format_validation_error(error, source) from None
+        raise _format_validation_error(error, source, overrides) from None
     return config
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``--set`` overrides, validate."""
     path = Path(path)
+    raw = _read_yaml(path)
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source=str(path), base_dir=path.parent, overrides=overrides)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The config file's mapping; a missing, binary or malformed file is a ConfigError naming it (and the line)."""
     if not path.is_file():
         raise ConfigError(
             f"config file not found: {path}",
             fix="pass the path of a YAML config, e.g. examples/email-router/config.yaml",
         )
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            "not a YAML config: the file is not UTF-8 text (a binary file?)",
+            where=f"{path}:{line}",
+            fix="pass the YAML config file, or re-save it as UTF-8",
+        ) from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -424,9 +462,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             f"invalid YAML: {getattr(error, 'problem', error)}", where=where, fix="fix the indentation or quoting"
         ) from None
     if not isinstance(raw, dict):
-        raise ConfigError("the config must be a mapping of keys to values", where=str(path))
-    raw = apply_overrides(raw, overrides or [])
-    return config_from_dict(raw, source=str(path), base_dir=path.parent)
+        raise ConfigError(
+            "the config must be a mapping of keys to values",
+            where=str(path),
+            fix="write one `key: value` per line, e.g. base_model: smollm2-135m-instruct",
+        )
+    return raw
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

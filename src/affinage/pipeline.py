@@ -25,7 +25,7 @@ from affinage.evaluate.task import detect_task, encode_all, evaluate_examples
 from affinage.lora.inject import inject_lora
 from affinage.lora.layers import share_dropout
 from affinage.lora.peft_format import load_adapter
-from affinage.models import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
+from affinage.models import check_model, load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 from affinage.report import comparison_table, headline, task_metric
 from affinage.run_dir import RunDir
 from affinage.runtime import pick_device
@@ -82,6 +82,7 @@ def run_training(
     run_dir = RunDir(output_dir)
     splits = load_splits(config)  # bad data fails before anything is written
     eval_sets = load_eval_sets(config)  # and a missing evaluation file too
+    check_model(config.base_model)  # and an unknown model name
     with run_dir.locked():  # one process per run; an unwritable --output fails here, before the model loads
         start = run_dir.start(config, overwrite=overwrite)
         if start == "finished":

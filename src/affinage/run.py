@@ -77,10 +77,11 @@ def evaluate_run(
     with_adapter: bool = True,
 ) -> dict[str, Any]:
     """The run's task metrics on ``data`` (default: its test split); ``with_adapter=False``: the bare base model."""
-    run = open_run(run_dir, with_adapter=with_adapter, device=device)
-    examples = run.examples(data)
-    if not examples:
+    directory = RunDir(run_dir).require(adapter=with_adapter)
+    examples = load_file(directory.read_config(), Path(data) if data else directory.split_path("test"))
+    if not examples:  # read and checked before the model loads: a bad file fails in a second
         raise AffinageError("no examples to evaluate", fix="pass --data FILE.jsonl")
+    run = open_run(run_dir, with_adapter=with_adapter, device=device)
     return evaluate_examples(run.model, run.tokenizer, examples, run.task, run.config, run.prompting)
 
 
@@ -106,15 +107,16 @@ def evaluate_sets(
         if entry is None or entry.get("sha256") != digest or (with_base and entry.get("base") is None):
             todo[name] = (file, digest)
     if todo:
+        config = directory.read_config()
+        examples = {name: load_file(config, file) for name, (file, _) in todo.items()}  # bad files fail before loading
         results: dict[str, dict[str, Any]] = {name: {} for name in todo}
         for side, with_adapter in (("base", False), ("fine_tuned", True)):
             if side == "base" and not with_base:
                 continue
             run = open_run(run_dir, with_adapter=with_adapter, device=device)
-            for name, (file, _) in todo.items():
-                examples = run.examples(file)
+            for name in todo:
                 results[name][side] = evaluate_examples(
-                    run.model, run.tokenizer, examples, run.task, run.config, run.prompting
+                    run.model, run.tokenizer, examples[name], run.task, run.config, run.prompting
                 )
         for name, (file, digest) in todo.items():
             side_results = results[name]

@@ -50,10 +50,16 @@ def import_user_function(path: str, base_dir: str | Path, where: str, builtins: 
     try:
         spec.loader.exec_module(module)
     except Exception as error:
-        raise ConfigError(f"cannot import {file} for '{path}': {type(error).__name__}: {error}", where=where) from None
+        raise ConfigError(
+            f"cannot import {file} for '{path}': {type(error).__name__}: {error}",
+            where=where,
+            fix=f"fix the error in {file.name} (run `python {file.name}` to see it)",
+        ) from None
     function = getattr(module, attr, None)
     if not callable(function):
-        raise ConfigError(f"'{attr}' in {file} is not a function", where=where)
+        raise ConfigError(
+            f"'{attr}' in {file} is not a function", where=where, fix=f"define `def {attr}(text): ...` in {file.name}"
+        )
     return function
 
 

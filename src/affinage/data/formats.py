@@ -110,7 +110,11 @@ def _read_json(path: Path, text: str) -> list[tuple[int | str, Any]]:
             f"invalid JSON: {error.msg}", where=f"{path}:{error.lineno}", fix="fix the JSON syntax"
         ) from None
     if not isinstance(data, list):
-        raise DataError("a .json data file must hold a list of objects", where=str(path))
+        raise DataError(
+            "a .json data file must hold a list of objects",
+            where=str(path),
+            fix='write [{"prompt": ..., "completion": ...}, ...], or use JSONL: one object per line',
+        )
     return list(enumerate(data, start=1))
 
 
@@ -245,7 +249,11 @@ def _text_field(row: dict[str, Any], name: str, where: str, *, allow_empty: bool
     if value is None:
         value = ""
     if not isinstance(value, (str, int, float)):
-        raise DataError(f"field '{name}' must be text, got {type(value).__name__}", where=where)
+        raise DataError(
+            f"field '{name}' must be text, got {type(value).__name__} ({json.dumps(value, ensure_ascii=False)[:60]})",
+            where=where,
+            fix=f'write \'{name}\' as one JSON string, e.g. "{name}": "..."',
+        )
     value = str(value)
     if not allow_empty and not value.strip():
         raise DataError(f"field '{name}' is empty", where=where, fix="fill it in or remove the row")
@@ -265,7 +273,11 @@ def _chat_example(row: dict[str, Any], where: str) -> Example:
             or message.get("role") not in ROLES
             or not isinstance(message.get("content"), str)
         ):
-            raise DataError(f"messages[{index}] must be {{role: system|user|assistant, content: text}}", where=where)
+            raise DataError(
+                f"messages[{index}] must be {{role: system|user|assistant, content: text}}",
+                where=where,
+                fix='write each message as {"role": "user", "content": "..."}',
+            )
         clean.append({"role": message["role"], "content": message["content"]})
     if clean[-1]["role"] != "assistant":
         raise DataError(

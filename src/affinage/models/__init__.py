@@ -46,12 +46,17 @@ def base_model_hub_id(base_model: str) -> str:
     return spec["hub_id"] if spec else base_model
 
 
-def _embedded_gguf(name: str) -> Path:
+def _embedded_distribution(name: str) -> importlib.metadata.Distribution:
     spec = EMBEDDED_MODELS[name]
     try:
-        distribution = importlib.metadata.distribution(spec["distribution"])
+        return importlib.metadata.distribution(spec["distribution"])
     except importlib.metadata.PackageNotFoundError:
         raise ModelNotFoundError(f"the embedded model '{name}' is not installed", fix=spec["install"]) from None
+
+
+def _embedded_gguf(name: str) -> Path:
+    spec = EMBEDDED_MODELS[name]
+    distribution = _embedded_distribution(name)
     if "assemble" in spec:  # shipped in parts: join them once into the package's cache
         module = __import__(spec["assemble"])
         try:
@@ -63,16 +68,31 @@ def _embedded_gguf(name: str) -> Path:
     return Path(str(distribution.locate_file(spec["file"])))
 
 
+def check_model(base_model: str) -> None:
+    """Fail on a model that cannot be found, cheaply (nothing converted or loaded): a typo in
+    ``base_model`` must stop a run before its directory is written and before any model loads."""
+    if base_model.lower() in EMBEDDED_MODELS:
+        _embedded_distribution(base_model.lower())
+    else:
+        _local_or_hub(base_model)
+
+
 def resolve_model_path(base_model: str) -> Path | str:
     """Turn ``base_model`` into a local HF directory (converting GGUF once) or a Hub id."""
     key = base_model.lower()
     if key in EMBEDDED_MODELS:
         return convert_gguf(_embedded_gguf(key))
+    path = _local_or_hub(base_model)
+    return convert_gguf(path) if path.suffix == ".gguf" else path
+
+
+def _local_or_hub(base_model: str) -> Path:
+    """A .gguf file, a local HF directory or a Hub snapshot in the local cache, checked to exist."""
     path = Path(base_model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}", fix="check the path in base_model")
-        return convert_gguf(path)
+        return path
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
