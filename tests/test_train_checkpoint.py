@@ -126,6 +126,23 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(tokenizer, tmp_path, how):
         assert torch.equal(dict(resumed.named_parameters())[key], tensor), key
 
 
+def test_a_checkpoint_of_another_training_split_is_refused(tokenizer, tmp_path):
+    calls = {"n": 0}
+
+    def crashes(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise Crash
+        return causal_lm_loss(model, batch)
+
+    with pytest.raises(Crash):
+        _run(tokenizer, tmp_path, loss_fn=crashes)  # checkpoint after step 5: epoch 1, batch 2 of 3
+    model, data = _model(tokenizer), _encoded(tokenizer)[:8]  # 2 batches per epoch now
+    cfg = TrainerConfig(**EXACT)
+    with pytest.raises(AffinageError, match="training split of another size"):
+        train(model, data, data[:4], cfg, pad_id=tokenizer.pad_token_id, run_dir=tmp_path, base_model_name="t")
+
+
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tokenizer, tmp_path, monkeypatch):
     real = checkpoint.save_file
 

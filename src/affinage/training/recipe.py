@@ -18,6 +18,7 @@ from torch import nn
 
 from affinage.config import TrainerConfig
 from affinage.data.template import Encoded
+from affinage.errors import AffinageError
 from affinage.lora.layers import mark_only_lora_as_trainable
 from affinage.models import base_model_hub_id
 from affinage.training import checkpoint
@@ -166,7 +167,7 @@ def fine_tune(
     plan = BatchPlan.build(model, train_data, valid_data, cfg, pad_id=pad_id, device=device, loss_fn=loss_fn)
     newest = checkpoint.latest(Path(checkpoint_dir)) if resume and checkpoint_dir is not None else None
     # Restored after the plan is built: the frozen-prefix pass must not move the restored RNG.
-    state = checkpoint.restore(checkpoint.load(newest), model, optimizer) if newest else TrainState()
+    state = _resume(newest, plan, model, optimizer) if newest else TrainState()
     state.seconds += plan.setup_seconds  # honest speed: the one-off frozen-prefix pass counts as training time
     history = History()
     listeners: list[Listener] = [
@@ -195,6 +196,20 @@ def fine_tune(
     validate = validation(plan, device, task_score)
     state = run_plan(model, plan, optimizer, cfg, state=state, listeners=listeners, device=device, validate=validate)
     return _result(state, plan, history, device)
+
+
+def _resume(path: Path, plan: BatchPlan, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    """The checkpoint at ``path`` restored, once its data cursor is known to fit this run's batch order."""
+    saved = checkpoint.load(path)
+    cursor = saved["cursor"]
+    if plan.cursor(cursor["batches"]) != cursor:  # another number of examples: other batches per epoch
+        raise AffinageError(
+            f"{path} was written for a training split of another size (epoch {cursor['epoch']}, batch "
+            f"{cursor['position']} does not fall where {plan.batches_per_epoch} batches per epoch put it): the data "
+            "changed since the run was interrupted",
+            fix="restore the data the run started with, or pass --overwrite to train again from the start",
+        )
+    return checkpoint.restore(saved, model, optimizer)
 
 
 def _result(state: TrainState, plan: BatchPlan, history: History, device: torch.device) -> TrainResult:
