@@ -15,7 +15,6 @@ from affinage.lora import inject_lora
 from affinage.training import (
     BatchPlan,
     History,
-    TrainState,
     lora_optimizer,
     lr_schedule,
     run_plan,
@@ -74,45 +73,6 @@ def test_plan_and_loop_give_the_recipe_s_losses(tokenizer, tmp_path):
     run_plan(model, plan, optimizer, cfg, listeners=[history])
     strip = [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in history.records]
     assert strip == [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in result.history]
-
-
-def test_train_state_round_trip_restores_adapter_optimizer_and_rng(tokenizer, tmp_path):
-    model, data = _model(tokenizer, dropout=0.1), _encoded(tokenizer)
-    cfg = TrainerConfig(**{**TINY_RUN, "max_steps": 2})
-    optimizer = lora_optimizer(model, cfg)
-    plan = BatchPlan.build(model, data, [], cfg, pad_id=tokenizer.pad_token_id)
-    state = run_plan(model, plan, optimizer, cfg)
-    state.best_loss, state.best_step, state.best_score, state.stale = 5.25, 2, 0.75, 1
-    path = tmp_path / "checkpoint" / "state.pt"
-    snapshot = state.snapshot(model, optimizer)
-    snapshot.save(path)
-    assert os.listdir(path.parent) == ["state.pt"]  # the temporary file was renamed
-    expected_draw = torch.rand(5)  # what the run's RNG gives next
-
-    raw = torch.load(path, weights_only=True)
-    assert isinstance(raw, dict) and raw["step"] == 2 and raw["batches"] == 2 and torch.equal(raw["rng"], snapshot.rng)
-    fresh = _model(tokenizer, dropout=0.1)
-    fresh_optimizer = lora_optimizer(fresh, cfg)
-    loaded = TrainState.load(path)
-    assert (loaded.step, loaded.batches, loaded.tokens, loaded.seconds) == (2, 2, state.tokens, state.seconds)
-    assert (loaded.best_loss, loaded.best_step, loaded.best_score, loaded.stale) == (5.25, 2, 0.75, 1)
-    torch.manual_seed(123)  # anything: restoring puts the saved generator back
-    loaded.restore(fresh, fresh_optimizer)
-    assert torch.equal(torch.rand(5), expected_draw)
-    for (name, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
-        if "lora_" in name:
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-    saved, restored = optimizer.state_dict(), fresh_optimizer.state_dict()
-    for index, moments in saved["state"].items():
-        for key, tensor in moments.items():
-            torch.testing.assert_close(restored["state"][index][key], tensor, rtol=0, atol=0)
-    assert loaded.adapter == {} and loaded.optimizer == {}  # handed over to the live objects
-
-
-def test_a_checkpoint_without_a_stream_position_resumes_at_step_times_accumulation(tmp_path):
-    path = tmp_path / "state.pt"
-    torch.save({"step": 3, "tokens": 10, "seconds": 1.0, "best_loss": None, "best_step": None, "stale": 0}, path)
-    assert TrainState.load(path, accumulation=2).batches == 6
 
 
 def test_tensorboard_gets_the_logged_losses(tokenizer, tmp_path):

@@ -21,15 +21,15 @@ def write_file_atomic(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _fsync(path: str | Path) -> None:
+def fsync(path: str | Path) -> None:
     """Flush a file's (or a directory's entries') data to the disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -44,15 +44,22 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; on success it becomes ``target``."""
+    """Yield a temporary directory beside ``target``; on success it becomes ``target``.
+
+    Every file in it and the directory itself are synced before the rename, and the parent after
+    it: after a crash ``target`` is the old directory or the new one with all its bytes.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         yield tmp
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            fsync(file)
+        fsync(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
-        _fsync(target.parent)
+        fsync(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

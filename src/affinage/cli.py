@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except AffinageError as error:
         print(f"affinage: error: {error}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)  # a stopped training run: 128 + signal, or 1
 
 
 if __name__ == "__main__":

@@ -251,6 +251,21 @@ class TrainerConfig(_Section):
         description="With adapter.layers_to_transform, run the frozen lower blocks once per example, not once per "
         "epoch.",
     )
+    save_every: int | None = Field(
+        50,
+        ge=1,
+        description="Write a resume checkpoint every N optimizer steps, besides the one after each validation "
+        "(None: only after validations). A killed run restarted with the same command continues from the newest.",
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Resume checkpoints kept in the run's checkpoint/ directory (the newest ones)."
+    )
+    max_nonfinite_steps: int | None = Field(
+        10,
+        ge=1,
+        description="A step whose loss or gradient is NaN or infinite is skipped (no update) and counted; stop the "
+        "run after this many in a row (None: never stop).",
+    )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list,
         description="Experiment trackers that also get the training curves: tensorboard (event files in the run's "

@@ -29,3 +29,14 @@ class DataError(AffinageError):
 
 class ModelNotFoundError(AffinageError):
     """The base model cannot be found locally (and the Hub cannot be reached)."""
+
+
+class TrainingStopped(AffinageError):
+    """Training stopped before its end on purpose (a signal, too many non-finite steps); its checkpoint resumes it.
+
+    ``exit_code`` is what the CLI exits with: 128 + the signal's number for a signal, as a shell reports it.
+    """
+
+    def __init__(self, message: str, *, fix: str | None = None, exit_code: int = 1):
+        super().__init__(message, fix=fix)
+        self.exit_code = exit_code

@@ -263,6 +263,7 @@ def _summary(
         "best_valid_loss": result.best_valid_loss,
         "best_step": result.best_step,
         "best_valid_score": result.best_valid_score,
+        "nonfinite_steps": result.nonfinite_steps,
         "packed": result.packed,
         "frozen_prefix_cached": result.frozen_prefix_cached,
         "precision": str(prepared.dtype).replace("torch.", ""),

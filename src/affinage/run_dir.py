@@ -9,7 +9,8 @@ Layout (``affinage train CONFIG --output DIR``)::
     DIR/metrics.jsonl      one record per step and per validation
     DIR/eval.json          base and fine-tuned test metrics, with predictions
     DIR/summary.json       final metrics, speed and memory: its presence marks a finished run
-    DIR/checkpoint/        resume state while training (removed when the run completes)
+    DIR/checkpoint/step-NNNNNN/  resume checkpoints while training (the newest complete one resumes; removed when
+                           the run completes)
     DIR/.lock              the training process's pid while it runs (a dead process's lock is taken over)
     DIR/tensorboard/       event files when trainer.report_to has tensorboard
     DIR/report.html, report.md, report-curves.png   `affinage compare`
@@ -60,7 +61,7 @@ class RunDir:
     training = property(lambda self: TrainPaths.under(self.path))  # adapter, checkpoint, metrics, tensorboard
     metrics_path = property(lambda self: self.training.metrics_path)
     adapter_dir = property(lambda self: self.training.adapter_dir)
-    checkpoint_dir = property(lambda self: self.training.checkpoint_path.parent)
+    checkpoint_dir = property(lambda self: self.training.checkpoint_dir)
     tensorboard_dir = property(lambda self: self.training.tensorboard_dir)
     report_path = property(lambda self: self.path / "report.html")
 

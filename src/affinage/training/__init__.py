@@ -4,13 +4,16 @@ holds, the loop, its listeners, and the recipe that wires them.
     schedule   get_lr, lr_schedule                  pure functions of the step
     losses     causal_lm_loss, evaluate_loss, ...   a batch's summed loss and labelled-token count
     plan       BatchPlan                            packing / frozen-prefix cache / token budget, the batch stream
-    state      TrainState                           one dict: counters, best validation, optimizer, RNG
+    state      TrainState                           counters, best validation, non-finite counts, metrics (JSON)
+    checkpoint capture, save, load, restore, latest     numbered resume checkpoints: safetensors + JSON, atomic
+    faults     StopRequests, nonfinite               SIGTERM/SIGINT and non-finite steps
     loop       run_steps, Listener, StepReport      the steps; no file, no progress bar
     listeners  MetricsLog, ProgressBar, BestAdapter, EarlyStopping, Checkpointer, History
     reporting  TensorBoard, WandB, MLflow           trainer.report_to
     recipe     fine_tune, train, TrainResult        one run wired from its config and its paths
 """
 
+from affinage.training import checkpoint
 from affinage.training.listeners import BestAdapter, Checkpointer, EarlyStopping, History, MetricsLog, ProgressBar
 from affinage.training.loop import Listener, StepOptions, StepReport, activation_checkpointing, run_steps, train_step
 from affinage.training.losses import LossFn, causal_lm_loss, evaluate_loss, full_logits_loss, model_inputs
@@ -31,6 +34,7 @@ from affinage.training.state import TrainState
 
 __all__ = [
     "BatchPlan",
+    "checkpoint",
     "BestAdapter",
     "Checkpointer",
     "EarlyStopping",

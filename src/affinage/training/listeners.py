@@ -10,6 +10,8 @@ counts and marks the evaluation ``best``), then the loggers, the checkpoint and
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from affinage.lora.peft_format import save_adapter
+from affinage.training.checkpoint import capture, save
 from affinage.training.loop import Listener, StepReport
 from affinage.training.state import TrainState
 
@@ -28,15 +31,20 @@ def evaluation_record(evaluation: dict) -> dict:
 
 
 class History(Listener):
-    """This session's metrics.jsonl records, in memory, and the last training loss (unrounded)."""
+    """The run's metrics.jsonl records, in memory and in ``state.metrics`` (so checkpoints hold them, and a
+    resumed run's history is whole), and the last finite training loss (unrounded)."""
 
     def __init__(self) -> None:
         self.records: list[dict] = []
         self.last_loss: float | None = None
 
+    def on_start(self, state: TrainState) -> None:
+        self.records = state.metrics  # one list: what the checkpoint saves is what was logged
+
     def on_step(self, state: TrainState, report: StepReport) -> None:
         self.records.append(report.record())
-        self.last_loss = report.loss
+        if not report.skipped:
+            self.last_loss = report.loss
 
     def on_validation(self, state: TrainState, evaluation: dict) -> None:
         self.records.append(evaluation_record(evaluation))
@@ -50,8 +58,10 @@ class MetricsLog(Listener):
 
     def on_start(self, state: TrainState) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if state.step == 0 or not self.path.exists():
+        if state.step == 0:
             self.path.write_text("")  # a fresh run starts a fresh log
+        elif not self.path.exists():  # lost: the checkpoint's copy of the records
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in state.metrics))
         else:  # drop records of steps the checkpoint does not hold
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= state.step]
             self.path.write_text("".join(line + "\n" for line in kept))
@@ -133,10 +143,45 @@ class EarlyStopping(Listener):
 
 
 class Checkpointer(Listener):
-    """After each validation, the whole :class:`TrainState` (adapter, optimizer, RNG) to ``path``, atomically."""
+    """Writes a resume checkpoint every ``every`` steps, after each validation and when a signal stops the run.
 
-    def __init__(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.path, self.model, self.optimizer = Path(path), model, optimizer
+    ``cursor(batches)`` says where the batch stream stands (epoch, position) after that many
+    micro-batches. List it after :class:`BestAdapter` and :class:`History`: a validation's
+    checkpoint then holds its best-so-far and its record.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cursor: Callable[[int], dict],
+        *,
+        every: int | None = None,
+        keep: int = 2,
+    ) -> None:
+        self.root, self.model, self.optimizer, self.cursor = Path(root), model, optimizer, cursor
+        self.every, self.keep = every, keep
+        self.saved_step: int | None = None
+        self.last_seconds: float | None = None  # how long the last write took
+
+    def on_start(self, state: TrainState) -> None:
+        self.saved_step = state.step  # a resumed run's checkpoint exists already
 
     def on_validation(self, state: TrainState, evaluation: dict) -> None:
-        state.snapshot(self.model, self.optimizer).save(self.path)
+        self._save(state)
+
+    def on_step_end(self, state: TrainState, report: StepReport) -> None:
+        if self.every and state.step % self.every == 0:
+            self._save(state)
+
+    def on_interrupt(self, state: TrainState) -> None:
+        self._save(state)
+
+    def _save(self, state: TrainState) -> None:
+        if state.step == self.saved_step:  # a validation's and an interval's checkpoint on one step
+            return
+        started = time.perf_counter()
+        cursor = self.cursor(state.batches)
+        save(capture(state, self.model, self.optimizer, cursor), self.root, self.keep)
+        self.saved_step, self.last_seconds = state.step, time.perf_counter() - started

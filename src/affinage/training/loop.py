@@ -4,7 +4,9 @@ It takes the model, a batch stream, a loss function and an optimizer, and for ea
 step runs its micro-batches forward and backward, clips, steps, then tells its listeners.
 Gradient accumulation normalises by the labelled tokens of the whole step, so every token weighs
 the same. It writes no file and draws nothing: metrics, progress bars, checkpoints and the best
-adapter are listeners (:mod:`affinage.training.listeners`) the recipe wires in.
+adapter are listeners (:mod:`affinage.training.listeners`) the recipe wires in. A step with a
+non-finite loss or gradient is skipped (no update) and counted; a SIGTERM/SIGINT ends the run
+after its step, once the listeners have checkpointed it (:mod:`affinage.training.faults`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from affinage.data.batching import split_rows
+from affinage.training.faults import StopRequests, nonfinite, too_many_nonfinite
 from affinage.training.gated_mlp import recompute_gated_activations
 from affinage.training.losses import CPU, LossFn, to_device
 from affinage.training.state import TrainState
@@ -36,18 +39,21 @@ class StepReport:
     tokens: int  # real (non-padding) tokens
     seconds: float
     grad_norm: float | None = None
+    skipped: str | None = None  # "loss" or "gradient": it was not finite, the step made no update
 
     def record(self) -> dict:
-        """The step's metrics.jsonl line."""
+        """The step's metrics.jsonl line (a skipped step's loss is null: JSON has no NaN)."""
         record = {
             "step": self.step,
             "epoch": self.epoch,
-            "loss": round(self.loss, 5),
+            "loss": None if self.skipped else round(self.loss, 5),
             "lr": self.lr,
             "tokens_per_second": round(self.tokens / self.seconds, 1),
         }
-        if self.grad_norm is not None:
+        if self.grad_norm is not None and not self.skipped:
             record["grad_norm"] = round(self.grad_norm, 4)
+        if self.skipped:
+            record["skipped"] = f"non-finite {self.skipped}"
         return record
 
 
@@ -72,6 +78,9 @@ class Listener:
 
     def on_end(self, state: TrainState) -> None:
         """When the loop finishes normally (not when it raises)."""
+
+    def on_interrupt(self, state: TrainState) -> None:
+        """A signal stops the run after this step: the last chance to checkpoint it."""
 
 
 def checkpoint_forward(setting: bool | str, batch: dict, budget: int | None) -> bool:
@@ -104,6 +113,7 @@ class StepOptions:
     forward_budget: int | None = None  # tokens per forward pass; a bigger micro-batch runs as several
     checkpointing: bool | str = False  # activation checkpointing: True, False or "auto" (see checkpoint_forward)
     device: torch.device = CPU
+    max_nonfinite_steps: int | None = 10  # stop after this many skipped steps in a row (None: never)
 
 
 def train_step(
@@ -130,8 +140,12 @@ def train_step(
             (loss_sum / max(step_tokens, 1)).backward()
         step_loss += float(loss_sum.detach())
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm) if options.max_grad_norm else None
-    optimizer.step()
+    skipped = nonfinite(step_loss, [p.grad for p in params if p.grad is not None])
+    grad_norm = None
+    if skipped is None:  # a NaN would poison AdamW's moments for good: no update at all
+        if options.max_grad_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
     return StepReport(
@@ -142,6 +156,7 @@ def train_step(
         tokens=sum(int(b["attention_mask"].sum()) for b in chunks),
         seconds=seconds,
         grad_norm=None if grad_norm is None else float(grad_norm),
+        skipped=skipped,
     )
 
 
@@ -160,7 +175,11 @@ def run_steps(
     listeners: Sequence[Listener] = (),
 ) -> TrainState:
     """Train until ``state.step == steps`` (or a listener stops the run); validate every ``eval_every`` steps
-    and at the last one. ``batches`` must already stand at ``state.batches``."""
+    and at the last one. ``batches`` must already stand at ``state.batches``.
+
+    Raises :class:`~affinage.errors.TrainingStopped` after a SIGTERM/SIGINT (once ``on_interrupt``
+    has let the listeners checkpoint) or after ``options.max_nonfinite_steps`` skipped steps in a row.
+    """
     state = state or TrainState()
     options = options or StepOptions()
     for listener in listeners:
@@ -168,7 +187,7 @@ def run_steps(
     stopped = any(listener.should_stop(state) for listener in listeners)  # it had stopped before a kill
     model.train()
     # Gated MLPs keep gate and up for backward, not also act(gate): same gradients, less memory.
-    with recompute_gated_activations(model):
+    with recompute_gated_activations(model), StopRequests() as stop:
         while state.step < steps and not stopped:
             report = train_step(model, batches, loss_fn, optimizer, lr_at(state.step), options)
             state.step += 1
@@ -176,8 +195,12 @@ def run_steps(
             state.tokens += report.tokens
             state.seconds += report.seconds
             report.step = state.step
+            _count_nonfinite(state, report)
             for listener in listeners:
                 listener.on_step(state, report)
+            limit = options.max_nonfinite_steps
+            if report.skipped and limit and state.nonfinite_streak >= limit:
+                raise too_many_nonfinite(state.step, state.nonfinite_streak, report.skipped, report.lr)
             if validate is not None and (state.step % (eval_every or steps) == 0 or state.step == steps):
                 evaluation = {"step": state.step, "epoch": report.epoch, **validate(model)}
                 for listener in listeners:
@@ -188,6 +211,19 @@ def run_steps(
                     break
             for listener in listeners:
                 listener.on_step_end(state, report)
+            if stop.requested:  # the step is done: checkpoint it, then leave
+                for listener in listeners:
+                    listener.on_interrupt(state)
+                raise stop.error(state.step, steps)
     for listener in listeners:
         listener.on_end(state)
     return state
+
+
+def _count_nonfinite(state: TrainState, report: StepReport) -> None:
+    """Skipped steps in all and in a row (a finite step resets the streak)."""
+    if report.skipped:
+        state.nonfinite_steps += 1
+        state.nonfinite_streak += 1
+    else:
+        state.nonfinite_streak = 0

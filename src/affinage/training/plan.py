@@ -35,23 +35,30 @@ def resolve_forward_budget(setting: int | str | None, device: torch.device) -> i
 
 
 def micro_batches(
-    data: Sequence[Encoded], batch_size: int, seed: int, pad_id: int, pack_into: int | None = None
+    data: Sequence[Encoded],
+    batch_size: int,
+    seed: int,
+    pad_id: int,
+    pack_into: int | None = None,
+    start: tuple[int, int] = (0, 0),
 ) -> Iterator[tuple[int, dict]]:
     """Endless stream of (epoch, batch), reshuffled every epoch with a seed derived from it.
 
     With ``pack_into`` the examples of a micro-batch are packed into rows of that many tokens:
-    the same examples per step (same schedule, same loss), fewer padding tokens.
+    the same examples per step (same schedule, same loss), fewer padding tokens. ``start``
+    (epoch, position in that epoch's order) begins mid-stream: a resumed run gets exactly the
+    batches that remained, without collating the ones before.
     """
     lengths = [len(e.input_ids) for e in data]
-    epoch = 0
+    epoch, position = start
     while True:
-        for indices in bucketed_batches(lengths, batch_size, seed + epoch):
+        for indices in bucketed_batches(lengths, batch_size, seed + epoch)[position:]:
             examples = [data[i] for i in indices]
             yield (
                 epoch,
                 collate_packed(examples, pad_id, pack_into) if pack_into else collate(examples, pad_id, indices),
             )
-        epoch += 1
+        epoch, position = epoch + 1, 0
 
 
 @dataclass
@@ -126,9 +133,18 @@ class BatchPlan:
         self.valid_loss_fn = prefix.wrap(self.valid_loss_fn, valid_cache)
         self.setup_seconds = time.perf_counter() - started
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches in one epoch's order (the same every epoch: only the shuffle changes)."""
+        return math.ceil(len(self.train_data) / self.batch_size)
+
+    def cursor(self, batches: int) -> dict[str, int]:
+        """Where the stream stands after ``batches`` micro-batches: what a checkpoint records."""
+        epoch, position = divmod(batches, self.batches_per_epoch)
+        return {"epoch": epoch, "position": position, "batches": batches}
+
     def batches(self, skip: int = 0) -> Iterator[tuple[int, dict]]:
         """The endless (epoch, micro-batch) stream, after its first ``skip`` micro-batches (a resumed run's)."""
-        stream = micro_batches(self.train_data, self.batch_size, self.seed, self.pad_id, self.pack_into)
-        for _ in range(skip):  # resume at the exact batch the run stopped at
-            next(stream)
-        return stream
+        cursor = self.cursor(skip)
+        start = (cursor["epoch"], cursor["position"])
+        return micro_batches(self.train_data, self.batch_size, self.seed, self.pad_id, self.pack_into, start)

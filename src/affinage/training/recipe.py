@@ -1,7 +1,7 @@
 """The training recipe: wires the plan, the state, the listeners and the loop for one run.
 
 :func:`fine_tune` takes every path it writes as an argument; :func:`train` is the older
-entry point that derives them from a run directory (``DIR/adapter``, ``DIR/checkpoint/state.pt``,
+entry point that derives them from a run directory (``DIR/adapter``, ``DIR/checkpoint/step-NNNNNN/``,
 ``DIR/metrics.jsonl``, ``DIR/tensorboard``), which :mod:`affinage.pipeline` calls.
 """
 
@@ -18,8 +18,10 @@ from torch import nn
 
 from affinage.config import TrainerConfig
 from affinage.data.template import Encoded
+from affinage.errors import AffinageError
 from affinage.lora.layers import mark_only_lora_as_trainable
 from affinage.models import base_model_hub_id
+from affinage.training import checkpoint
 from affinage.training.listeners import BestAdapter, Checkpointer, EarlyStopping, History, MetricsLog, ProgressBar
 from affinage.training.loop import Listener, StepOptions, Validate, run_steps
 from affinage.training.losses import CPU, LossFn, evaluate_loss
@@ -42,6 +44,7 @@ class TrainResult:
     best_valid_loss: float | None
     best_step: int | None
     best_valid_score: float | None = None
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient
     packed: bool = False
     frozen_prefix_cached: bool = False
     truncated: int = 0
@@ -96,6 +99,7 @@ def run_plan(
         forward_budget=plan.forward_budget,
         checkpointing=cfg.gradient_checkpointing,
         device=device,
+        max_nonfinite_steps=cfg.max_nonfinite_steps,
     )
     return run_steps(
         model,
@@ -117,7 +121,7 @@ class TrainPaths:
     """Where a training run's outputs go; a run directory lays them out with :meth:`under`."""
 
     adapter_dir: Path
-    checkpoint_path: Path | None = None  # None: no resume state written
+    checkpoint_dir: Path | None = None  # numbered resume checkpoints; None: none written
     metrics_path: Path | None = None  # None: no metrics.jsonl
     tensorboard_dir: Path | None = None
 
@@ -126,7 +130,7 @@ class TrainPaths:
         directory = Path(directory)
         return cls(
             adapter_dir=directory / "adapter",
-            checkpoint_path=directory / "checkpoint" / "state.pt",
+            checkpoint_dir=directory / "checkpoint",
             metrics_path=directory / "metrics.jsonl",
             tensorboard_dir=directory / "tensorboard",
         )
@@ -153,17 +157,17 @@ def fine_tune(
     The best adapter is the one with the lowest validation loss, or with
     ``cfg.best_metric == "task"`` the highest ``task_score(model)`` (accuracy, chrF, pattern
     score on the validation split). ``cfg.early_stopping_patience`` validations without
-    improvement end the run. With ``paths.checkpoint_path`` (and ``resume``) a killed run goes on
-    where its last checkpoint stopped; a path left ``None`` writes nothing there.
+    improvement end the run. With ``paths.checkpoint_dir`` a checkpoint is written every
+    ``cfg.save_every`` steps, after each validation and on SIGTERM/SIGINT; with ``resume`` a killed
+    run goes on exactly where the newest complete one stopped. A path left ``None`` writes nothing there.
     """
     torch.manual_seed(cfg.seed)
     optimizer = lora_optimizer(model, cfg)
-    state = TrainState()
-    checkpoint_path, metrics_path = paths.checkpoint_path, paths.metrics_path
-    if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
-        state = TrainState.load(checkpoint_path, cfg.gradient_accumulation)
-        state.restore(model, optimizer)
+    checkpoint_dir, metrics_path = paths.checkpoint_dir, paths.metrics_path
     plan = BatchPlan.build(model, train_data, valid_data, cfg, pad_id=pad_id, device=device, loss_fn=loss_fn)
+    newest = checkpoint.latest(Path(checkpoint_dir)) if resume and checkpoint_dir is not None else None
+    # Restored after the plan is built: the frozen-prefix pass must not move the restored RNG.
+    state = _resume(newest, plan, model, optimizer) if newest else TrainState()
     state.seconds += plan.setup_seconds  # honest speed: the one-off frozen-prefix pass counts as training time
     history = History()
     listeners: list[Listener] = [
@@ -176,7 +180,15 @@ def fine_tune(
         ),
         history,
         *([MetricsLog(metrics_path)] if metrics_path is not None else []),
-        *([Checkpointer(checkpoint_path, model, optimizer)] if checkpoint_path is not None else []),
+        *(
+            [
+                Checkpointer(
+                    checkpoint_dir, model, optimizer, plan.cursor, every=cfg.save_every, keep=cfg.keep_checkpoints
+                )
+            ]
+            if checkpoint_dir is not None
+            else []
+        ),
         EarlyStopping(cfg.early_stopping_patience),
         *reporters(cfg.report_to, tensorboard_dir=paths.tensorboard_dir, config=cfg.model_dump(mode="json")),
         *([ProgressBar(plan.total_steps)] if progress else []),
@@ -184,6 +196,20 @@ def fine_tune(
     validate = validation(plan, device, task_score)
     state = run_plan(model, plan, optimizer, cfg, state=state, listeners=listeners, device=device, validate=validate)
     return _result(state, plan, history, device)
+
+
+def _resume(path: Path, plan: BatchPlan, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    """The checkpoint at ``path`` restored, once its data cursor is known to fit this run's batch order."""
+    saved = checkpoint.load(path)
+    cursor = saved["cursor"]
+    if plan.cursor(cursor["batches"]) != cursor:  # another number of examples: other batches per epoch
+        raise AffinageError(
+            f"{path} was written for a training split of another size (epoch {cursor['epoch']}, batch "
+            f"{cursor['position']} does not fall where {plan.batches_per_epoch} batches per epoch put it): the data "
+            "changed since the run was interrupted",
+            fix="restore the data the run started with, or pass --overwrite to train again from the start",
+        )
+    return checkpoint.restore(saved, model, optimizer)
 
 
 def _result(state: TrainState, plan: BatchPlan, history: History, device: torch.device) -> TrainResult:
@@ -197,6 +223,7 @@ def _result(state: TrainState, plan: BatchPlan, history: History, device: torch.
         best_valid_loss=state.best_loss,
         best_step=state.best_step,
         best_valid_score=state.best_score,
+        nonfinite_steps=state.nonfinite_steps,
         packed=plan.packed,
         frozen_prefix_cached=plan.prefix_cached,
         history=history.records,
