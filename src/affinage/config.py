@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from affinage.errors import ConfigError
+from affinage.ludwig import translate_ludwig
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 
@@ -437,7 +438,7 @@ def config_from_dict(
 ) -> Config:
     """Validate a config mapping; ``overrides`` (the --set items applied to it) are named in errors."""
     try:
-        config = Config.model_validate({**raw, "base_dir": str(base_dir)})
+        config = Config.model_validate({**translate_ludwig(raw), "base_dir": str(base_dir)})
     except ValidationError as error:
         raise _format_validation_error(error, source, overrides) from None
     return config

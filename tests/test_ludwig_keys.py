@@ -1,0 +1,52 @@
+"""Ludwig's LLM config keys: mapped onto affinage's with the same meaning, or refused by name."""
+
+import pytest
+
+from affinage.config import config_from_dict
+from affinage.errors import ConfigError
+
+
+def test_ludwig_spellings_map_onto_affinage_keys():
+    config = config_from_dict(
+        {
+            "adapter": {"type": "lora", "init_lora_weights": "pissa", "bias_type": "none"},
+            "preprocessing": {"global_max_sequence_length": 256},
+            "trainer": {"enable_gradient_checkpointing": True},
+            "generation": {"do_sample": False, "temperature": 0.7, "top_k": 50, "num_beams": 1},
+        }
+    )
+    assert config.adapter.init == "pissa"
+    assert config.trainer.max_seq_len == 256 and config.trainer.gradient_checkpointing is True
+    assert config.generation.temperature == 0.0  # do_sample false is greedy, whatever the temperature
+
+
+def test_sampling_without_a_temperature_takes_hugging_faces_default():
+    assert config_from_dict({"generation": {"do_sample": True}}).generation.temperature == 1.0
+    assert config_from_dict({"generation": {"do_sample": True, "temperature": 0.3}}).generation.temperature == 0.3
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"adapter": {"init_lora_weights": "olora"}}, "adapter.init_lora_weights: olora"),
+        ({"adapter": {"init_lora_weights": "loftq"}}, "adapter.init_lora_weights: loftq"),
+        ({"adapter": {"bias_type": "all"}}, "adapter.bias_type: all"),
+        ({"generation": {"num_beams": 4}}, "generation.num_beams: 4"),
+        ({"generation": {"repetition_penalty": 1.2}}, "generation.repetition_penalty: 1.2"),
+        ({"backend": {"type": "ray"}}, "backend.type: ray"),
+    ],
+)
+def test_a_ludwig_key_affinage_cannot_honour_is_refused_by_name(raw, key):
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(raw)
+    message = str(error.value)
+    assert f"Ludwig's `{key}`" in message and "is not supported by affinage" in message
+    assert "unknown" not in message.lower() and error.value.fix
+
+
+def test_a_renamed_key_that_disagrees_with_its_affinage_twin_is_an_error():
+    raw = {"preprocessing": {"global_max_sequence_length": 256}, "trainer": {"max_seq_len": 128}}
+    with pytest.raises(ConfigError, match="disagree"):
+        config_from_dict(raw)
+    same = {"preprocessing": {"global_max_sequence_length": 128}, "trainer": {"max_seq_len": 128}}
+    assert config_from_dict(same).trainer.max_seq_len == 128
