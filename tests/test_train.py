@@ -46,21 +46,24 @@ def test_head_on_labels_only_equals_full_logits(build, tokenizer):
 TINY_RUN = {"max_steps": 8, "batch_size": 4, "learning_rate": 2e-2, "eval_every": 4, "warmup_ratio": 0.0}
 
 
-def _train(tokenizer, tmp_path, **overrides):
-    model = tiny_llama(len(tokenizer), seed=0)
-    torch.manual_seed(0)
-    inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+def _train(tokenizer, run_dir, model=None, base=TINY_RUN, loss_fn=None, **overrides):
+    """``train`` on the tiny router rows (a tiny adapted Llama unless ``model``); ``overrides``: TrainerConfig keys."""
+    if model is None:
+        model = tiny_llama(len(tokenizer), seed=0)
+        torch.manual_seed(0)
+        inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
     data = _encoded(tokenizer)
-    cfg = TrainerConfig(**{**TINY_RUN, **overrides})
+    cfg = TrainerConfig(**{**base, **overrides})
     result = train(
         model,
         data,
         data[:4],
         cfg,
         pad_id=tokenizer.pad_token_id,
-        run_dir=tmp_path,
+        run_dir=run_dir,
         base_model_name="tiny",
         progress=False,
+        loss_fn=loss_fn,
     )
     return model, result
 

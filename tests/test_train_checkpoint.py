@@ -15,7 +15,7 @@ import torch
 from affinage.config import TrainerConfig
 from affinage.errors import AffinageError, TrainingStopped
 from affinage.training import BatchPlan, History, Listener, causal_lm_loss, checkpoint, lora_optimizer, run_plan, train
-from tests.test_train import TINY_RUN, _encoded
+from tests.test_train import TINY_RUN, _encoded, _train
 from tests.test_train_parts import _model
 
 
@@ -79,20 +79,7 @@ class Crash(Exception):
 
 def _run(tokenizer, run_dir, loss_fn=causal_lm_loss, **overrides):
     model = _model(tokenizer, dropout=0.1)  # dropout: the RNG state matters
-    data = _encoded(tokenizer)
-    cfg = TrainerConfig(**{**EXACT, **overrides})
-    result = train(
-        model,
-        data,
-        data[:4],
-        cfg,
-        pad_id=tokenizer.pad_token_id,
-        run_dir=run_dir,
-        base_model_name="t",
-        loss_fn=loss_fn,
-        progress=False,
-    )
-    return model, result
+    return _train(tokenizer, run_dir, model=model, base=EXACT, loss_fn=loss_fn, **overrides)
 
 
 def _step_records(run_dir):
