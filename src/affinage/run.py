@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from affinage.config import Config
-from affinage.data import load_file
+from affinage.data import load_eval_sets, load_file
 from affinage.data.formats import Example
 from affinage.data.prompting import Prompting
 from affinage.errors import AffinageError
@@ -94,38 +94,22 @@ def evaluate_sets(
     asked for), so a second ``affinage compare`` loads no model.
     """
     directory = RunDir(run_dir).require(adapter=True)
+    config = directory.read_config()
+    examples = load_eval_sets(config, sets)  # every file read and checked before any model loads
     known = dict((directory.read_eval() or {}).get("sets", {}))
-    todo = {}
+    todo: dict[str, dict[str, Any]] = {}
     for name, path in sets.items():
-        file = Path(path)
-        if not file.is_file():
-            raise AffinageError(
-                f"evaluation set '{name}': {file} does not exist", fix="fix the path in eval.sets or --data NAME=FILE"
-            )
-        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        digest = hashlib.sha256(config.resolve_path(str(path)).read_bytes()).hexdigest()
         entry = known.get(name)
         if entry is None or entry.get("sha256") != digest or (with_base and entry.get("base") is None):
-            todo[name] = (file, digest)
+            todo[name] = {"file": str(path), "sha256": digest, "base": None}
     if todo:
-        config = directory.read_config()
-        examples = {name: load_file(config, file) for name, (file, _) in todo.items()}  # bad files fail before loading
-        results: dict[str, dict[str, Any]] = {name: {} for name in todo}
-        for side, with_adapter in (("base", False), ("fine_tuned", True)):
-            if side == "base" and not with_base:
-                continue
+        for side, with_adapter in (("base", False), ("fine_tuned", True)) if with_base else (("fine_tuned", True),):
             run = open_run(run_dir, with_adapter=with_adapter, device=device)
-            for name in todo:
-                results[name][side] = evaluate_examples(
+            for name, entry in todo.items():
+                entry[side] = evaluate_examples(
                     run.model, run.tokenizer, examples[name], run.task, run.config, run.prompting
                 )
-        for name, (file, digest) in todo.items():
-            side_results = results[name]
-            known[name] = {
-                "file": str(file),
-                "sha256": digest,
-                "n": side_results["fine_tuned"]["n"],
-                "base": side_results.get("base"),
-                "fine_tuned": side_results["fine_tuned"],
-            }
+        known.update({name: {**entry, "n": entry["fine_tuned"]["n"]} for name, entry in todo.items()})
         directory.write_eval({**(directory.read_eval() or {}), "sets": known})
     return {name: known[name] for name in sets}

@@ -58,17 +58,19 @@ def load_file(config: Config, path: str | Path) -> list[Example]:
     return apply_transforms(examples, config_transforms(config))
 
 
-def load_eval_sets(config: Config) -> dict[str, list[Example]]:
-    """The config's ``eval.sets`` files, read like the splits (checked for copies of training rows)."""
-    sets = {}
-    for name, path in config.eval.sets.items():
-        file = config.resolve_path(path)
+def load_eval_sets(config: Config, sets: dict[str, str | Path] | None = None) -> dict[str, list[Example]]:
+    """Named evaluation files (default: the config's ``eval.sets``), read like the splits."""
+    examples = {}
+    for name, path in (config.eval.sets if sets is None else sets).items():
+        file = config.resolve_path(str(path))
         if not file.is_file():
             raise DataError(
-                f"evaluation set file {file} does not exist", where=f"eval.sets.{name}", fix="fix the path or drop it"
+                f"evaluation set '{name}': {file} does not exist",
+                where=f"eval.sets.{name}",
+                fix="fix the path in eval.sets (or in compare --data NAME=FILE), or drop it",
             )
-        sets[name] = load_file(config, file)
-    return sets
+        examples[name] = load_file(config, file)
+    return examples
 
 
 def load_splits(config: Config) -> DataSplits:

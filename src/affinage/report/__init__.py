@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 TASK_METRIC = {"classification": "accuracy", "generation": "chrf", "pattern": "pattern_score"}
@@ -67,6 +68,14 @@ def metrics_text(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def text_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as aligned columns for the terminal, the first one a header underlined with dashes."""
+    width = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in width))
+    return "\n".join(lines)
+
+
 def comparison_table(base: dict[str, Any] | None, tuned: dict[str, Any]) -> str:
     """Before/after table for the terminal."""
     rows = [("metric", "base", "fine-tuned")]
@@ -83,9 +92,7 @@ def comparison_table(base: dict[str, Any] | None, tuned: dict[str, Any]) -> str:
         rows.append((f"{tuned['pattern']} pattern", headline(base), headline(tuned)))
     if "loss" in tuned:
         rows.append(("test loss", f"{base['loss']:.3f}" if base and "loss" in base else "-", f"{tuned['loss']:.3f}"))
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in width))
+    lines = [text_table(rows)]
     lines.append(f"({tuned['n']} test examples; {tuned['method']})")
     if tuned["task"] == "classification":
         lines += ["", "fine-tuned " + confusion_text(tuned)]

@@ -15,6 +15,7 @@ from typing import Any
 from affinage.atomic import write_file_atomic, write_text_atomic
 from affinage.data.inference import inference_example, question_text, row_fields
 from affinage.errors import AffinageError
+from affinage.report import text_table
 from affinage.report.content import (  # the report's content, importable from here as before
     RunReport,
     escape,
@@ -107,11 +108,7 @@ def _evaluate_sets(
 
 def sets_table(report: RunReport) -> str:
     """The evaluation sets' table for the terminal."""
-    rows = [set_headers(report)] + set_rows(report)
-    width = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in width))
-    return "\n".join(lines)
+    return text_table([set_headers(report)] + set_rows(report))
 
 
 def write_report(report: RunReport, output: Path) -> tuple[Path, Path]:
