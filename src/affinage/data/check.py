@@ -68,7 +68,9 @@ def check_leakage(
     reward memory); valid and test sharing one is a warning (the checkpoint picked on valid is
     partly picked on test).
     """
-    splits = {**splits, **{f"eval set '{name}'": rows for name, rows in (eval_sets or {}).items()}}
+    held_out = {f"eval set '{name}'": rows for name, rows in (eval_sets or {}).items()}
+    own_splits = list(splits)
+    splits = {**splits, **held_out}
     owners = [name for name, examples in splits.items() for _ in examples]
     examples = [example for name in splits for example in splits[name]]
     sources = [example.source or "?" for example in examples]
@@ -81,9 +83,7 @@ def check_leakage(
         "across_splits": len(across),
         "examples": [describe_group(members, sources) for members in (across or groups)[:MAX_SHOWN]],
     }
-    for name in splits:
-        if name.startswith("eval set"):
-            continue  # an evaluation file's own repeats are its author's business, not training's
+    for name in own_splits:  # an evaluation file's own repeats are its author's business, not training's
         within = [[i for i in members if owners[i] == name] for members in groups]
         within = [members for members in within if len(members) > 1]
         if within:
