@@ -25,8 +25,15 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # matches decides a module's layer. The package root ``affinage`` (its __init__) is only itself.
 # A module may import modules of its own layer or of lower ones.
 LAYERS: list[list[str]] = [
-    # foundations: errors, atomic writes, the cache directory, user functions, threads and device
-    ["affinage.errors", "affinage.atomic", "affinage.cache", "affinage.userfn", "affinage.runtime"],
+    # foundations: errors, atomic writes, the cache directory, user functions, the process group, threads and device
+    [
+        "affinage.errors",
+        "affinage.atomic",
+        "affinage.cache",
+        "affinage.userfn",
+        "affinage.distributed",
+        "affinage.runtime",
+    ],
     # rows and their text (the config validates template names against data.template)
     [
         "affinage.data.formats",
@@ -50,7 +57,7 @@ LAYERS: list[list[str]] = [
     ["affinage.export", "affinage.report", "affinage.report.compare*", "affinage.report.plots", "affinage.bench"],
     # the recipe, which wires all of the above
     ["affinage.pipeline"],
-    ["affinage.api", "affinage.cli", "affinage"],
+    ["affinage.api", "affinage.cli", "affinage", "affinage.__main__"],
 ]
 
 # Upward imports still to remove, (importer, imported): none left.
