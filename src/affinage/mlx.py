@@ -87,7 +87,8 @@ ADAM_NEUTRAL = {"bias_correction", "weight_decay"}  # optimizer_config keys affi
 
 
 def refuse(key: str, what: str, fix: str) -> ConfigError:
-    flag = key if key.startswith("-") or ":" in key or "." in key else "--" + key.replace("_", "-")
+    """mlx-lm's option (a flag's name for what has one, else the YAML key) refused, saying why and what instead."""
+    flag = _flag(key) if key in KEYS else key
     return ConfigError(f"mlx-lm's `{flag}` ({what}) is not supported by affinage", where=flag, fix=fix)
 
 
@@ -107,6 +108,8 @@ def given_flags(args: argparse.Namespace) -> dict[str, Any]:
 def train_config(args: argparse.Namespace, *, echo: bool = True) -> tuple[Config, Path]:
     """The config and run directory of ``affinage train``: from CONFIG, or from mlx-lm's flags / -c YAML."""
     flags = given_flags(args)
+    if args.config and Path(args.config).is_dir() and "data" not in flags:  # `affinage train data/`, as data check
+        flags["data"], args.config = args.config, None
     if args.config and (flags or args.mlx_config):
         raise ConfigError(
             "a CONFIG file and mlx-lm's flags together",
@@ -189,7 +192,7 @@ def translate_mlx(options: dict[str, Any]) -> dict[str, Any]:
         "seed": opts["seed"],
     }
     if opts.get("lr_schedule"):
-        trainer.update(_schedule(opts["lr_schedule"], opts["iters"]))
+        trainer.update(_schedule(opts["lr_schedule"], trainer["max_steps"]))  # MLX schedules count updates
     if opts.get("grad_checkpoint"):
         trainer["gradient_checkpointing"] = True
     if opts.get("report_to"):
@@ -296,7 +299,7 @@ def _optimizer(opts: dict[str, Any]) -> float:
     return float(settings.get("weight_decay", 0.01)) if name == "adamw" else 0.0
 
 
-def _schedule(schedule: dict[str, Any], iters: int) -> dict[str, Any]:
+def _schedule(schedule: dict[str, Any], updates: int) -> dict[str, Any]:
     """mlx-lm's lr_schedule (an mlx.optimizers scheduler after an optional warm-up from 0) when affinage's
     schedule draws the same curve: cosine or linear decay to 0 over the iterations left after the warm-up."""
     name, arguments = schedule.get("name"), list(schedule.get("arguments") or [])
@@ -311,9 +314,9 @@ def _schedule(schedule: dict[str, Any], iters: int) -> dict[str, Any]:
         kind, steps = "linear", arguments[2]
     else:
         raise refuse("lr_schedule", f"{name} with arguments {arguments}", fix)
-    if schedule.get("warmup_init", 0) or steps not in (iters, iters - warmup) or not 0 <= warmup < iters:
-        raise refuse("lr_schedule", f"a {warmup}-step warm-up and a decay over {steps} of {iters} iterations", fix)
-    return {"learning_rate": arguments[0], "lr_scheduler": kind, "warmup_ratio": warmup / iters}
+    if schedule.get("warmup_init", 0) or steps not in (updates, updates - warmup) or not 0 <= warmup < updates:
+        raise refuse("lr_schedule", f"a {warmup}-step warm-up and a decay over {steps} of {updates} updates", fix)
+    return {"learning_rate": arguments[0], "lr_scheduler": kind, "warmup_ratio": warmup / updates}
 
 
 def _report_to(value: Any) -> list[str]:
