@@ -191,7 +191,7 @@ def test_mlx_yaml_config_is_translated_and_flags_win(project):
             "test_batches": None,  # null: mlx-lm's default
         },
     )
-    config, output = build("-c", str(path), "--batch-size", "2")
+    config, output = build("--config", str(path), "--batch-size", "2")
     assert output == Path("adapters") and config.base_model == "smollm2-135m-instruct"
     assert (config.adapter.r, config.adapter.alpha, config.adapter.dropout) == (4, 8.0, 0.1)
     assert config.adapter.target_modules == ["self_attn.q_proj", "self_attn.v_proj"]
@@ -202,6 +202,17 @@ def test_mlx_yaml_config_is_translated_and_flags_win(project):
     assert trainer.weight_decay == 0.05
     assert [f.name for f in config.input_features] == ["question"]
     assert [f.name for f in config.output_features] == ["answer"]
+
+
+def test_mlx_yaml_reads_1e_5_as_a_number_like_mlx_lm(project):
+    path = project / "c.yaml"
+    path.write_text(
+        "data: data\nlearning_rate: 1e-5\nlr_schedule:\n  name: cosine_decay\n  arguments: [2e-5, 1000, 0]\n"
+    )
+    trainer = build("-c", str(path))[0].trainer
+    assert (trainer.learning_rate, trainer.lr_scheduler) == (2e-5, "cosine")
+    path.write_text("data: data\nlearning_rate: 1e-5\n")
+    assert build("-c", str(path))[0].trainer.learning_rate == 1e-5
 
 
 @pytest.mark.parametrize(
@@ -227,6 +238,15 @@ def test_the_printed_yaml_builds_the_same_config(project, capsys):
     assert printed.startswith("# affinage config of this mlx-lm command")
     saved = load_config(write_yaml(project / "saved.yaml", yaml.safe_load(printed)))
     assert config_to_dict(saved) == config_to_dict(config)
+
+
+def test_flags_and_the_equivalent_mlx_yaml_build_the_same_config(project):
+    flags, _ = build("--train", "--model", "smollm2-135m-instruct", "--data", "data", "--batch-size", "2", "--test")
+    path = write_yaml(
+        project / "lora_config.yaml",
+        {"model": "smollm2-135m-instruct", "train": True, "data": "data", "batch_size": 2, "test": True},
+    )
+    assert config_to_dict(build("-c", str(path))[0]) == config_to_dict(flags)
 
 
 def test_hub_and_mlx_community_ids_of_an_embedded_model_resolve_to_it_unless_cached(monkeypatch):

@@ -95,9 +95,12 @@ def refuse(key: str, what: str, fix: str) -> ConfigError:
 def add_mlx_flags(parser: argparse.ArgumentParser) -> None:
     """mlx_lm.lora's flags on ``affinage train`` (stored as ``mlx_<key>``; None when not given)."""
     group = parser.add_argument_group("mlx-lm's flags (instead of CONFIG; see docs/mlx-lm.md)")
-    group.add_argument("-c", "--mlx-config", dest="mlx_config", metavar="FILE", help="mlx-lm's YAML config")
+    group.add_argument(
+        "-c", "--config", dest="mlx_config", metavar="FILE", help="mlx-lm's YAML config (lora_config.yaml)"
+    )
     for flag, key, options, text in FLAGS:
-        group.add_argument(flag, dest=f"mlx_{key}", help=text, **options)
+        metavar = {} if options.get("action") else {"metavar": key.upper()}
+        group.add_argument(flag, dest=f"mlx_{key}", help=text, **metavar, **options)
 
 
 def given_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -159,7 +162,18 @@ def read_mlx_yaml(path: Path) -> dict[str, Any]:
     if "lora_layers" in raw:
         raw.setdefault("num_layers", raw.pop("lora_layers"))
     raw.pop("config", None)
-    return {key: value for key, value in raw.items() if value is not None}  # mlx-lm: null means its default
+    return {key: _numbers(value) for key, value in raw.items() if value is not None}  # null: mlx-lm's default
+
+
+def _numbers(value: Any) -> Any:
+    """``1e-5`` is a float in mlx-lm's YAML (it adds the resolver YAML 1.1 lacks), a string in PyYAML's."""
+    if isinstance(value, dict):
+        return {key: _numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_numbers(item) for item in value]
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d+)[eE][-+]?\d+", value.strip()):
+        return float(value.replace("_", ""))
+    return value
 
 
 def translate_mlx(options: dict[str, Any]) -> dict[str, Any]:
