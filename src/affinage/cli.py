@@ -260,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune as CONFIG says, compare base vs fine-tuned on the test split")
-    p.add_argument("config", nargs="?", help="YAML config (see `affinage config` for every key); or mlx-lm's flags")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config (`affinage config` lists every key), or mlx-lm's data folder; or none: mlx-lm's flags",
+    )
     p.add_argument(
         "--output", "-o", help="run directory to write (resumes an interrupted run); with mlx-lm's flags: runs/NAME"
     )
