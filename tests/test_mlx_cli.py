@@ -10,7 +10,7 @@ import affinage.models as models
 from affinage.cli import build_parser, main
 from affinage.config import config_to_dict, load_config
 from affinage.errors import ConfigError, ModelNotFoundError
-from affinage.mlx import train_config
+from affinage.mlx import notes, train_config
 from tests.conftest import router_rows, write_jsonl
 
 
@@ -106,6 +106,7 @@ def test_a_data_folder_in_configs_place_is_mlx_lms_data(project):
 
 def test_adapter_path_is_the_run_directory_and_must_agree_with_output(project):
     assert build("--data", "data", "--adapter-path", "adapters")[1] == Path("adapters")
+    assert any("adapters/adapter/" in line for line in notes({"adapter_path": "adapters"}))
     assert build("--data", "data", "--adapter-path", "adapters", "--output", "adapters")[1] == Path("adapters")
     with pytest.raises(ConfigError, match="two run directories"):
         build("--data", "data", "--adapter-path", "adapters", "--output", "runs/x")

@@ -396,10 +396,14 @@ def run_directory(options: dict[str, Any], output: str | None, raw: dict[str, An
 
 def notes(options: dict[str, Any]) -> list[str]:
     """What differs from mlx-lm when this command runs in affinage, said once before training."""
-    lines = ["affinage computes the loss on the completion only, always (mlx-lm's --mask-prompt)"] * (
-        not options.get("mask_prompt")
-    )
+    masked = "the loss is on the completion only, as with mlx-lm's --mask-prompt: affinage always masks the prompt"
+    lines = [] if options.get("mask_prompt") else [masked]
     lines.append("torch's Adam corrects its moments' bias (mlx-lm's default does not: its first steps are larger)")
+    if options.get("adapter_path"):
+        path = options["adapter_path"]
+        lines.append(
+            f"--adapter-path {path} is the run directory: the adapter goes to {Path(path) / 'adapter'}/ (PEFT)"
+        )
     if options.get("steps_per_report"):
         lines.append("--steps-per-report: affinage logs every step to metrics.jsonl")
     accumulation = options.get("grad_accumulation_steps") or 1
