@@ -43,7 +43,8 @@ LAYERS: list[list[str]] = [
         "affinage.data.transforms",
         "affinage.data.batching",
     ],
-    ["affinage.ludwig", "affinage.config"],  # Ludwig's spellings, translated before the schema validates
+    # Ludwig's and mlx-lm's spellings, translated before the schema validates
+    ["affinage.ludwig", "affinage.mlx", "affinage.config"],
     # the data of a config (affinage.data's __init__), prompting, inference rows, checks, the split command
     ["affinage.data"],
     ["affinage.models", "affinage.models.quantize", "affinage.training.gated_mlp"],

@@ -27,7 +27,14 @@ from affinage.evaluate.task import detect_task, encode_all, evaluate_examples
 from affinage.lora.inject import inject_lora
 from affinage.lora.layers import share_dropout
 from affinage.lora.peft_format import load_adapter
-from affinage.models import check_model, load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
+from affinage.models import (
+    check_model,
+    embedded_name,
+    load_base_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_path,
+)
 from affinage.report import comparison_table, headline, task_metric
 from affinage.run_dir import RunDir
 from affinage.runtime import pick_device
@@ -168,7 +175,11 @@ def _prepare(
         for name in ("train", "valid", "test"):
             run_dir.write_split(name, getattr(splits, name))
     dtype = resolve_dtype(config.trainer.precision, device)
-    log(f"loading {config.base_model} ({dtype}, {device})")
+    embedded = embedded_name(config.base_model)
+    alias = (
+        f" = the embedded {embedded}, a 4-bit GGUF of it" if embedded not in (None, config.base_model.lower()) else ""
+    )
+    log(f"loading {config.base_model}{alias} ({dtype}, {device})")
     loaded = load_base_model(
         config.base_model,
         dtype=dtype,
