@@ -206,7 +206,7 @@ def _prepare(
         raise DataError(
             "the data check failed:\n  " + "\n  ".join(checks.errors),
             where=str(config.base_dir),
-            fix="fix the data (see `affinage data check CONFIG`)",
+            fix="fix the data: `affinage data check` on the same config (or data folder) lists every problem",
         )
     prepared = Prepared(config, splits, task, loaded.model, loaded.tokenizer, prompting, encoded, device, dtype)
     log(_data_line(prepared) + "\nexample as the model sees it:\n" + preview(loaded.tokenizer, splits.train[0], config))
