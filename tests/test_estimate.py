@@ -119,4 +119,5 @@ def test_the_predicted_peak_is_within_35_percent_of_a_real_run(tmp_path, model_d
     predicted = float(printed.strip().splitlines()[-1].split()[-2])
     subprocess.run([*common, "--no-base-eval"], env=env, capture_output=True, text=True, check=True)
     measured = json.loads((run / "summary.json").read_text())["peak_memory_mb"]
+    print(f"predicted {predicted:.0f} MB, measured {measured:.0f} MB")
     assert abs(predicted - measured) / measured < 0.35, (predicted, measured, printed)

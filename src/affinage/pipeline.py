@@ -30,7 +30,7 @@ from affinage.report import comparison_table, headline, task_metric
 from affinage.run_dir import RunDir
 from affinage.runtime import pick_device
 from affinage.training import TrainResult, fine_tune
-from affinage.training.estimate import Lengths, MemoryEstimate, estimate_memory, resident_mb
+from affinage.training.estimate import Lengths, MemoryEstimate, estimate_memory, resident_mb, skeleton
 
 Log = Callable[[str], None]
 
@@ -79,6 +79,8 @@ def estimate_training(config: Config, device: torch.device | None = None) -> Mem
     splits = load_splits(config)
     check_model(config.base_model)
     path = resolve_model_path(config.base_model)
+    dtype = resolve_dtype(config.trainer.precision, device)
+    skeleton(path, dtype, config.trust_remote_code)  # imports the modelling code a run imports (~160 MB)
     before_tokenizer = resident_mb()  # a run loads its model before its tokenizer
     tokenizer = load_tokenizer(path, config.trust_remote_code)
     encoded = {name: encode_all(tokenizer, getattr(splits, name), config) for name in ("train", "valid")}
@@ -86,7 +88,7 @@ def estimate_training(config: Config, device: torch.device | None = None) -> Mem
         config,
         path,
         Lengths.of(encoded["train"], encoded["valid"]),
-        dtype=resolve_dtype(config.trainer.precision, device),
+        dtype=dtype,
         device=device,
         process_mb=resident_mb(),
         loading_process_mb=before_tokenizer,

@@ -41,11 +41,16 @@ MB = 2**20
 # measures its own process instead (it has read the same data and tokenizer); this is the fallback.
 BASELINE_MB = 240.0
 
-# glibc keeps freed activation memory in its heap, fragmented between long-lived tensors, so RSS
-# grows past the live bytes as batches of changing widths come and go. Measured as
-# (run's ru_maxrss - live bytes) / per-step transient bytes on the email router (363 steps) and the
-# 2048-token cell; see docs/performance.md "Predicting memory".
-HEAP_GROWTH = 2.0
+# glibc serves allocations under its mmap threshold (raised as tensors are freed, to 32 MiB at most
+# on 64-bit) from its heap, and freed pieces stay resident, fragmented between live tensors: RSS
+# grows past the live bytes as forwards of changing widths come and go (docs/performance.md saw
+# 1.6 GB of it). The growth is HEAP_GROWTH x the heap-served transients of a step (activations,
+# frozen-prefix cache, logits when one fp32 logits tensor is under the threshold; bigger tensors are
+# mapped and unmapped, never retained). 5.0 is fitted on full runs of this machine: the email router
+# (Gemma 3, 363 steps), hearts and three email-router ablations (fitted factors 4.3-4.9, hearts 7.4):
+# see docs/performance.md "Predicting memory".
+HEAP_GROWTH = 5.0
+MMAP_THRESHOLD_MAX = 32 * MB
 
 PROBE_TOKENS = (64, 128)  # lengths the one-block probe runs at; two points fit a + b * tokens
 
@@ -61,7 +66,8 @@ class MemoryEstimate:
     activations_mb: float  # saved for backward by one forward pass, plus one block's transients
     logits_mb: float  # the vocabulary head at labelled positions, its softmax and gradient
     prefix_cache_mb: float  # frozen-prefix hidden states of every train + valid example
-    heap_mb: float  # allocator growth over a run (HEAP_GROWTH x the per-step transients)
+    validation_mb: float  # what the validation loss's logits need beyond a training step's transients
+    heap_mb: float  # allocator growth over a run (HEAP_GROWTH x the heap-served transients of a step)
     load_peak_mb: float  # while loading: the mapped checkpoint file + the converted copy
     tokens_per_forward: int
     checkpointing: bool
@@ -78,6 +84,7 @@ class MemoryEstimate:
             + self.activations_mb
             + self.logits_mb
             + self.prefix_cache_mb
+            + self.validation_mb
             + self.heap_mb
         )
 
@@ -99,6 +106,7 @@ class MemoryEstimate:
             ),
             ("logits at labelled tokens", self.logits_mb),
             ("frozen-prefix cache", self.prefix_cache_mb),
+            ("validation logits beyond a step's", self.validation_mb),
             ("allocator growth over the run", self.heap_mb),
             ("= training peak", self.train_peak_mb),
             ("loading peak (mapped file + converted copy)", self.load_peak_mb),
@@ -247,6 +255,7 @@ class Lengths:
     train: list[int]
     train_labels: list[int]
     valid: list[int]
+    valid_labels: list[int] = field(default_factory=list)
 
     @classmethod
     def of(cls, train: Sequence[Any], valid: Sequence[Any]) -> Lengths:
@@ -254,6 +263,7 @@ class Lengths:
             train=[len(e.input_ids) for e in train],
             train_labels=[sum(label != -100 for label in e.labels[1:]) for e in train],
             valid=[len(e.input_ids) for e in valid],
+            valid_labels=[sum(label != -100 for label in e.labels[1:]) for e in valid],
         )
 
 
@@ -329,6 +339,9 @@ def estimate_memory(
         activations = (depth + 1) * block  # + one block's worth of gradients in flight
     vocab = text_config.vocab_size
     logits = labels * vocab * (element + 3 * 4)  # head output, fp32 copy, log-softmax, gradient
+    # The validation loss runs whole micro-batches (no token budget), without grad: head output, fp32, log-softmax.
+    valid_labels = sum(sorted(lengths.valid_labels, reverse=True)[: cfg.batch_size])
+    validation = valid_labels * vocab * (element + 2 * 4)
     prefix = (sum(lengths.train) + sum(lengths.valid)) * hidden * element if cached else 0
     weights_resident = weights
     loaded = weights if config.quantization is not None else file_bytes(model_path)  # QLoRA: the 4-bit checkpoint
@@ -342,7 +355,8 @@ def estimate_memory(
         activations_mb=activations / MB,
         logits_mb=logits / MB,
         prefix_cache_mb=prefix / MB,
-        heap_mb=HEAP_GROWTH * (activations + logits + prefix) / MB,
+        validation_mb=max(0.0, validation - activations - logits) / MB,
+        heap_mb=HEAP_GROWTH * (activations + prefix + (logits if labels * vocab * 4 < MMAP_THRESHOLD_MAX else 0)) / MB,
         load_peak_mb=load_peak / MB,
         tokens_per_forward=tokens,
         checkpointing=checkpointing,
