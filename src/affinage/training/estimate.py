@@ -46,10 +46,10 @@ BASELINE_MB = 240.0
 # grows past the live bytes as forwards of changing widths come and go (docs/performance.md saw
 # 1.6 GB of it). The growth is HEAP_GROWTH x the heap-served transients of a step (activations,
 # frozen-prefix cache, logits when one fp32 logits tensor is under the threshold; bigger tensors are
-# mapped and unmapped, never retained). 5.0 is fitted on full runs of this machine: the email router
-# (Gemma 3, 363 steps), hearts and three email-router ablations (fitted factors 4.3-4.9, hearts 7.4):
-# see docs/performance.md "Predicting memory".
-HEAP_GROWTH = 5.0
+# mapped and unmapped, never retained). 4.5 is fitted on whole runs on this machine: the email
+# router (Gemma 3, 363 steps), the 2048-token cell, hearts and three email-router ablations (each
+# run's own factor 3.4-4.9, hearts 7.4): see docs/performance.md "Predicting memory".
+HEAP_GROWTH = 4.5
 MMAP_THRESHOLD_MAX = 32 * MB
 
 PROBE_TOKENS = (64, 128)  # lengths the one-block probe runs at; two points fit a + b * tokens
