@@ -46,10 +46,10 @@ BASELINE_MB = 240.0
 # grows past the live bytes as forwards of changing widths come and go (docs/performance.md saw
 # 1.6 GB of it). The growth is HEAP_GROWTH x the heap-served transients of a step (activations,
 # frozen-prefix cache, logits when one fp32 logits tensor is under the threshold; bigger tensors are
-# mapped and unmapped, never retained). 4.5 is fitted on whole runs on this machine: the email
+# mapped and unmapped, never retained). 5.0 is fitted on whole runs on this machine: the email
 # router (Gemma 3, 363 steps), the 2048-token cell, hearts and three email-router ablations (each
-# run's own factor 3.4-4.9, hearts 7.4): see docs/performance.md "Predicting memory".
-HEAP_GROWTH = 4.5
+# run's own factor 3.4-7.2): see docs/performance.md "Predicting memory".
+HEAP_GROWTH = 5.0
 MMAP_THRESHOLD_MAX = 32 * MB
 
 PROBE_TOKENS = (64, 128)  # lengths the one-block probe runs at; two points fit a + b * tokens
@@ -72,12 +72,14 @@ class MemoryEstimate:
     tokens_per_forward: int
     checkpointing: bool
     world_size: int = 1
+    on_gpu: bool = False  # CUDA's peak is torch.cuda.max_memory_allocated: no process, heap or mapped file
     notes: list[str] = field(default_factory=list)
 
     @property
     def train_peak_mb(self) -> float:
+        host = 0.0 if self.on_gpu else self.process_mb + self.heap_mb
         return (
-            self.process_mb
+            host
             + self.weights_mb
             + self.adapter_mb
             + self.optimizer_mb
@@ -85,12 +87,11 @@ class MemoryEstimate:
             + self.logits_mb
             + self.prefix_cache_mb
             + self.validation_mb
-            + self.heap_mb
         )
 
     @property
     def peak_mb(self) -> float:
-        return max(self.train_peak_mb, self.load_peak_mb)
+        return self.train_peak_mb if self.on_gpu else max(self.train_peak_mb, self.load_peak_mb)
 
     def table(self) -> str:
         """The parts as a small terminal table, per process."""
@@ -286,6 +287,13 @@ def forward_shape(lengths: Lengths, cfg: Any, device: torch.device, cached: bool
     return rows, width, labels, checkpointing
 
 
+def heap_served(logit_count: int, element: int) -> int:
+    """The logits' bytes glibc serves from its heap: the head's output in the run's dtype and the three
+    fp32 tensors (copy, log-softmax, gradient) each count only when one of them is under the mmap threshold."""
+    low = logit_count * element if logit_count * element < MMAP_THRESHOLD_MAX else 0
+    return low + (logit_count * 12 if logit_count * 4 < MMAP_THRESHOLD_MAX else 0)
+
+
 def stored_dtype(model_path: Path | str) -> str | None:
     """The checkpoint's dtype as config.json names it (``float32``): loading in another one builds a copy."""
     path = Path(model_path) / "config.json"
@@ -356,12 +364,13 @@ def estimate_memory(
         logits_mb=logits / MB,
         prefix_cache_mb=prefix / MB,
         validation_mb=max(0.0, validation - activations - logits) / MB,
-        heap_mb=HEAP_GROWTH * (activations + prefix + (logits if labels * vocab * 4 < MMAP_THRESHOLD_MAX else 0)) / MB,
+        heap_mb=HEAP_GROWTH * (activations + prefix + heap_served(labels * vocab, element)) / MB,
         load_peak_mb=load_peak / MB,
         tokens_per_forward=tokens,
         checkpointing=checkpointing,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        on_gpu=device.type == "cuda",
     )
-    if device.type == "cuda":
-        estimate.notes.append("on CUDA the run reports torch.cuda.max_memory_allocated: leave out process and load")
+    if estimate.on_gpu:
+        estimate.notes.append("on CUDA the peak is GPU memory (max_memory_allocated): process, heap and load left out")
     return estimate
