@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -159,18 +160,10 @@ def inject_adapter(model: nn.Module, adapter: Any, layers: Any = "config") -> li
     return names
 
 
-def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for _, p in _named_unique(model)]
-
-
-def _named_unique(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return list(model.named_parameters())  # named_parameters yields a tied weight once
-
-
 def weight_bytes(model: nn.Module, quantization: Any = None) -> int:
     """The frozen weights in memory; with 4-bit QLoRA the block linears hold 0.5 byte/param plus
     one absmax per 64 weights (fp32, or 8-bit with double quantization)."""
-    frozen = [p for name, p in _named_unique(model) if "lora_" not in name]
+    frozen = [p for name, p in model.named_parameters() if "lora_" not in name]  # a tied weight once
     total = sum(p.numel() * p.element_size() for p in frozen)
     if quantization is None:
         return total
@@ -188,7 +181,7 @@ def weight_bytes(model: nn.Module, quantization: Any = None) -> int:
 
 
 def trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in _unique_parameters(model) if p.requires_grad)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def lowest_adapted_block(model: nn.Module, adapter: Any) -> int:
@@ -283,7 +276,10 @@ def forward_shape(lengths: Lengths, cfg: Any, device: torch.device, cached: bool
         rows = max(1, budget // width)
     single_over = budget is not None and rows * width > budget
     checkpointing = bool(cfg.gradient_checkpointing) if cfg.gradient_checkpointing != "auto" else single_over
-    labels = sum(sorted(lengths.train_labels, reverse=True)[: rows * (2 if pack else 1)])
+    if pack:  # a packed row holds several examples: the data's share of labelled tokens
+        labels = math.ceil(rows * width * sum(lengths.train_labels) / max(1, sum(lengths.train)))
+    else:
+        labels = sum(sorted(lengths.train_labels, reverse=True)[:rows])
     return rows, width, labels, checkpointing
 
 
@@ -306,9 +302,11 @@ def stored_dtype(model_path: Path | str) -> str | None:
 
 
 def file_bytes(model_path: Path | str) -> int:
-    """The checkpoint's safetensors files: memory-mapped while the model loads, so resident in RSS."""
+    """The checkpoint's weight files: memory-mapped while the model loads, so resident in RSS."""
     path = Path(model_path)
-    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern))
 
 
 def estimate_memory(
@@ -351,13 +349,12 @@ def estimate_memory(
     valid_labels = sum(sorted(lengths.valid_labels, reverse=True)[: cfg.batch_size])
     validation = valid_labels * vocab * (element + 2 * 4)
     prefix = (sum(lengths.train) + sum(lengths.valid)) * hidden * element if cached else 0
-    weights_resident = weights
     loaded = weights if config.quantization is not None else file_bytes(model_path)  # QLoRA: the 4-bit checkpoint
     converts = config.quantization is not None or stored_dtype(model_path) != str(dtype).removeprefix("torch.")
     load_peak = (loading_process_mb or process_mb) * MB + loaded + (weights if converts else 0)
     estimate = MemoryEstimate(
         process_mb=process_mb,
-        weights_mb=weights_resident / MB,
+        weights_mb=weights / MB,
         adapter_mb=trainable * 4 / MB,
         optimizer_mb=trainable * 3 * 4 / MB,
         activations_mb=activations / MB,
