@@ -49,7 +49,7 @@ BASELINE_MB = 240.0
 # frozen-prefix cache, logits when one fp32 logits tensor is under the threshold; bigger tensors are
 # mapped and unmapped, never retained). 5.0 is fitted on whole runs on this machine: the email
 # router (Gemma 3, 363 steps), the 2048-token cell, hearts and three email-router ablations (each
-# run's own factor 3.4-7.2): see docs/performance.md "Predicting memory".
+# run's own factor 3.4-7.4): see docs/performance.md "Predicting memory".
 HEAP_GROWTH = 5.0
 MMAP_THRESHOLD_MAX = 32 * MB
 
