@@ -25,8 +25,15 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # matches decides a module's layer. The package root ``affinage`` (its __init__) is only itself.
 # A module may import modules of its own layer or of lower ones.
 LAYERS: list[list[str]] = [
-    # foundations: errors, atomic writes, the cache directory, user functions, threads and device
-    ["affinage.errors", "affinage.atomic", "affinage.cache", "affinage.userfn", "affinage.runtime"],
+    # foundations: errors, atomic writes, the cache directory, user functions, the process group, threads and device
+    [
+        "affinage.errors",
+        "affinage.atomic",
+        "affinage.cache",
+        "affinage.userfn",
+        "affinage.distributed",
+        "affinage.runtime",
+    ],
     # rows and their text (the config validates template names against data.template)
     [
         "affinage.data.formats",
@@ -36,7 +43,8 @@ LAYERS: list[list[str]] = [
         "affinage.data.transforms",
         "affinage.data.batching",
     ],
-    ["affinage.ludwig", "affinage.config"],  # Ludwig's spellings, translated before the schema validates
+    # Ludwig's and mlx-lm's spellings, translated before the schema validates
+    ["affinage.ludwig", "affinage.mlx", "affinage.config"],
     # the data of a config (affinage.data's __init__), prompting, inference rows, checks, the split command
     ["affinage.data"],
     ["affinage.models", "affinage.models.quantize", "affinage.training.gated_mlp"],
@@ -50,7 +58,7 @@ LAYERS: list[list[str]] = [
     ["affinage.export", "affinage.report", "affinage.report.compare*", "affinage.report.plots", "affinage.bench"],
     # the recipe, which wires all of the above
     ["affinage.pipeline"],
-    ["affinage.api", "affinage.cli", "affinage"],
+    ["affinage.api", "affinage.cli", "affinage", "affinage.__main__"],
 ]
 
 # Upward imports still to remove, (importer, imported): none left.

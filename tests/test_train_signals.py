@@ -64,3 +64,92 @@ def test_a_signal_checkpoints_exits_and_the_same_command_resumes(tmp_path, model
     assert main(argv) == 0  # the same command again
     assert [r["step"] for r in _step_lines(run)] == list(range(1, STEPS + 1))
     assert (run / "summary.json").is_file() and not (run / "checkpoint").exists()
+
+
+# --- SIGKILL: no chance to checkpoint; the newest complete checkpoint is all there is ------------------------------
+
+KILL_STEPS = 40
+# Written into the child: after a checkpoint's files are written (still under their temporary name, before the
+# rename that completes it), say so and wait, so the test's SIGKILL lands in the middle of a checkpoint write.
+SLOW_WRITE = """
+import os, time
+from affinage.training import checkpoint
+write = checkpoint._write_files
+def slow(saved, directory):
+    write(saved, directory)
+    if saved["state"]["step"] >= int(os.environ["PAUSE_AT_STEP"]):
+        open(os.environ["PAUSE_FLAG"], "w").close()
+        time.sleep(60)
+checkpoint._write_files = slow
+"""
+
+
+def _kill_config(directory: Path, model_dir: Path) -> list[str]:
+    """A run with dropout (its RNG must resume too), checkpoints every 7 steps, validation every 15."""
+    trainer = {"max_steps": KILL_STEPS, "eval_every": 15, "save_every": 7}
+    config = router_config(directory, model_dir, trainer=trainer, adapter={"dropout": 0.1})
+    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    return ["train", str(directory / "config.yaml"), "--output", str(directory / "run"), "--quiet", "--no-base-eval"]
+
+
+def _child(argv: list[str], prelude: str = "", **env: str) -> subprocess.Popen:
+    environment = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env}
+    code = prelude + "\nimport sys\nfrom affinage.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *argv],
+        env={**environment, "AFFINAGE_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _run_to_end(argv: list[str]) -> None:
+    process = _child(argv)
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 0, stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, model_dir) -> Path:
+    directory = tmp_path_factory.mktemp("straight")
+    _run_to_end(_kill_config(directory, model_dir))
+    return directory / "run"
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    assert [r["step"] for r in _step_lines(run)] == list(range(1, KILL_STEPS + 1))
+    assert [r["loss"] for r in _step_lines(run)] == [r["loss"] for r in _step_lines(reference)]
+    adapter = "adapter/adapter_model.safetensors"
+    assert (run / adapter).read_bytes() == (reference / adapter).read_bytes()  # bit-identical
+
+
+def test_sigkill_between_checkpoints_then_the_same_command_gives_the_same_adapter(tmp_path, model_dir, straight_run):
+    argv = _kill_config(tmp_path, model_dir)
+    process = _child(argv)
+    _wait_for_steps(process, tmp_path / "run", 18)  # past the checkpoints of steps 7 and 14 and validation 15
+    process.kill()
+    process.communicate(timeout=30)
+    newest = checkpoint.latest(tmp_path / "run" / "checkpoint")
+    assert newest is not None and checkpoint.step_of(newest) < len(_step_lines(tmp_path / "run"))
+    _run_to_end(argv)  # the same command: back to the newest checkpoint, the steps after it again
+    _assert_same_run(tmp_path / "run", straight_run)
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resumes_exactly(
+    tmp_path, model_dir, straight_run
+):
+    argv = _kill_config(tmp_path, model_dir)
+    flag = tmp_path / "writing"
+    process = _child(argv, SLOW_WRITE, PAUSE_AT_STEP="21", PAUSE_FLAG=str(flag))
+    deadline = time.monotonic() + 180
+    while not flag.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
+    process.kill()  # step 21's files are written, its directory not yet renamed into place
+    process.communicate(timeout=30)
+    root = tmp_path / "run" / "checkpoint"
+    assert any(p.name.startswith(".step-000021") for p in root.iterdir())  # the half-written one
+    assert checkpoint.step_of(checkpoint.latest(root)) == 15  # the previous complete one (the validation's)
+    _run_to_end(argv)
+    _assert_same_run(tmp_path / "run", straight_run)

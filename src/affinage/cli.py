@@ -17,17 +17,17 @@ from affinage.errors import AffinageError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from affinage.config import load_config
+    from affinage.mlx import train_config
     from affinage.pipeline import run_training
     from affinage.runtime import setup
 
-    config = load_config(args.config, args.set)
+    config, output = train_config(args)  # the CONFIG file, or mlx-lm's flags / -c YAML (affinage.mlx)
     device = setup(args.device)
     if args.estimate:
         return _print_estimate(config, device)
     run_training(
         config,
-        args.output,
+        output,
         compare_base=not args.no_base_eval,
         progress=not args.quiet,
         overwrite=args.overwrite,
@@ -262,14 +262,22 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from affinage.mlx import add_mlx_flags
+
     parser = argparse.ArgumentParser(
         prog="affinage", description="Fine-tune language models with LoRA from one YAML config."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune as CONFIG says, compare base vs fine-tuned on the test split")
-    p.add_argument("config", help="YAML config (see `affinage config` for every key)")
-    p.add_argument("--output", "-o", required=True, help="run directory to write (resumes an interrupted run)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config (`affinage config` lists every key), or mlx-lm's data folder; or none: mlx-lm's flags",
+    )
+    p.add_argument(
+        "--output", "-o", help="run directory to write (resumes an interrupted run); with mlx-lm's flags: runs/NAME"
+    )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. trainer.epochs=2"
     )
@@ -280,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run of another (or the same) config")
     _add_device_flag(p)
+    add_mlx_flags(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run on its test split or on --data")

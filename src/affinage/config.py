@@ -267,6 +267,12 @@ class TrainerConfig(_Section):
         description="A step whose loss or gradient is NaN or infinite is skipped (no update) and counted; stop the "
         "run after this many in a row (None: never stop).",
     )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp keeps a whole model in every process and sums the LoRA gradients; fsdp "
+        "shards the model's weights across the processes (FSDP2), for a model too big for one device, at the cost "
+        "of gathering the frozen weights in every forward. One process: ignored.",
+    )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list,
         description="Experiment trackers that also get the training curves: tensorboard (event files in the run's "

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from affinage import distributed
 from affinage.config import Config
 from affinage.data import DataSplits, load_eval_sets, load_splits, preview
 from affinage.data.check import CheckReport, run_checks
@@ -25,12 +27,20 @@ from affinage.evaluate.task import detect_task, encode_all, evaluate_examples
 from affinage.lora.inject import inject_lora
 from affinage.lora.layers import share_dropout
 from affinage.lora.peft_format import load_adapter
-from affinage.models import check_model, load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
+from affinage.models import (
+    check_model,
+    embedded_name,
+    load_base_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_path,
+)
 from affinage.report import comparison_table, headline, task_metric
 from affinage.run_dir import RunDir
 from affinage.runtime import pick_device
 from affinage.training import TrainResult, fine_tune
 from affinage.training.estimate import Lengths, MemoryEstimate, estimate_memory, resident_mb, skeleton
+from affinage.training.sharding import is_sharded
 
 Log = Callable[[str], None]
 
@@ -111,8 +121,11 @@ def run_training(
     splits = load_splits(config)  # bad data fails before anything is written
     eval_sets = load_eval_sets(config)  # and a missing evaluation file too
     check_model(config.base_model)  # and an unknown model name
-    with run_dir.locked():  # one process per run; an unwritable --output fails here, before the model loads
-        start = run_dir.start(config, overwrite=overwrite)
+    main = distributed.is_main()  # under torchrun: rank 0 writes the run and prints, every process computes
+    log = log if main else _silent
+    # One `train` per run directory (the lock); an unwritable --output fails here, before the model loads.
+    with run_dir.locked() if main else nullcontext(run_dir):
+        start = distributed.broadcast(run_dir.start(config, overwrite=overwrite) if main else None)
         if start == "finished":
             return _report_finished(run_dir, log)
         if start == "resume":
@@ -135,12 +148,13 @@ def run_training(
             progress=progress,
             task_score=task_score,
         )
-        load_adapter(prepared.model, run_dir.adapter_dir)  # the best validation checkpoint, not the last step
+        _load_best_adapter(prepared.model, run_dir)
         tuned_metrics = _evaluate_test(prepared, "fine-tuned model", log)
-        if tuned_metrics:
-            run_dir.write_eval({"base": base_metrics, "fine_tuned": tuned_metrics})
         summary = _summary(prepared, result, base_metrics, tuned_metrics, time.perf_counter() - started)
-        run_dir.finish(summary)
+        if main:
+            if tuned_metrics:
+                run_dir.write_eval({"base": base_metrics, "fine_tuned": tuned_metrics})
+            run_dir.finish(summary)
         if tuned_metrics:
             log("\n" + comparison_table(base_metrics, tuned_metrics))
         log(
@@ -148,6 +162,22 @@ def run_training(
             f"tokens/s, peak {result.peak_memory_mb:.0f} MB); run written to {run_dir.path}"
         )
         return summary
+
+
+def _silent(message: str) -> None:
+    """The log of the processes other than rank 0: rank 0 speaks for the run."""
+
+
+def _load_best_adapter(model: Any, run_dir: RunDir) -> None:
+    """The best validation's adapter (not the last step's), read by rank 0 and sent to every process; a sharded
+    model's processes each read it (they share the machine's disk) and keep their piece."""
+    distributed.barrier()  # rank 0 has written it
+    if is_sharded(model):
+        load_adapter(model, run_dir.adapter_dir)
+        return
+    if distributed.is_main():
+        load_adapter(model, run_dir.adapter_dir)
+    distributed.broadcast_parameters([p for name, p in model.named_parameters() if "lora_" in name])
 
 
 def _report_finished(run_dir: RunDir, log: Log) -> dict[str, Any]:
@@ -168,11 +198,16 @@ def _prepare(
 ) -> Prepared:
     """Task, splits written to the run, the model loaded, the data checked and encoded."""
     task = detect_task(config, splits.train)
-    run_dir.write_task(task)
-    for name in ("train", "valid", "test"):
-        run_dir.write_split(name, getattr(splits, name))
+    if distributed.is_main():
+        run_dir.write_task(task)
+        for name in ("train", "valid", "test"):
+            run_dir.write_split(name, getattr(splits, name))
     dtype = resolve_dtype(config.trainer.precision, device)
-    log(f"loading {config.base_model} ({dtype}, {device})")
+    embedded = embedded_name(config.base_model)
+    alias = (
+        f" = the embedded {embedded}, a 4-bit GGUF of it" if embedded not in (None, config.base_model.lower()) else ""
+    )
+    log(f"loading {config.base_model}{alias} ({dtype}, {device})")
     loaded = load_base_model(
         config.base_model,
         dtype=dtype,
@@ -199,7 +234,7 @@ def _prepare(
         raise DataError(
             "the data check failed:\n  " + "\n  ".join(checks.errors),
             where=str(config.base_dir),
-            fix="fix the data (see `affinage data check CONFIG`)",
+            fix="fix the data: `affinage data check` on the same config (or data folder) lists every problem",
         )
     prepared = Prepared(config, splits, task, loaded.model, loaded.tokenizer, prompting, encoded, device, dtype)
     log(_data_line(prepared) + "\nexample as the model sees it:\n" + preview(loaded.tokenizer, splits.train[0], config))

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from affinage import distributed
 from affinage.errors import AffinageError
 
 
@@ -17,10 +18,12 @@ def set_threads() -> int:
     """Use every core (PyTorch's default can leave one idle inside containers), or AFFINAGE_THREADS.
 
     Two torch processes sharing the cores must split them (e.g. AFFINAGE_THREADS=1 each on 2
-    cores): oversubscribed OpenMP threads spin against each other and run many times slower.
+    cores): oversubscribed OpenMP threads spin against each other and run many times slower. The
+    processes torchrun starts on one machine split its cores evenly.
     """
     wanted = os.environ.get("AFFINAGE_THREADS")
-    threads = int(wanted) if wanted else max(1, len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0))
+    threads = int(wanted) if wanted else max(1, cores // distributed.local_processes())
     torch.set_num_threads(threads)
     return threads
 
@@ -39,6 +42,7 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 
 def setup(requested_device: str | None = None) -> torch.device:
-    """Threads set, device chosen: the one call a process makes before computing."""
+    """Threads set, device chosen, and under torchrun the process group joined (each rank its own GPU):
+    the one call a process makes before computing."""
     set_threads()
-    return pick_device(requested_device)
+    return distributed.init(pick_device(requested_device))

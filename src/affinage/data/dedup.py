@@ -28,7 +28,7 @@ SHINGLE = 5  # characters per shingle: longer ones make unrelated texts share fe
 NUM_PERM = 128  # MinHash permutations
 MAX_MISS = 1e-6  # highest chance LSH misses a pair whose similarity is exactly the threshold
 TEMPLATE_SHARE = 0.15  # a word in more than this share of the texts is template (an instruction), not content
-MIN_TEXTS_FOR_TEMPLATE = 40  # below this, word frequencies say nothing about a template
+MIN_TEXTS_FOR_TEMPLATE = 20  # below this, word frequencies say nothing about a template
 
 
 class _FoldTable(dict):

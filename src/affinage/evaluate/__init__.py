@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from affinage import distributed
 from affinage.data.formats import Example
 from affinage.data.prompting import Prompting
 from affinage.data.template import encode_completion
@@ -137,6 +138,23 @@ def generate(
     return outputs
 
 
+def _shared_scores(
+    model: Any, tokenizer: Any, examples: Sequence[Example], labels: Sequence[str], prompting: Prompting
+) -> torch.Tensor:
+    """:func:`score_labels`, the examples split across the processes of a torchrun run (all get every row)."""
+    rows = distributed.map_shards(lambda part: list(score_labels(model, tokenizer, part, labels, prompting)), examples)
+    return torch.stack(rows) if rows else torch.empty(0, len(labels))
+
+
+def _shared_generate(
+    model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, max_new_tokens: int
+) -> list[str]:
+    """:func:`generate`, the examples split across the processes of a torchrun run (all get every answer)."""
+    return distributed.map_shards(
+        lambda part: generate(model, tokenizer, part, prompting, max_new_tokens=max_new_tokens), examples
+    )
+
+
 def classification_metrics(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
     """Accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix (rows: gold)."""
     columns = list(labels) + sorted({p for p in predicted if p not in labels})
@@ -197,7 +215,7 @@ def evaluate_classification(
     gold = [e.completion.strip() for e in examples]
     loss_from_scores: dict[str, float] = {}
     if method == "score":
-        scores = score_labels(model, tokenizer, examples, labels, prompting)
+        scores = _shared_scores(model, tokenizer, examples, labels, prompting)
         probabilities = scores.softmax(dim=-1)
         top, best = probabilities.max(dim=-1)
         predicted = [
@@ -215,7 +233,7 @@ def evaluate_classification(
             nll = -sum(float(scores[row, k]) for row, k in known) / sum(lengths[k] for _, k in known)
             loss_from_scores = {"loss": round(nll, 4), "perplexity": round(math.exp(min(nll, 50.0)), 3)}
     else:
-        outputs = generate(model, tokenizer, examples, prompting, max_new_tokens=max_new_tokens)
+        outputs = _shared_generate(model, tokenizer, examples, prompting, max_new_tokens)
         predicted = [match_label(text, labels) for text in outputs]
         details = [{"generated": text} for text in outputs]
     seconds = time.perf_counter() - started
@@ -270,7 +288,7 @@ def evaluate_generation(
     model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, max_new_tokens: int = 64
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    outputs = generate(model, tokenizer, examples, prompting, max_new_tokens=max_new_tokens)
+    outputs = _shared_generate(model, tokenizer, examples, prompting, max_new_tokens)
     seconds = time.perf_counter() - started
     gold = [e.completion.strip() for e in examples]
     return {
@@ -294,7 +312,7 @@ def evaluate_pattern(
 ) -> dict[str, Any]:
     """Generate an answer per example and score each with a pattern checker (mean score in [0, 1])."""
     started = time.perf_counter()
-    outputs = generate(model, tokenizer, examples, prompting, max_new_tokens=max_new_tokens)
+    outputs = _shared_generate(model, tokenizer, examples, prompting, max_new_tokens)
     seconds = time.perf_counter() - started
     scores = [checker(o) for o in outputs]
     gold = [e.completion.strip() for e in examples]

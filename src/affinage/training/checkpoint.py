@@ -4,11 +4,13 @@ Layout, one directory per checkpoint (``keep`` of them are kept)::
 
     checkpoint/step-000120/
         adapter.safetensors    the LoRA factors (PEFT names)
-        optimizer.safetensors  AdamW's moments and step counts, the torch CPU/CUDA RNG states
+        optimizer.safetensors  AdamW's moments and step counts, the torch CPU/CUDA RNG states of each process
         state.json             counters, data cursor, best validation, metrics, optimizer groups, python/numpy RNG
         COMPLETE               written last: a directory without it is never read
 
-A checkpoint is first one plain dict (:func:`capture`, nanoGPT's shape), then files. The
+A checkpoint is first one plain dict (:func:`capture`, nanoGPT's shape), then files. Under
+torchrun every process takes part in :func:`capture` (the RNG states of all are gathered: each
+draws its own dropout masks) and rank 0 alone writes; the adapter and optimizer are the same on all. The
 directory is written under a temporary name, every file synced, then renamed, so a kill or a full
 disk while writing leaves the previous checkpoint whole. Only safetensors and JSON are read back:
 loading a checkpoint runs no pickled code.
@@ -29,12 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from affinage import distributed
 from affinage.atomic import atomic_directory
 from affinage.errors import AffinageError
 from affinage.lora.peft_format import adapter_state
 from affinage.training.state import TrainState
 
-FORMAT = 1
+FORMAT = 2  # 2: one RNG state per process
 MARKER = "COMPLETE"
 NAME = re.compile(r"step-(\d+)")
 
@@ -49,9 +52,18 @@ def capture(state: TrainState, model: nn.Module, optimizer: torch.optim.Optimize
         "state": state.to_dict(),  # step, counters, best validation, non-finite counts, metrics so far
         "cursor": cursor,  # {"epoch", "position", "batches"}
         "adapter": adapter_state(model),
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_states(),
+        "optimizer": _whole(optimizer.state_dict()),
+        "rng": distributed.gather(rng_states()),  # one per process, in rank order
     }
+
+
+def _whole(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """AdamW's state with a sharded model's (FSDP) moments gathered whole: a checkpoint independent of the sharding."""
+    moments = {
+        index: {k: distributed.full_tensor(v) for k, v in values.items()}
+        for index, values in optimizer_state["state"].items()
+    }
+    return {**optimizer_state, "state": moments}
 
 
 def rng_states() -> dict[str, Any]:
@@ -80,9 +92,17 @@ def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Opt
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, tensor in checkpoint["adapter"].items():
-            params[key.removeprefix("base_model.model.")].copy_(tensor)
+            target = params[key.removeprefix("base_model.model.")]
+            target.copy_(distributed.like(tensor, target))  # a sharded parameter takes its own piece
     optimizer.load_state_dict(checkpoint["optimizer"])
-    set_rng_states(checkpoint["rng"])
+    for group in optimizer.param_groups:  # a sharded model's moments cut like their parameters
+        for param in group["params"]:
+            moments = optimizer.state.get(param, {})
+            for key, value in moments.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    moments[key] = distributed.like(value, param)
+    rngs = checkpoint["rng"]  # on another number of processes, the states are dealt round
+    set_rng_states(rngs[distributed.rank() % len(rngs)])
     state = TrainState.from_dict(checkpoint["state"])
     state.batches = checkpoint["cursor"]["batches"]
     return state
@@ -164,18 +184,20 @@ def _write_files(checkpoint: Checkpoint, directory: Path) -> None:
                 tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{name}"] = value
-    rng = checkpoint["rng"]
-    tensors["rng.torch"] = rng["torch"]
-    tensors.update({f"rng.cuda.{i}": state for i, state in enumerate(rng["cuda"])})
+    python_rngs = []
+    for rank, rng in enumerate(checkpoint["rng"]):
+        tensors[f"rng.{rank}.torch"] = rng["torch"]
+        tensors.update({f"rng.{rank}.cuda.{i}": state for i, state in enumerate(rng["cuda"])})
+        numpy_name, keys, *numpy_rest = rng["numpy"]
+        python_rngs.append({"python": rng["python"], "numpy": [numpy_name, np.asarray(keys).tolist(), *numpy_rest]})
     save_file(checkpoint["adapter"], directory / "adapter.safetensors")
     save_file(tensors, directory / "optimizer.safetensors")
-    numpy_name, keys, *numpy_rest = rng["numpy"]
     meta = {
         "format": checkpoint["format"],
         "state": checkpoint["state"],
         "cursor": checkpoint["cursor"],
         "optimizer": {"param_groups": optimizer["param_groups"], "scalars": scalars},
-        "rng": {"python": rng["python"], "numpy": [numpy_name, np.asarray(keys).tolist(), *numpy_rest]},
+        "rng": python_rngs,
     }
     (directory / "state.json").write_text(json.dumps(meta, default=_plain) + "\n", encoding="utf-8")
 
@@ -192,6 +214,12 @@ def load(path: Path) -> Checkpoint:
     if not (path / MARKER).is_file():
         raise AffinageError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
     meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise AffinageError(
+            f"{path} was written by another version of affinage (checkpoint format {meta.get('format')}, "
+            f"this one reads {FORMAT})",
+            fix="finish the run with the version that started it, or pass --overwrite to train again from the start",
+        )
     tensors = load_file(path / "optimizer.safetensors")
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -201,12 +229,17 @@ def load(path: Path) -> Checkpoint:
     for key, value in meta["optimizer"]["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    cuda = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
     return {
         "format": meta["format"],
         "state": meta["state"],
         "cursor": meta["cursor"],
         "adapter": load_file(path / "adapter.safetensors"),
         "optimizer": {"state": state, "param_groups": meta["optimizer"]["param_groups"]},
-        "rng": {"torch": tensors["rng.torch"], "cuda": cuda, **meta["rng"]},
+        "rng": [_rng_of(rank, tensors, python) for rank, python in enumerate(meta["rng"])],
     }
+
+
+def _rng_of(rank: int, tensors: dict[str, torch.Tensor], python: dict[str, Any]) -> dict[str, Any]:
+    """One process's RNG states from the checkpoint's tensors and JSON."""
+    cuda = sorted((k for k in tensors if k.startswith(f"rng.{rank}.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    return {"torch": tensors[f"rng.{rank}.torch"], "cuda": [tensors[k] for k in cuda], **python}

@@ -329,7 +329,9 @@ def estimate_memory(
     lowest = lowest_adapted_block(model, config.adapter)
     depth = text_config.num_hidden_layers - lowest
     embeddings_train = any(p.requires_grad for p in model.get_input_embeddings().parameters())
-    cached = cfg.cache_frozen_blocks and cfg.packing is not True and lowest > 0 and not embeddings_train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sharded = world > 1 and getattr(cfg, "distributed", "ddp") == "fsdp"
+    cached = cfg.cache_frozen_blocks and cfg.packing is not True and lowest > 0 and not embeddings_train and not sharded
     rows, width, labels, checkpointing = forward_shape(lengths, cfg, device, cached)
     tokens = rows * width
     element = torch.empty((), dtype=dtype).element_size()
@@ -352,6 +354,9 @@ def estimate_memory(
     loaded = weights if config.quantization is not None else file_bytes(model_path)  # QLoRA: the 4-bit checkpoint
     converts = config.quantization is not None or stored_dtype(model_path) != str(dtype).removeprefix("torch.")
     load_peak = (loading_process_mb or process_mb) * MB + loaded + (weights if converts else 0)
+    if sharded:  # FSDP2: each process keeps 1/world of every weight, and gathers one block at a time
+        weights = weights // world + weights // max(1, text_config.num_hidden_layers)
+        trainable = trainable // world
     estimate = MemoryEstimate(
         process_mb=process_mb,
         weights_mb=weights / MB,
@@ -365,9 +370,11 @@ def estimate_memory(
         load_peak_mb=load_peak / MB,
         tokens_per_forward=tokens,
         checkpointing=checkpointing,
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        world_size=world,
         on_gpu=device.type == "cuda",
     )
+    if sharded:
+        estimate.notes.append(f"fsdp: weights, adapter and AdamW sharded over {world} processes (not measured)")
     if estimate.on_gpu:
         estimate.notes.append("on CUDA the peak is GPU memory (max_memory_allocated): process, heap and load left out")
     return estimate

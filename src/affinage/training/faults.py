@@ -49,11 +49,12 @@ class StopRequests:
 
     def error(self, step: int, steps: int) -> TrainingStopped:
         """What the run raises once its checkpoint is written."""
-        name = signal.Signals(self.signum).name
+        signum = self.signum or signal.SIGTERM  # another process of the run was signalled (torchrun signals all)
+        name = signal.Signals(signum).name
         return TrainingStopped(
             f"stopped by {name} after step {step} of {steps}; a checkpoint of step {step} was written",
             fix="run the same `affinage train CONFIG --output DIR` command again: it resumes from that checkpoint",
-            exit_code=128 + self.signum,
+            exit_code=128 + signum,
         )
 
 

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from affinage.lora.peft_format import save_adapter
+from affinage.lora.peft_format import peft_state, save_adapter
 from affinage.training.checkpoint import capture, save
 from affinage.training.loop import Listener, StepReport
+from affinage.training.sharding import is_sharded
 from affinage.training.state import TrainState
 
 
@@ -112,13 +113,23 @@ class BestAdapter(Listener):
     """
 
     def __init__(
-        self, model: nn.Module, adapter_dir: Path, *, base_model_id: str, dropout: float = 0.0, by_score: bool = False
+        self,
+        model: nn.Module,
+        adapter_dir: Path | None,
+        *,
+        base_model_id: str,
+        dropout: float = 0.0,
+        by_score: bool = False,
     ) -> None:
-        self.model, self.adapter_dir = model, Path(adapter_dir)
+        """``adapter_dir`` None: keep the counts and write nothing (the processes other than rank 0)."""
+        self.model, self.adapter_dir = model, None if adapter_dir is None else Path(adapter_dir)
         self.base_model_id, self.dropout, self.by_score = base_model_id, dropout, by_score
 
     def _save(self) -> None:
-        save_adapter(self.model, self.adapter_dir, self.base_model_id, self.dropout)
+        if self.adapter_dir is not None:
+            save_adapter(self.model, self.adapter_dir, self.base_model_id, self.dropout)
+        elif is_sharded(self.model):  # rank 0 gathers the sharded weights to write them: every process takes part
+            peft_state(self.model)
 
     def on_validation(self, state: TrainState, evaluation: dict) -> None:
         score = evaluation.get("valid_score")
@@ -147,7 +158,8 @@ class Checkpointer(Listener):
 
     ``cursor(batches)`` says where the batch stream stands (epoch, position) after that many
     micro-batches. List it after :class:`BestAdapter` and :class:`History`: a validation's
-    checkpoint then holds its best-so-far and its record.
+    checkpoint then holds its best-so-far and its record. Under torchrun every process runs it
+    (capturing gathers their RNG states) and only the one with ``write`` writes.
     """
 
     def __init__(
@@ -159,9 +171,10 @@ class Checkpointer(Listener):
         *,
         every: int | None = None,
         keep: int = 2,
+        write: bool = True,
     ) -> None:
         self.root, self.model, self.optimizer, self.cursor = Path(root), model, optimizer, cursor
-        self.every, self.keep = every, keep
+        self.every, self.keep, self.write = every, keep, write
         self.saved_step: int | None = None
         self.last_seconds: float | None = None  # how long the last write took
 
@@ -183,5 +196,7 @@ class Checkpointer(Listener):
             return
         started = time.perf_counter()
         cursor = self.cursor(state.batches)
-        save(capture(state, self.model, self.optimizer, cursor), self.root, self.keep)
+        captured = capture(state, self.model, self.optimizer, cursor)
+        if self.write:
+            save(captured, self.root, self.keep)
         self.saved_step, self.last_seconds = state.step, time.perf_counter() - started

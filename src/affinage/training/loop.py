@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from affinage import distributed
 from affinage.data.batching import split_rows
 from affinage.training.faults import StopRequests, nonfinite, too_many_nonfinite
 from affinage.training.gated_mlp import recompute_gated_activations
@@ -130,9 +132,13 @@ def train_step(
         group["lr"] = lr
     micro = [next(batches) for _ in range(options.accumulation)]
     # A micro-batch over the token budget runs as several forwards: same gradient, lower peak.
-    chunks = [to_device(c, options.device) for _, batch in micro for c in split_rows(batch, options.forward_budget)]
-    # Normalise by the labelled tokens of the whole step so every token weighs the same.
-    step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in chunks)
+    # (Under torchrun a micro-batch is this process's share of the global one; it may be empty.)
+    budget = options.forward_budget
+    chunks = [to_device(c, options.device) for _, batch in micro if batch for c in split_rows(batch, budget)]
+    # Normalise by the labelled tokens of the whole step, summed over all processes, so every token
+    # weighs the same and N processes compute the one-process gradient.
+    labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in chunks)
+    step_tokens = int(distributed.sum_values(labelled)[0])
     step_loss = 0.0
     for batch in chunks:
         with activation_checkpointing(model, checkpoint_forward(options.checkpointing, batch, options.forward_budget)):
@@ -140,11 +146,14 @@ def train_step(
             (loss_sum / max(step_tokens, 1)).backward()
         step_loss += float(loss_sum.detach())
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    skipped = nonfinite(step_loss, [p.grad for p in params if p.grad is not None])
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in chunks)
+    # One all_reduce: gradients, loss and tokens of every process (a NaN anywhere reaches all: all skip).
+    step_loss, real_tokens = distributed.reduce_gradients(params, step_loss, real_tokens)
+    skipped = _nonfinite_anywhere(step_loss, params)
     grad_norm = None
     if skipped is None:  # a NaN would poison AdamW's moments for good: no update at all
         if options.max_grad_norm:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+            grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm))
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
@@ -153,11 +162,22 @@ def train_step(
         epoch=micro[-1][0],
         loss=step_loss / max(step_tokens, 1),
         lr=lr,
-        tokens=sum(int(b["attention_mask"].sum()) for b in chunks),
+        tokens=int(real_tokens),
         seconds=seconds,
         grad_norm=None if grad_norm is None else float(grad_norm),
         skipped=skipped,
     )
+
+
+def _nonfinite_anywhere(loss: float, params: list[torch.Tensor]) -> str | None:
+    """:func:`nonfinite` agreed by every process. Summed gradients agree already; a sharded model's (FSDP)
+    are pieces, so a NaN in one process's piece is shared with a vote."""
+    grads = [p.grad for p in params if p.grad is not None]
+    pieces = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    found = nonfinite(loss, pieces)
+    if any(isinstance(g, DTensor) for g in grads) and distributed.any_rank(found is not None):
+        return found or "gradient"
+    return found
 
 
 def run_steps(
@@ -211,7 +231,7 @@ def run_steps(
                     break
             for listener in listeners:
                 listener.on_step_end(state, report)
-            if stop.requested:  # the step is done: checkpoint it, then leave
+            if distributed.any_rank(stop.requested):  # the step is done on every process: checkpoint it, leave
                 for listener in listeners:
                     listener.on_interrupt(state)
                 raise stop.error(state.step, steps)

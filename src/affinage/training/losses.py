@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from affinage import distributed
 from affinage.data.batching import collate
 from affinage.data.template import Encoded
 
@@ -70,11 +71,12 @@ def evaluate_loss(
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
-    for start in range(0, len(order), batch_size):
+    for start in distributed.shard(range(0, len(order), batch_size)):  # under torchrun, each process a share
         chunk = order[start : start + batch_size]
         batch = to_device(collate([data[i] for i in chunk], pad_id, chunk), device)
         loss, n = loss_fn(model, batch)
         total += float(loss)
         count += n
     model.train(was_training)
+    total, count = distributed.sum_shares(total, count)
     return total / max(count, 1)

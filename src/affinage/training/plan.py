@@ -15,11 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from affinage import distributed
 from affinage.config import TrainerConfig
 from affinage.data.batching import bucketed_batches, collate, collate_packed, padding_share
 from affinage.data.template import Encoded
 from affinage.training.losses import CPU, LossFn, causal_lm_loss, full_logits_loss
 from affinage.training.prefix_cache import FrozenPrefix, cache_fits, frozen_boundary
+from affinage.training.sharding import is_sharded, through_root
 
 PACK_WHEN_PADDING_ABOVE = 0.15  # packing: auto packs when bucketed batches would be this much padding
 
@@ -41,6 +43,7 @@ def micro_batches(
     pad_id: int,
     pack_into: int | None = None,
     start: tuple[int, int] = (0, 0),
+    share: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[int, dict]]:
     """Endless stream of (epoch, batch), reshuffled every epoch with a seed derived from it.
 
@@ -48,11 +51,20 @@ def micro_batches(
     the same examples per step (same schedule, same loss), fewer padding tokens. ``start``
     (epoch, position in that epoch's order) begins mid-stream: a resumed run gets exactly the
     batches that remained, without collating the ones before.
+
+    ``share`` (rank, processes) keeps one process's part of each batch: the order and the batches
+    stay global, so a step sees the same examples on 1 or N processes. A share can be empty (a
+    batch smaller than the processes): that rank gets ``{}`` and contributes no tokens.
     """
     lengths = [len(e.input_ids) for e in data]
     epoch, position = start
+    rank, processes = share
     while True:
-        for indices in bucketed_batches(lengths, batch_size, seed + epoch)[position:]:
+        for batch in bucketed_batches(lengths, batch_size, seed + epoch)[position:]:
+            indices = batch[rank::processes]
+            if not indices:
+                yield epoch, {}
+                continue
             examples = [data[i] for i in indices]
             yield (
                 epoch,
@@ -98,7 +110,9 @@ class BatchPlan:
         """Decide packing, prefix cache and token budget for ``model`` (its LoRA factors already trainable)."""
         loss_fn = loss_fn or (causal_lm_loss if cfg.logits_only_on_labels else full_logits_loss)
         steps_per_epoch = max(1, math.ceil(len(train_data) / cfg.batch_size) // cfg.gradient_accumulation)
-        boundary = frozen_boundary(model) if cfg.cache_frozen_blocks and cfg.packing is not True else None
+        sharded = is_sharded(model)  # its blocks gather weights only inside the root's forward: no prefix pass
+        cacheable = cfg.cache_frozen_blocks and cfg.packing is not True and not sharded
+        boundary = frozen_boundary(model) if cacheable else None
         use_prefix_cache = bool(boundary) and cache_fits(list(train_data) + list(valid_data), model)
         # Packing and the frozen-prefix cache (per example) exclude each other; the cache saves more.
         waste = padding_share([len(e.input_ids) for e in train_data], cfg.batch_size, cfg.seed)
@@ -121,6 +135,8 @@ class BatchPlan:
         )
         if use_prefix_cache:
             plan._cache_prefix(model, boundary, device)
+        if sharded:
+            plan.train_loss_fn, plan.valid_loss_fn = through_root(loss_fn), through_root(loss_fn)
         return plan
 
     def _cache_prefix(self, model: nn.Module, boundary: int, device: torch.device) -> None:
@@ -147,4 +163,5 @@ class BatchPlan:
         """The endless (epoch, micro-batch) stream, after its first ``skip`` micro-batches (a resumed run's)."""
         cursor = self.cursor(skip)
         start = (cursor["epoch"], cursor["position"])
-        return micro_batches(self.train_data, self.batch_size, self.seed, self.pad_id, self.pack_into, start)
+        share = (distributed.rank(), distributed.world_size())
+        return micro_batches(self.train_data, self.batch_size, self.seed, self.pad_id, self.pack_into, start, share)

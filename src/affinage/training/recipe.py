@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from affinage import distributed
 from affinage.config import TrainerConfig
 from affinage.data.template import Encoded
 from affinage.errors import AffinageError
@@ -28,6 +29,7 @@ from affinage.training.losses import CPU, LossFn, evaluate_loss
 from affinage.training.plan import BatchPlan
 from affinage.training.reporting import reporters
 from affinage.training.schedule import lr_schedule
+from affinage.training.sharding import shard_model
 from affinage.training.state import TrainState
 
 TaskScore = Callable[[nn.Module], float]
@@ -161,46 +163,83 @@ def fine_tune(
     ``cfg.save_every`` steps, after each validation and on SIGTERM/SIGINT; with ``resume`` a killed
     run goes on exactly where the newest complete one stopped. A path left ``None`` writes nothing there.
     """
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + distributed.rank())  # under torchrun each process draws its own dropout masks
+    mark_only_lora_as_trainable(model)
+    distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])  # one start for all
+    if cfg.distributed == "fsdp" and distributed.active():
+        shard_model(model, device)
     optimizer = lora_optimizer(model, cfg)
-    checkpoint_dir, metrics_path = paths.checkpoint_dir, paths.metrics_path
     plan = BatchPlan.build(model, train_data, valid_data, cfg, pad_id=pad_id, device=device, loss_fn=loss_fn)
-    newest = checkpoint.latest(Path(checkpoint_dir)) if resume and checkpoint_dir is not None else None
     # Restored after the plan is built: the frozen-prefix pass must not move the restored RNG.
-    state = _resume(newest, plan, model, optimizer) if newest else TrainState()
+    saved = _newest_checkpoint(paths.checkpoint_dir) if resume else None
+    state = _resume(saved, plan, model, optimizer) if saved else TrainState()
     state.seconds += plan.setup_seconds  # honest speed: the one-off frozen-prefix pass counts as training time
     history = History()
-    listeners: list[Listener] = [
-        BestAdapter(
-            model,
-            paths.adapter_dir,
-            base_model_id=base_model_hub_id(base_model_name),
-            dropout=adapter_dropout,
-            by_score=cfg.best_metric == "task" and task_score is not None,
-        ),
-        history,
-        *([MetricsLog(metrics_path)] if metrics_path is not None else []),
-        *(
-            [
-                Checkpointer(
-                    checkpoint_dir, model, optimizer, plan.cursor, every=cfg.save_every, keep=cfg.keep_checkpoints
-                )
-            ]
-            if checkpoint_dir is not None
-            else []
-        ),
-        EarlyStopping(cfg.early_stopping_patience),
-        *reporters(cfg.report_to, tensorboard_dir=paths.tensorboard_dir, config=cfg.model_dump(mode="json")),
-        *([ProgressBar(plan.total_steps)] if progress else []),
-    ]
+    adapter = BestAdapter(
+        model,
+        paths.adapter_dir if distributed.is_main() else None,
+        base_model_id=base_model_hub_id(base_model_name),
+        dropout=adapter_dropout,
+        by_score=cfg.best_metric == "task" and task_score is not None,
+    )
+    listeners = [adapter, history, *_listeners(model, optimizer, plan, cfg, paths, progress)]
     validate = validation(plan, device, task_score)
     state = run_plan(model, plan, optimizer, cfg, state=state, listeners=listeners, device=device, validate=validate)
     return _result(state, plan, history, device)
 
 
-def _resume(path: Path, plan: BatchPlan, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-    """The checkpoint at ``path`` restored, once its data cursor is known to fit this run's batch order."""
-    saved = checkpoint.load(path)
+def _listeners(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    plan: BatchPlan,
+    cfg: TrainerConfig,
+    paths: TrainPaths,
+    progress: bool,
+) -> list[Listener]:
+    """The listeners after :class:`BestAdapter` and :class:`History`. Only rank 0 writes files or draws the bar;
+    every process keeps the counts (early stopping must stop them all) and takes part in checkpoints."""
+    main = distributed.is_main()
+    checkpoints = paths.checkpoint_dir is not None
+    return [
+        *([MetricsLog(paths.metrics_path)] if main and paths.metrics_path is not None else []),
+        *(
+            [
+                Checkpointer(
+                    paths.checkpoint_dir,
+                    model,
+                    optimizer,
+                    plan.cursor,
+                    every=cfg.save_every,
+                    keep=cfg.keep_checkpoints,
+                    write=main,
+                )
+            ]
+            if checkpoints
+            else []
+        ),
+        EarlyStopping(cfg.early_stopping_patience),
+        *(
+            reporters(cfg.report_to, tensorboard_dir=paths.tensorboard_dir, config=cfg.model_dump(mode="json"))
+            if main
+            else []
+        ),
+        *([ProgressBar(plan.total_steps)] if progress and main else []),
+    ]
+
+
+def _newest_checkpoint(root: Path | None) -> checkpoint.Checkpoint | None:
+    """The newest complete checkpoint under ``root``, read by rank 0 and sent to every process (no shared disk)."""
+    if root is None:
+        return None
+    newest = checkpoint.latest(Path(root)) if distributed.is_main() else None
+    return distributed.broadcast({"path": str(newest), **checkpoint.load(newest)} if newest else None)
+
+
+def _resume(
+    saved: checkpoint.Checkpoint, plan: BatchPlan, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> TrainState:
+    """The checkpoint ``saved`` restored, once its data cursor is known to fit this run's batch order."""
+    path = saved["path"]
     cursor = saved["cursor"]
     if plan.cursor(cursor["batches"]) != cursor:  # another number of examples: other batches per epoch
         raise AffinageError(
