@@ -38,9 +38,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _print_estimate(config: Any, device: Any) -> int:
     """`train --estimate`: the predicted peak memory per process; no weight loaded, nothing written."""
+    from affinage import distributed
     from affinage.pipeline import estimate_training
 
-    print(estimate_training(config, device).table())
+    estimate = estimate_training(config, device)
+    if distributed.is_main():  # under torchrun every process estimates, rank 0 prints
+        print(estimate.table())
     return 0
 
 

@@ -113,10 +113,10 @@ class MemoryEstimate:
             ("= training peak", self.train_peak_mb),
             ("loading peak (mapped file + converted copy)", self.load_peak_mb),
         ]
+        scope = f"per process ({self.world_size} processes, WORLD_SIZE)" if self.world_size > 1 else "one process"
+        rows.append((f"predicted peak, {scope}", self.peak_mb))
         width = max(len(name) for name, _ in rows)
         lines = [f"{name:<{width}}  {value:>8.0f} MB" for name, value in rows]
-        scope = f"per process ({self.world_size} processes, WORLD_SIZE)" if self.world_size > 1 else "one process"
-        lines.append(f"{'predicted peak, ' + scope:<{width}}  {self.peak_mb:>8.0f} MB")
         return "\n".join(lines + [f"note: {note}" for note in self.notes])
 
 
