@@ -23,6 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config, output = train_config(args)  # the CONFIG file, or mlx-lm's flags / -c YAML (affinage.mlx)
     device = setup(args.device)
+    if args.estimate:
+        return _print_estimate(config, device)
     run_training(
         config,
         output,
@@ -31,6 +33,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         device=device,
     )
+    return 0
+
+
+def _print_estimate(config: Any, device: Any) -> int:
+    """`train --estimate`: the predicted peak memory per process; no weight loaded, nothing written."""
+    from affinage import distributed
+    from affinage.pipeline import estimate_training
+
+    estimate = estimate_training(config, device)
+    if distributed.is_main():  # under torchrun every process estimates, rank 0 prints
+        print(estimate.table())
     return 0
 
 
@@ -272,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. trainer.epochs=2"
     )
     p.add_argument("--no-base-eval", action="store_true", help="skip evaluating the base model first")
+    p.add_argument(
+        "--estimate", action="store_true", help="print the predicted peak memory and exit (no weights loaded)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run of another (or the same) config")
     _add_device_flag(p)

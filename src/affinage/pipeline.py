@@ -39,6 +39,7 @@ from affinage.report import comparison_table, headline, task_metric
 from affinage.run_dir import RunDir
 from affinage.runtime import pick_device
 from affinage.training import TrainResult, fine_tune
+from affinage.training.estimate import Lengths, MemoryEstimate, estimate_memory, resident_mb, skeleton
 from affinage.training.sharding import is_sharded
 
 Log = Callable[[str], None]
@@ -74,6 +75,33 @@ def check_data(config: Config, tokenizer: Any = None) -> CheckReport:
         config.trainer.max_seq_len,
         near_duplicate_threshold=config.data.split.near_duplicate_threshold,
         eval_sets=load_eval_sets(config),
+    )
+
+
+def estimate_training(config: Config, device: torch.device | None = None) -> MemoryEstimate:
+    """`affinage train --estimate`: the predicted peak memory, from the config, tokenizer and data only.
+
+    No weight is read (a GGUF model must already be converted: that is cached once per file). This
+    process has imported and read what a training process has before its model loads, so its own
+    resident memory stands for that part.
+    """
+    device = device or pick_device()
+    splits = load_splits(config)
+    check_model(config.base_model)
+    path = resolve_model_path(config.base_model)
+    dtype = resolve_dtype(config.trainer.precision, device)
+    skeleton(path, dtype, config.trust_remote_code)  # imports the modelling code a run imports (~160 MB)
+    before_tokenizer = resident_mb()  # a run loads its model before its tokenizer
+    tokenizer = load_tokenizer(path, config.trust_remote_code)
+    encoded = {name: encode_all(tokenizer, getattr(splits, name), config) for name in ("train", "valid")}
+    return estimate_memory(
+        config,
+        path,
+        Lengths.of(encoded["train"], encoded["valid"]),
+        dtype=dtype,
+        device=device,
+        process_mb=resident_mb(),
+        loading_process_mb=before_tokenizer,
     )
 
 
