@@ -78,8 +78,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         input_field, templated = row_fields(RunDir(args.run).read_config())
         fields = {"input_field": input_field, "templated": templated}
     examples = [inference_example(item, where, **fields) for item, where in items]  # all rows checked before loading
+    constraint = _constraint_flags(args)
     runner = BasicModelRunner(args.run, device=args.device)
-    outputs = runner.predict_many([item for item, _ in items], max_new_tokens=args.max_new_tokens)
+    outputs = runner.predict_many(
+        [item for item, _ in items], max_new_tokens=args.max_new_tokens, constraint=constraint
+    )
     for example, output in zip(examples, outputs):
         prompt = (
             example.prompt
@@ -91,6 +94,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(output)
     return 0
+
+
+def _constraint_flags(args: argparse.Namespace) -> Any:
+    """`predict --regex R` / `--json-schema FILE`: a constraint replacing the run's generation.constraint."""
+    if args.regex is None and args.json_schema is None:
+        return None
+    from pydantic import ValidationError
+
+    from affinage.constraint_config import ConstraintConfig
+    from affinage.errors import ConfigError
+    from affinage.evaluate.constrain import Constraint
+
+    try:
+        config = ConstraintConfig(regex=args.regex, json_schema=args.json_schema).resolved(Path.cwd())
+    except ValidationError as error:
+        raise ConfigError("; ".join(issue["msg"] for issue in error.errors()), where="--regex/--json-schema") from None
+    except ValueError as error:
+        raise ConfigError(str(error), where="--json-schema") from None
+    return Constraint.from_config(config)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -307,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="JSONL rows with prompt, instruction (+input) or messages")
     p.add_argument("--json", action="store_true", help="one JSON object per input: {prompt, output}")
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--regex", help="constrain every answer to fully match this regular expression")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain every answer to JSON valid against this schema")
     _add_device_flag(p)
     p.set_defaults(func=_cmd_predict)
 

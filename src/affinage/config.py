@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from affinage.constraint_config import ConstraintConfig
 from affinage.errors import ConfigError
 from affinage.ludwig import translate_ludwig
 
@@ -328,6 +329,9 @@ class GenerationConfig(_Section):
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0, description="0: greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1)
+    constraint: ConstraintConfig | None = Field(
+        None, description="Constrained decoding for predict and generation evaluation (see docs/evaluation.md)."
+    )
 
 
 class Config(_Section):
@@ -353,6 +357,13 @@ class Config(_Section):
 
     # Directory the config file lives in: relative data paths are resolved against it.
     base_dir: str = Field(".", exclude=True)
+
+    @model_validator(mode="after")
+    def _read_json_schema(self) -> Config:
+        # A json_schema file is read now: the run directory keeps the config, not the file beside it.
+        if self.generation.constraint is not None:
+            self.generation.constraint = self.generation.constraint.resolved(self.base_dir)
+        return self
 
     def resolve_path(self, path: str) -> Path:
         candidate = Path(path).expanduser()

@@ -10,6 +10,7 @@ from affinage.data.inference import inference_example, row_fields
 from affinage.data.prompting import Prompting
 from affinage.data.transforms import apply_transforms
 from affinage.evaluate import generate
+from affinage.evaluate.constrain import Constraint
 
 
 class BasicModelRunner:
@@ -33,6 +34,7 @@ class BasicModelRunner:
             self.max_new_tokens = run.config.generation.max_new_tokens
             self.temperature = run.config.generation.temperature
             self.top_p = run.config.generation.top_p
+            self.constraint = Constraint.from_config(run.config.generation.constraint)
             self.transforms = config_transforms(run.config)
             self.input_field, self.templated = row_fields(run.config)
         else:
@@ -41,13 +43,22 @@ class BasicModelRunner:
             loaded = load_base_model(str(model_or_run), device=device)
             self.model, self.tokenizer, self.prompting = loaded.model, loaded.tokenizer, Prompting()
             self.max_new_tokens, self.temperature, self.top_p = 128, 0.0, 1.0
+            self.constraint = None
             self.transforms = []
             self.input_field, self.templated = None, False
 
-    def predict(self, prompt: str | dict[str, Any], max_new_tokens: int | None = None) -> str:
-        return self.predict_many([prompt], max_new_tokens)[0]
+    def predict(
+        self, prompt: str | dict[str, Any], max_new_tokens: int | None = None, constraint: Constraint | None = None
+    ) -> str:
+        return self.predict_many([prompt], max_new_tokens, constraint)[0]
 
-    def predict_many(self, prompts: list[str | dict[str, Any]], max_new_tokens: int | None = None) -> list[str]:
+    def predict_many(
+        self,
+        prompts: list[str | dict[str, Any]],
+        max_new_tokens: int | None = None,
+        constraint: Constraint | None = None,
+    ) -> list[str]:
+        """Answers for ``prompts``; ``constraint`` (else the run's generation.constraint) shapes every one."""
         # The prompt gets the run's prompt-side transforms (e.g. strip_accents), as in training.
         examples = [inference_example(p, input_field=self.input_field, templated=self.templated) for p in prompts]
         examples = apply_transforms(examples, self.transforms, prompt_side_only=True)
@@ -59,4 +70,5 @@ class BasicModelRunner:
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
+            constraint=constraint or self.constraint,
         )

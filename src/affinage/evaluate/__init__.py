@@ -11,7 +11,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from affinage.data.formats import Example
 from affinage.data.prompting import Prompting
 from affinage.data.template import encode_completion
 from affinage.errors import ConfigError
+
+if TYPE_CHECKING:
+    from affinage.evaluate.constrain import Constraint
 
 
 def _cache_argument(model: Any) -> str:
@@ -105,14 +108,18 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     batch_size: int = 32,
+    constraint: Constraint | None = None,
 ) -> list[str]:
     """Answers for each example, batched with left padding, greedy unless temperature > 0.
 
     Decoding is bound by reading the weights, not by arithmetic: on the 2-core dev CPU a step
     costs 198 ms at batch 8 and 422 ms at batch 32 (1.9x the tokens/s), hence batches of 32.
+    With a ``constraint`` every answer matches it (:mod:`affinage.evaluate.constrain`), returned
+    exactly as generated: stripping spaces could break the match.
     """
     device = next(model.parameters()).device
     model.eval()
+    compiled = _compile(constraint, tokenizer, max_new_tokens)
     outputs: list[str] = [""] * len(examples)
     encoded = [prompting.prompt_ids(tokenizer, e, reserve=max_new_tokens) for e in examples]
     order = sorted(range(len(examples)), key=lambda i: len(encoded[i]))
@@ -129,13 +136,48 @@ def generate(
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            logits_processor=_constrained(compiled, width, max_new_tokens),
             **sampling,
         )
         for row, index in enumerate(chunk):
+            if compiled is not None:
+                text = tokenizer.decode(
+                    generated[row, width:], skip_special_tokens=True, clean_up_tokenization_spaces=False
+                )
+                outputs[index] = text
+                continue
             # A generation cut by max_new_tokens can end inside a multi-byte character (an emoji
             # is 3-4 byte tokens): drop that partial character rather than print U+FFFD.
             outputs[index] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).rstrip("\ufffd").strip()
     return outputs
+
+
+def _compile(constraint: Constraint | None, tokenizer: Any, max_new_tokens: int) -> Any:
+    """The constraint compiled for this tokenizer; an error when no match fits in ``max_new_tokens``."""
+    if constraint is None:
+        return None
+    from affinage.evaluate.constrain import compile_constraint  # imports transformers: only when constrained
+
+    compiled = compile_constraint(constraint, tokenizer)
+    if compiled.min_tokens() > max_new_tokens:
+        raise ConfigError(
+            f"the {constraint.kind} constraint needs at least {compiled.min_tokens()} new tokens, "
+            f"more than max_new_tokens ({max_new_tokens})",
+            where=f"generation.constraint.{constraint.kind}",
+            fix=f"raise max_new_tokens to {compiled.min_tokens()} or more",
+        )
+    return compiled
+
+
+def _constrained(compiled: Any, width: int, max_new_tokens: int) -> Any:
+    """A fresh logits processor list for one batch (each holds its rows' automaton states), or None."""
+    if compiled is None:
+        return None
+    from transformers import LogitsProcessorList
+
+    from affinage.evaluate.constrain import ConstrainedLogits
+
+    return LogitsProcessorList([ConstrainedLogits(compiled, width, max_new_tokens)])
 
 
 def _shared_scores(
@@ -147,11 +189,17 @@ def _shared_scores(
 
 
 def _shared_generate(
-    model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, max_new_tokens: int
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    prompting: Prompting,
+    max_new_tokens: int,
+    constraint: Constraint | None = None,
 ) -> list[str]:
     """:func:`generate`, the examples split across the processes of a torchrun run (all get every answer)."""
     return distributed.map_shards(
-        lambda part: generate(model, tokenizer, part, prompting, max_new_tokens=max_new_tokens), examples
+        lambda part: generate(model, tokenizer, part, prompting, max_new_tokens=max_new_tokens, constraint=constraint),
+        examples,
     )
 
 
@@ -198,6 +246,7 @@ def evaluate_classification(
     method: str = "score",
     max_new_tokens: int = 16,
     abstain_threshold: float | None = None,
+    constraint: Constraint | None = None,
 ) -> dict[str, Any]:
     """Predict a label for each example and compute the metrics; says which method was used.
 
@@ -233,7 +282,7 @@ def evaluate_classification(
             nll = -sum(float(scores[row, k]) for row, k in known) / sum(lengths[k] for _, k in known)
             loss_from_scores = {"loss": round(nll, 4), "perplexity": round(math.exp(min(nll, 50.0)), 3)}
     else:
-        outputs = _shared_generate(model, tokenizer, examples, prompting, max_new_tokens)
+        outputs = _shared_generate(model, tokenizer, examples, prompting, max_new_tokens, constraint)
         predicted = [match_label(text, labels) for text in outputs]
         details = [{"generated": text} for text in outputs]
     seconds = time.perf_counter() - started
@@ -245,7 +294,9 @@ def evaluate_classification(
         metrics["answered_accuracy"] = round(sum(g == p for g, p in answered) / max(len(answered), 1), 4)
     metrics.update(
         task="classification",
-        method="label scoring (answer restricted to the label set)" if method == "score" else "free generation",
+        method="label scoring (answer restricted to the label set)"
+        if method == "score"
+        else _method(constraint, "free generation"),
         examples_per_second=round(len(examples) / max(seconds, 1e-9), 2),
         predictions=[{"gold": g, "predicted": p, **d} for g, p, d in zip(gold, predicted, details)],
     )
@@ -285,15 +336,20 @@ def generation_metrics(outputs: Sequence[str], gold: Sequence[str]) -> dict[str,
 
 
 def evaluate_generation(
-    model: Any, tokenizer: Any, examples: Sequence[Example], prompting: Prompting, max_new_tokens: int = 64
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    prompting: Prompting,
+    max_new_tokens: int = 64,
+    constraint: Constraint | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    outputs = _shared_generate(model, tokenizer, examples, prompting, max_new_tokens)
+    outputs = _shared_generate(model, tokenizer, examples, prompting, max_new_tokens, constraint)
     seconds = time.perf_counter() - started
     gold = [e.completion.strip() for e in examples]
     return {
         "task": "generation",
-        "method": "free generation (greedy)",
+        "method": _method(constraint),
         **generation_metrics(outputs, gold),
         "examples_per_second": round(len(examples) / max(seconds, 1e-9), 2),
         "n": len(gold),
@@ -309,16 +365,17 @@ def evaluate_pattern(
     checker: Callable[[str], float],
     name: str,
     max_new_tokens: int = 64,
+    constraint: Constraint | None = None,
 ) -> dict[str, Any]:
     """Generate an answer per example and score each with a pattern checker (mean score in [0, 1])."""
     started = time.perf_counter()
-    outputs = _shared_generate(model, tokenizer, examples, prompting, max_new_tokens)
+    outputs = _shared_generate(model, tokenizer, examples, prompting, max_new_tokens, constraint)
     seconds = time.perf_counter() - started
     scores = [checker(o) for o in outputs]
     gold = [e.completion.strip() for e in examples]
     return {
         "task": "pattern",
-        "method": f"free generation (greedy), checked by '{name}'",
+        "method": f"{_method(constraint)}, checked by '{name}'",
         "pattern": name,
         "pattern_score": round(sum(scores) / max(len(scores), 1), 4),
         **_length_stats(outputs, gold),
@@ -326,3 +383,8 @@ def evaluate_pattern(
         "n": len(outputs),
         "predictions": [{"gold": g, "output": o, "score": s} for g, o, s in zip(gold, outputs, scores)],
     }
+
+
+def _method(constraint: Constraint | None, free: str = "free generation (greedy)") -> str:
+    """How the answers were generated, for the metrics' ``method``."""
+    return free if constraint is None else f"generation constrained by a {constraint.kind}"

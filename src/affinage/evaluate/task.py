@@ -17,6 +17,7 @@ from affinage.data.prompting import Prompting
 from affinage.data.template import Encoded, encode_example
 from affinage.errors import ConfigError
 from affinage.evaluate import evaluate_classification, evaluate_generation, evaluate_pattern
+from affinage.evaluate.constrain import Constraint
 from affinage.evaluate.patterns import resolve_checker
 from affinage.training import evaluate_loss
 
@@ -77,6 +78,7 @@ def _task_metrics(
     model: Any, tokenizer: Any, examples: Sequence[Example], task: dict[str, Any], config: Config, prompting: Prompting
 ) -> dict[str, Any]:
     evaluation = config.eval
+    constraint = Constraint.from_config(config.generation.constraint)
     if task["task"] == "classification":
         return evaluate_classification(
             model,
@@ -86,11 +88,21 @@ def _task_metrics(
             prompting,
             method=evaluation.method,
             abstain_threshold=evaluation.abstain_threshold,
+            constraint=constraint,
         )
     if task["task"] == "pattern":
         name = task.get("pattern") or evaluation.pattern
         checker = resolve_checker(name, config.base_dir)
         return evaluate_pattern(
-            model, tokenizer, examples, prompting, checker, name, max_new_tokens=evaluation.max_new_tokens
+            model,
+            tokenizer,
+            examples,
+            prompting,
+            checker,
+            name,
+            max_new_tokens=evaluation.max_new_tokens,
+            constraint=constraint,
         )
-    return evaluate_generation(model, tokenizer, examples, prompting, max_new_tokens=evaluation.max_new_tokens)
+    return evaluate_generation(
+        model, tokenizer, examples, prompting, max_new_tokens=evaluation.max_new_tokens, constraint=constraint
+    )
