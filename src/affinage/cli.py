@@ -109,7 +109,10 @@ def _constraint_flags(args: argparse.Namespace) -> Any:
     try:
         config = ConstraintConfig(regex=args.regex, json_schema=args.json_schema).resolved(Path.cwd())
     except ValidationError as error:
-        raise ConfigError("; ".join(issue["msg"] for issue in error.errors()), where="--regex/--json-schema") from None
+        raise ConfigError(
+            "; ".join(issue["msg"].removeprefix("Value error, ") for issue in error.errors()),
+            where="--regex/--json-schema",
+        ) from None
     except ValueError as error:
         raise ConfigError(str(error), where="--json-schema") from None
     return Constraint.from_config(config)

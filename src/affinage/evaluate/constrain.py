@@ -25,6 +25,7 @@ from affinage.constraint_config import ConstraintConfig
 from affinage.errors import ConfigError
 
 UNREACHABLE = 1 << 30  # distance of a state from which no match can be completed
+MASK_CACHE_BYTES = 64 << 20  # allowed-token rows kept per compiled constraint (1 byte per token)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,8 @@ class CompiledConstraint:
         self.initial, self.finals = self.index.get_initial_state(), frozenset(self.index.get_final_states())
         self.transitions: dict[int, dict[int, int]] = self.index.get_transitions()
         self.distance = self._distances()
-        self._tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tokens: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._rows: dict[int, torch.Tensor] = {}  # least recently used first
 
     def _distances(self) -> dict[int, int]:
         """Fewest tokens from each state to a whole match (0 in a final state): a BFS backwards from them."""
@@ -177,17 +179,29 @@ class CompiledConstraint:
         """The state after ``token``; None when the automaton has no such move (the row has ended)."""
         return self.transitions.get(state, {}).get(token)
 
-    def allowed(self, state: int, budget: int) -> torch.Tensor:
-        """Token ids allowed in ``state`` when ``budget`` tokens may follow this one."""
+    def allowed(self, state: int, budget: int, width: int) -> torch.Tensor:
+        """A (width,) boolean row: the tokens allowed in ``state`` when ``budget`` tokens may follow this one.
+
+        Rows that the budget does not cut are cached (up to ``MASK_CACHE_BYTES``): a state is
+        usually visited by many rows and steps, and building a row costs ~1 ms on a 49k vocabulary.
+        """
         if state not in self._tokens:
             moves = self.transitions.get(state, {})
             ids = torch.tensor(list(moves), dtype=torch.long)
             after = torch.tensor([self.distance.get(n, UNREACHABLE) for n in moves.values()], dtype=torch.long)
-            self._tokens[state] = (ids, after)
-        ids, after = self._tokens[state]
-        if ids.numel() and int(after.max()) <= budget:
-            return ids
-        return ids[after <= budget]
+            keep = ids < width  # a tokenizer id the model's head lacks is never allowed
+            ids, after = ids[keep], after[keep]
+            self._tokens[state] = (ids, after, int(after.max()) if after.numel() else 0)
+        ids, after, worst = self._tokens[state]
+        if budget < worst:
+            return torch.zeros(width, dtype=torch.bool).index_fill_(0, ids[after <= budget], True)
+        row = self._rows.pop(state, None)
+        if row is None or row.numel() != width:
+            row = torch.zeros(width, dtype=torch.bool).index_fill_(0, ids, True)
+            while self._rows and (len(self._rows) + 1) * width > MASK_CACHE_BYTES:
+                self._rows.pop(next(iter(self._rows)))  # the least recently used
+        self._rows[state] = row
+        return row
 
 
 _COMPILED: weakref.WeakKeyDictionary[Any, dict[str, CompiledConstraint]] = weakref.WeakKeyDictionary()
@@ -226,11 +240,8 @@ class ConstrainedLogits(LogitsProcessor):
                 for state, token in zip(self.states, last)
             ]
         budget = self.max_new_tokens - step - 1  # tokens that may still follow the one chosen now
-        mask = torch.full_like(scores, float("-inf"))
+        allowed = torch.ones(scores.shape, dtype=torch.bool)
         for row, state in enumerate(self.states):
-            if state is None:
-                mask[row] = 0
-                continue
-            allowed = self.compiled.allowed(state, budget).to(scores.device)
-            mask[row, allowed[allowed < scores.shape[-1]]] = 0
-        return scores + mask
+            if state is not None:
+                allowed[row] = self.compiled.allowed(state, budget, scores.shape[-1])
+        return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
