@@ -249,3 +249,10 @@ def test_ludwig_config_end_to_end_through_predict(tmp_path, model_dir, capsys):
     assert re.fullmatch("[0-9]{3}-[A-Z]{2}", capsys.readouterr().out.strip())
     assert main(["predict", str(model_dir), "x", "--regex", "a", "--json-schema", "s.json"]) == 2
     assert "exactly one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("pattern", "reason"), [("(?=a)b", "look-around"), (r"(a)\1", "back-references")])
+def test_a_regex_the_engine_cannot_run_is_refused_when_the_config_loads(pattern, reason):
+    with pytest.raises(ConfigError, match=f"generation.constraint.regex.*{reason}"):
+        config_from_dict({"generation": {"constraint": {"regex": pattern}}})
+    assert config_from_dict({"generation": {"constraint": {"regex": r"\p{L}+"}}}).generation.constraint.regex

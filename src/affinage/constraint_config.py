@@ -33,11 +33,20 @@ class ConstraintConfig(BaseModel):
     @field_validator("regex")
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
+        """Checked by the engine that will run it (outlines-core's, Rust syntax) over the 256 bytes."""
+        if value is None:
+            return value
+        from outlines_core import Index, Vocabulary
+
+        try:
+            Index(value, Vocabulary(0, {bytes([byte]): [byte + 1] for byte in range(256)}))
+        except ValueError:
             try:
                 re.compile(value)
+                reason = "look-around and back-references are not supported"
             except re.error as error:
-                raise ValueError(f"not a regular expression: {error}") from None
+                reason = str(error)
+            raise ValueError(f"not a regular expression for constrained decoding: {reason}") from None
         return value
 
     @model_validator(mode="after")
