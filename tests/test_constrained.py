@@ -256,3 +256,30 @@ def test_a_regex_the_engine_cannot_run_is_refused_when_the_config_loads(pattern,
     with pytest.raises(ConfigError, match=f"generation.constraint.regex.*{reason}"):
         config_from_dict({"generation": {"constraint": {"regex": pattern}}})
     assert config_from_dict({"generation": {"constraint": {"regex": r"\p{L}+"}}}).generation.constraint.regex
+
+
+def test_evaluation_generates_within_the_configs_constraint(model, tokenizer):
+    """The generation task of a run whose config sets a constraint: every evaluated answer complies."""
+    from affinage.evaluate.task import evaluate_examples
+
+    config = config_from_dict(
+        {
+            "generation": {"constraint": {"regex": "[0-9]{3}-[A-Z]{2}"}},
+            "eval": {"task": "generation", "max_new_tokens": 10},
+        }
+    )
+    rows = [Example(prompt=p, completion="123-AB") for p in PROMPTS]
+    metrics = evaluate_examples(model, tokenizer, rows, {"task": "generation"}, config, Prompting(), with_loss=False)
+    assert metrics["method"] == "generation constrained by a regex"
+    assert all(re.fullmatch("[0-9]{3}-[A-Z]{2}", p["output"]) for p in metrics["predictions"]), metrics["predictions"]
+
+
+def test_nucleus_sampling_keeps_to_the_constraint(model, tokenizer):
+    """The mask comes before temperature and top-p: the nucleus is drawn from allowed tokens only."""
+    torch.manual_seed(2)
+    outputs = generate(
+        model, tokenizer, examples(), Prompting(), max_new_tokens=40, temperature=1.5, top_p=0.5,
+        constraint=Constraint.from_json_schema(SCHEMA),
+    )  # fmt: skip
+    for text in outputs:
+        assert_valid(text)
