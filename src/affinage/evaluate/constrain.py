@@ -189,7 +189,8 @@ class CompiledConstraint:
             moves = self.transitions.get(state, {})
             ids = torch.tensor(list(moves), dtype=torch.long)
             after = torch.tensor([self.distance.get(n, UNREACHABLE) for n in moves.values()], dtype=torch.long)
-            keep = ids < width  # a tokenizer id the model's head lacks is never allowed
+            # never allowed: a move into a dead state, or a tokenizer id the model's head lacks
+            keep = (after < UNREACHABLE) & (ids < width)
             ids, after = ids[keep], after[keep]
             self._tokens[state] = (ids, after, int(after.max()) if after.numel() else 0)
         ids, after, worst = self._tokens[state]
