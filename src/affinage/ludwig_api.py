@@ -16,11 +16,9 @@ return values to Ludwig's shapes (``ludwig/api.py``). Datasets take Ludwig's for
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import yaml
 
@@ -28,10 +26,18 @@ from affinage.api import Run, load_run, resolve_config
 from affinage.api import train as affinage_train
 from affinage.config import Config, config_from_dict, config_to_dict, load_config
 from affinage.data import feature_fields
-from affinage.data.formats import read_rows
-from affinage.data.sources import data_section, is_reference, reference_rows, table_file
+from affinage.data.sources import data_section
 from affinage.errors import AffinageError, ConfigError
-from affinage.run_dir import RunDir
+from affinage.ludwig_results import (
+    TrainingResults,
+    as_table,
+    evaluation_file,
+    find_run,
+    inference_rows,
+    new_output_directory,
+    preprocessed_data,
+    training_stats,
+)
 
 # Ludwig arguments that change nothing in affinage (it always saves the run, reads a file's format
 # from its name, and predicts every row): accepted so that Ludwig code runs unchanged.
@@ -56,38 +62,6 @@ NO_EFFECT = {
         "collect_overall_stats",
     },
 }
-
-
-@dataclass
-class TrainingStats:
-    """Ludwig's training statistics: per split, ``{feature or "combined": {metric: [values]}}``."""
-
-    training: dict[str, Any] = field(default_factory=dict)
-    validation: dict[str, Any] = field(default_factory=dict)
-    test: dict[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, split: str) -> dict[str, Any]:
-        return {"training": self.training, "validation": self.validation, "test": self.test}[split]
-
-    def keys(self) -> tuple[str, ...]:
-        return ("training", "validation", "test")
-
-
-class PreprocessedData(NamedTuple):
-    """The rows of each split as the run trained on them, and the task (Ludwig's training set metadata)."""
-
-    training_set: list[dict[str, Any]]
-    validation_set: list[dict[str, Any]]
-    test_set: list[dict[str, Any]]
-    training_set_metadata: dict[str, Any]
-
-
-class TrainingResults(NamedTuple):
-    """What ``LudwigModel.train`` returns, unpackable as Ludwig's ``(train_stats, preprocessed_data, output_dir)``."""
-
-    train_stats: TrainingStats
-    preprocessed_data: PreprocessedData
-    output_directory: str
 
 
 class LudwigModel:
@@ -311,28 +285,6 @@ def read_config(config: str | Path | dict[str, Any] | Config) -> Config:
     return load_config(text)
 
 
-def new_output_directory(root: str | Path, experiment_name: str, model_name: str) -> Path:
-    """Ludwig's run folder: ``root/<experiment>_<model>``, then ``_0``, ``_1``... when it exists."""
-    base = Path(root) / (experiment_name + (f"_{model_name}" if model_name else ""))
-    candidate, suffix = base, 0
-    while candidate.exists():
-        candidate, suffix = Path(f"{base}_{suffix}"), suffix + 1
-    return candidate
-
-
-def find_run(model_path: str | Path, where: str) -> Path:
-    """The trained run at ``model_path``: a train folder, a ``save`` folder, or Ludwig's ``.../model`` below one."""
-    path = Path(model_path)
-    for candidate in (path, path / "model", *([path.parent] if path.name == "model" else [])):
-        if RunDir(candidate).is_run() and RunDir(candidate).has_adapter():
-            return candidate
-    raise AffinageError(
-        f"{model_path} holds no trained affinage run (no config.yaml and adapter/)",
-        where=where,
-        fix="pass the folder train() returned (e.g. results/api_experiment_run) or one written by model.save()",
-    )
-
-
 def upload_run(
     repo_id: str,
     model_path: str | Path,
@@ -360,73 +312,6 @@ def upload_run(
         commit_message=commit_message,
         commit_description=commit_description,
     )
-
-
-def training_stats(run: Run, name: str) -> TrainingStats:
-    """Ludwig's shape from metrics.jsonl and summary.json: training and validation losses, the final test metrics."""
-    records = run.directory.read_metrics()
-    validations = [r for r in records if "valid_loss" in r]
-    stats = TrainingStats(
-        training={"combined": {"loss": [r["loss"] for r in records if "loss" in r]}},
-        validation={"combined": {"loss": [r["valid_loss"] for r in validations]}},
-    )
-    scores = [r["valid_score"] for r in validations if r.get("valid_score") is not None]
-    if scores:
-        stats.validation[name] = {"score": scores}
-    tuned = run.summary.get("fine_tuned_test") or {}
-    numbers = {key: [value] for key, value in tuned.items() if isinstance(value, (int, float))}
-    if numbers:
-        stats.test = {name: numbers, "combined": {"loss": numbers.get("loss", [None])}}
-    return stats
-
-
-def preprocessed_data(run: Run) -> PreprocessedData:
-    directory = run.directory
-    return PreprocessedData(
-        directory.read_rows("train"), directory.read_rows("valid"), directory.read_rows("test"), directory.read_task()
-    )
-
-
-def inference_rows(dataset: Any) -> list[str | dict[str, Any]]:
-    """What to predict, as prompts or rows: a DataFrame, rows, prompts, a dict of columns, a file or a reference."""
-    where = "predict(dataset=)"
-    if dataset is None:
-        raise AffinageError("nothing to predict", where=where, fix="pass a DataFrame, a list of rows or a file")
-    if is_reference(dataset):
-        return [row for _, row in reference_rows(dataset, "dataset", where)]
-    if isinstance(dataset, (str, Path)):
-        path = Path(dataset)
-        if not path.is_file():
-            raise AffinageError(
-                f"data file not found: {dataset}", where=where, fix="pass an existing file; texts go in a list: [text]"
-            )
-        return [row for _, row in read_rows(path)]
-    if isinstance(dataset, list) and all(isinstance(item, (str, dict)) for item in dataset):
-        return list(dataset)
-    return [json.loads(line) for line in table_file(dataset, where).read_text(encoding="utf-8").splitlines()]
-
-
-def evaluation_file(dataset: Any) -> str:
-    """A file ``Run.evaluate`` reads: a path as is, a reference's rows or a table written to the cache."""
-    where = "evaluate(dataset=)"
-    if is_reference(dataset):
-        return str(table_file([row for _, row in reference_rows(dataset, "dataset", where)], where))
-    if isinstance(dataset, (str, Path)):
-        return str(dataset)
-    return str(table_file(dataset, where))
-
-
-def as_table(columns: dict[str, list[Any]], return_type: Any = None) -> Any:
-    """A pandas DataFrame (Ludwig's default), or the dict of columns with ``return_type=dict``."""
-    if return_type is dict or return_type == "dict":
-        return columns
-    try:
-        import pandas
-    except ImportError:
-        raise AffinageError(
-            "predictions as a DataFrame need pandas", fix="pip install 'affinage[ludwig]', or pass return_type=dict"
-        ) from None
-    return pandas.DataFrame(columns)
 
 
 def _device_of(gpus: str | int | list[int] | None) -> str | None:
