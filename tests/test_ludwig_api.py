@@ -23,26 +23,40 @@ from tests.export.test_push import hub  # noqa: F401  (the local Hub fixture)
 
 pd = pytest.importorskip("pandas")
 
-SEED_TEMPLATE = "### Instruction :\n{instruction}\n### Entrée :\n{input}\n### Réponse :\n"
 ALPACA = [
     {"instruction": f"Donne la couleur numéro {i}", "input": "" if i % 2 else f"liste {i}", "output": color}
     for i, color in enumerate(["rouge", "vert", "bleu", "jaune"] * 5)
 ]
 
 
-def seed_config(model_dir: Path) -> dict:
-    """Seed 000's config as written, its base model swapped for the tiny model (and a few steps)."""
-    return {
-        "model_type": "llm",
-        "base_model": str(model_dir),
-        "quantization": {"bits": 4},
-        "adapter": {"type": "lora"},
-        "prompt": {"template": SEED_TEMPLATE},
-        "input_features": [{"name": "prompt", "type": "text"}],
-        "output_features": [{"name": "output", "type": "text"}],
-        "trainer": {"type": "finetune", "max_steps": 2, "batch_size": 4, "max_seq_len": 96},
-        "eval": {"max_new_tokens": 4},
-    }
+# Seed 000's config (its indentation restored), the base model swapped for the tiny model and two
+# lines added for a test's budget: trainer.max_steps/batch_size/max_seq_len.
+SEED_CONFIG = """
+model_type: llm
+base_model: {model_dir}
+quantization:
+  bits: 4
+adapter:
+  type: lora
+prompt:
+  template: |
+    ### Instruction :
+    {{instruction}}
+    ### Entrée :
+    {{input}}
+    ### Réponse :
+input_features:
+  - name: prompt
+    type: text
+output_features:
+  - name: output
+    type: text
+trainer:
+  type: finetune
+  max_steps: 2
+  batch_size: 4
+  max_seq_len: 96
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -97,11 +111,13 @@ def seed_model(tmp_path, model_dir, monkeypatch):
     pytest.importorskip("bitsandbytes")
     monkeypatch.chdir(tmp_path)
     ludwig_alpaca(tmp_path / "ludwig-cache", ALPACA)
-    config = yaml.safe_load(yaml.safe_dump(seed_config(model_dir)))
     import logging
 
+    config_str = SEED_CONFIG.format(model_dir=model_dir)
+    config = yaml.safe_load(config_str)
     model = LudwigModel(config=config, niveau_de_journalisation=logging.INFO)
     results = model.train(dataset="ludwig://alpaca")
+
     model.save("results")
     return model, results
 
@@ -109,9 +125,7 @@ def seed_model(tmp_path, model_dir, monkeypatch):
 def test_seed_000_flow_trains_saves_loads_and_predicts(seed_model, tmp_path):
     model, results = seed_model
     train_stats, preprocessed_data, output_directory = results
-    assert Path(output_directory) == (tmp_path / "results" / "api_experiment_run").resolve() or Path(
-        output_directory
-    ) == Path("results/api_experiment_run")
+    assert output_directory == str((tmp_path / "results" / "api_experiment_run").resolve())
     assert len(train_stats.training["combined"]["loss"]) == 2 and "output" in train_stats.test
     assert sum(len(split) for split in preprocessed_data[:3]) == len(ALPACA)  # split 80/10/10 as the config says
     assert yaml.safe_load(Path(output_directory, "config.yaml").read_text())["data"]["dataset"] == "ludwig://alpaca"

@@ -7,14 +7,13 @@ statistics, splits, prediction tables) between Ludwig's forms and an affinage ru
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from affinage.api import Run
 from affinage.data.formats import read_rows
-from affinage.data.sources import is_reference, reference_rows, table_file
+from affinage.data.sources import is_reference, reference_rows, table_file, table_rows
 from affinage.errors import AffinageError
 from affinage.run_dir import RunDir
 
@@ -53,7 +52,7 @@ class TrainingResults(NamedTuple):
 
 def new_output_directory(root: str | Path, experiment_name: str, model_name: str) -> Path:
     """Ludwig's run folder: ``root/<experiment>_<model>``, then ``_0``, ``_1``... when it exists."""
-    base = Path(root) / (experiment_name + (f"_{model_name}" if model_name else ""))
+    base = Path(root).resolve() / (experiment_name + (f"_{model_name}" if model_name else ""))  # absolute, as Ludwig
     candidate, suffix = base, 0
     while candidate.exists():
         candidate, suffix = Path(f"{base}_{suffix}"), suffix + 1
@@ -114,7 +113,7 @@ def inference_rows(dataset: Any) -> list[str | dict[str, Any]]:
         return [row for _, row in read_rows(path)]
     if isinstance(dataset, list) and all(isinstance(item, (str, dict)) for item in dataset):
         return list(dataset)
-    return [json.loads(line) for line in table_file(dataset, where).read_text(encoding="utf-8").splitlines()]
+    return list(table_rows(dataset, where))
 
 
 def evaluation_file(dataset: Any) -> str:

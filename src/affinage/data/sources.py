@@ -209,6 +209,11 @@ def table_file(table: Any, where: str) -> Path:
     return path
 
 
+def table_rows(table: Any, where: str) -> list[dict[str, Any]]:
+    """A DataFrame, a list of rows or a dict of columns as rows (JSON types: what a JSONL file would give)."""
+    return [json.loads(line) for line in _table_jsonl(table, where).splitlines() if line.strip()]
+
+
 def _table_jsonl(table: Any, where: str) -> str:
     if hasattr(table, "to_json") and hasattr(table, "columns"):  # a pandas DataFrame (pandas is not imported)
         if len(table) == 0:
