@@ -80,6 +80,7 @@ class LudwigModel:
         device: str | None = None,
         **kwargs: Any,
     ):
+        # allow_parallel_threads is accepted as Ludwig takes it: affinage's threads are AFFINAGE_THREADS's.
         # Seed 000 spells logging_level in French (`niveau_de_journalisation`): its code runs as written.
         logging_level = kwargs.pop("niveau_de_journalisation", logging_level)
         _no_other_arguments(kwargs, "LudwigModel")
@@ -99,7 +100,6 @@ class LudwigModel:
         self.config_obj = read_config(config)
         self.device = device or _device_of(gpus)
         self.progress = logging_level <= logging.INFO
-        self.allow_parallel_threads = allow_parallel_threads  # threads: AFFINAGE_THREADS decides
         self.run: Run | None = None
 
     def __repr__(self) -> str:
