@@ -455,3 +455,74 @@ def test_cli_refuses_a_ludwig_key_it_cannot_honour(tmp_path, model_dir, key, val
     assert main(["config", str(path), "--set", f"{key}={value}"]) != 0
     err = capsys.readouterr().err
     assert "is not supported by affinage" in err and "unknown key" not in err
+
+
+# Ludwig's own defaults for every key of a block (its schemas, v0.10 and 0.17), as `ludwig` writes them out
+# in a run's model_hyperparameters.json: a config carrying all of them must load.
+LUDWIG_DEFAULT_BLOCKS = {
+    "generation": {
+        "max_new_tokens": 32, "min_new_tokens": None, "max_length": 32, "min_length": 0, "early_stopping": False,
+        "max_time": None, "do_sample": True, "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None,
+        "use_cache": True, "prompt_lookup_num_tokens": None, "temperature": 0.1, "top_k": 50, "top_p": 1.0,
+        "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "diversity_penalty": 0.0,
+        "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "length_penalty": 1.0,
+        "no_repeat_ngram_size": 0, "bad_words_ids": None, "force_words_ids": None, "renormalize_logits": False,
+        "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
+        "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+        "forced_decoder_ids": None, "sequence_bias": None, "guidance_scale": None, "pad_token_id": None,
+        "bos_token_id": None, "eos_token_id": None,
+    },
+    "adapter": {
+        "type": "lora", "r": 8, "alpha": None, "dropout": 0.05, "bias_type": "none", "target_modules": None,
+        "use_rslora": False, "use_dora": False, "loraplus_lr_ratio": None, "init_lora_weights": "default",
+        "eva_config": {"rho": 2.0, "tau": 0.99}, "loftq_config": {"loftq_bits": 4, "loftq_iter": 1},
+        "rank_pattern": None, "alpha_pattern": None, "layer_replication": None, "pretrained_adapter_weights": None,
+        "postprocessor": {"merge_adapter_into_base_model": False, "progressbar": False},
+    },
+    "quantization": {
+        "backend": "bitsandbytes", "mode": None, "qat": False, "bits": 4, "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False, "bnb_4bit_compute_dtype": "float16", "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_quant_type": "nf4",
+    },
+    "model_parameters": {"rope_scaling": None, "neftune_noise_alpha": 0},
+    "preprocessing": {
+        "sample_ratio": 1.0, "sample_size": None, "oversample_minority": None, "undersample_majority": None,
+        "split": {"type": "random", "probabilities": [0.7, 0.1, 0.2]}, "global_max_sequence_length": None,
+    },
+    "prompt": {"retrieval": {"type": None, "index_name": None, "model_name": None, "k": 0}, "task": None,
+               "template": "{prompt}"},
+    "trainer": {
+        "type": "finetune", "validation_field": None, "validation_metric": None, "early_stop": 5,
+        "skip_all_evaluation": False, "enable_profiling": False, "profiler": {"wait": 1}, "learning_rate": 0.0001,
+        "learning_rate_scheduler": {
+            "decay": None, "decay_rate": 0.96, "decay_steps": 10000, "staircase": False, "reduce_on_plateau": 0,
+            "reduce_on_plateau_patience": 10, "reduce_on_plateau_rate": 0.1, "warmup_evaluations": 0,
+            "warmup_fraction": 0.0, "reduce_eval_metric": "loss", "reduce_eval_split": "training", "t_0": None,
+            "t_mult": 1, "eta_min": 0,
+        },
+        "epochs": 3, "checkpoints_per_epoch": 0, "train_steps": None, "eval_steps": None, "steps_per_checkpoint": 0,
+        "effective_batch_size": "auto", "batch_size": 1, "max_batch_size": 1099511627776,
+        "gradient_accumulation_steps": "auto", "eval_batch_size": 2, "evaluate_training_set": False,
+        "optimizer": {"type": "adam", "betas": [0.9, 0.999], "eps": 1e-08, "weight_decay": 0.0, "amsgrad": False},
+        "regularization_type": "l2", "regularization_lambda": 0.0, "should_shuffle": True,
+        "increase_batch_size_on_plateau": 0, "increase_batch_size_on_plateau_patience": 5,
+        "increase_batch_size_on_plateau_rate": 2.0, "increase_batch_size_eval_metric": "loss",
+        "increase_batch_size_eval_split": "training",
+        "gradient_clipping": {"clipglobalnorm": 0.5, "clipnorm": None, "clipvalue": None},
+        "learning_rate_scaling": "linear", "bucketing_field": None, "use_mixed_precision": False, "compile": False,
+        "enable_gradient_checkpointing": False, "layers_to_freeze_regex": None, "base_learning_rate": 0.0,
+    },
+    "backend": {"type": "local"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("section", sorted(LUDWIG_DEFAULT_BLOCKS))
+def test_ludwigs_whole_default_block_loads(section):
+    config = config_from_dict({section: LUDWIG_DEFAULT_BLOCKS[section], **FEATURES})
+    if section == "trainer":  # Ludwig's values where it writes them; its defaults otherwise
+        assert config.trainer.early_stopping_patience == 5 and config.trainer.max_grad_norm == 0.5
+        assert config.trainer.lr_scheduler == "constant" and config.trainer.batch_size == 1
+    if section == "generation":
+        assert config.generation.max_new_tokens == 32 and config.generation.temperature == 0.1
+    if section == "adapter":
+        assert config.adapter.r == 8 and config.adapter.alpha == 16

@@ -39,8 +39,6 @@ ADAPTER_FIX = "use adapter.type: lora (with r, alpha, dropout, target_modules; u
 LORA_OFF = {
     "loraplus_lr_ratio": "LoRA+, a larger learning rate for B than for A",
     "layer_replication": "replicating layers that share LoRA weights",
-    "eva_config": "EVA's settings (init_lora_weights: eva)",
-    "loftq_config": "LoftQ's settings (init_lora_weights: loftq)",
 }
 
 
@@ -74,6 +72,8 @@ def translate_adapter(raw: dict[str, Any]) -> None:
     for key in ("target_modules", "rank_pattern", "alpha_pattern"):
         if key in adapter and adapter[key] is None:
             adapter.pop(key)  # Ludwig's null: affinage's default (all-linear; no per-module ranks)
+    for key in ("eva_config", "loftq_config"):
+        adapter.pop(key, None)  # settings of init_lora_weights eva / loftq, refused above: unused otherwise
     drop_if_off(adapter, "adapter", LORA_OFF, "remove it: affinage trains plain LoRA (DoRA and rsLoRA included)")
     _pretrained(adapter.pop("pretrained_adapter_weights", None))
     _postprocessor(adapter.pop("postprocessor", None))

@@ -78,6 +78,20 @@ def _output_columns(raw: dict[str, Any]) -> list[str]:
 
 
 INPUT_TYPES = ("text",)
+# Keys of Ludwig's (ECD) feature schema that an LLM feature carries without using them.
+IGNORED_FEATURE_KEYS = (
+    "proc_column",
+    "tied",
+    "active",
+    "dependencies",
+    "reduce_input",
+    "reduce_dependencies",
+    "input_size",
+    "num_classes",
+    "default_validation_metric",
+    "top_k",
+    "calibration",
+)
 
 
 def translate_features(raw: dict[str, Any]) -> None:
@@ -93,12 +107,29 @@ def translate_features(raw: dict[str, Any]) -> None:
             column = feature.pop("column", None)
             if column is not None:
                 feature["name"] = column  # Ludwig reads the data from `column` (defaulting to `name`)
-            for key in ("proc_column", "tied"):
+            for key in IGNORED_FEATURE_KEYS:
                 feature.pop(key, None)
+            _loss(feature.pop("loss", None), where)
             if side == "input_features":
                 _input(feature, where)
             else:
                 _output(raw, feature, where)
+
+
+def _loss(loss: Any, where: str) -> None:
+    """The LLM is trained on next-token cross-entropy, as in Ludwig; another loss is refused."""
+    kind = loss.get("type") if isinstance(loss, dict) else loss
+    if kind not in (
+        None,
+        "next_token_softmax_cross_entropy",
+        "softmax_cross_entropy",
+        "sequence_softmax_cross_entropy",
+    ):
+        raise refuse(
+            f"{where}.loss.type: {kind}",
+            "another training loss",
+            "remove it: affinage trains on next-token cross-entropy",
+        )
 
 
 def _input(feature: dict[str, Any], where: str) -> None:

@@ -76,6 +76,9 @@ def translate_generation(raw: dict[str, Any]) -> None:
         if sample and value not in neutral:
             raise refuse(f"generation.{key}: {value}", what, FIX.format(key=key))
     _length(generation)
+    for key in ("temperature", "top_p"):
+        if key in generation and generation[key] is None:
+            generation.pop(key)  # Ludwig's null: the default
     if sample is False:
         generation["temperature"] = 0.0  # HF: no sampling is greedy decoding, whatever the temperature
     elif sample and not generation.get("temperature"):

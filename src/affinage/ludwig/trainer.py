@@ -13,8 +13,26 @@ RENAMED = {
     "steps_per_checkpoint": "eval_every",  # Ludwig validates and checkpoints every N steps; so does eval_every
     "enable_gradient_checkpointing": "gradient_checkpointing",
 }
-# Speed or memory knobs whose results affinage reaches its own way: accepted, no effect on what is learned.
-SPEED_ONLY = ("eval_batch_size", "max_batch_size", "bucketing_field")
+# Speed or memory knobs whose results affinage reaches its own way: accepted, no effect on what is learned;
+# learning_rate_scaling only scales the rate with the number of Ray workers.
+SPEED_ONLY = ("eval_batch_size", "max_batch_size", "bucketing_field", "learning_rate_scaling")
+# Settings of a feature refused above (or of another model type): they change nothing while it is off.
+IGNORED = (
+    "regularization_type",
+    "profiler",
+    "increase_batch_size_on_plateau_patience",
+    "increase_batch_size_on_plateau_rate",
+    "increase_batch_size_eval_metric",
+    "increase_batch_size_eval_split",
+    "loss_balancing_alpha",
+    "loss_balancing_lr",
+    "loss_balancing_preference_vector",
+    "loss_balancing_tchebycheff_weight",
+    "contrastive_pretrain_temperature",
+    "contrastive_pretrain_projection_dim",
+    "contrastive_pretrain_learnable_temperature",
+    "model_soup_top_k",
+)
 # Keys that are off at these values (Ludwig's defaults) and refused at any other: key -> what it does.
 OFF_ONLY = {
     "checkpoints_per_epoch": "validating N times per epoch (use steps_per_checkpoint / trainer.eval_every)",
@@ -22,7 +40,7 @@ OFF_ONLY = {
     "compile": "torch.compile of the model",
     "regularization_lambda": "an L1/L2 penalty on the weights (use optimizer.weight_decay)",
     "increase_batch_size_on_plateau": "growing the batch when the metric plateaus",
-    "learning_rate_scaling": "scaling the learning rate with the batch size",
+    "loss_balancing": "balancing the losses of several outputs",
     "base_learning_rate": "a learning rate scaled with the batch size",
     "layers_to_freeze_regex": "freezing layers by name (LoRA freezes the whole base already)",
     "skip_all_evaluation": "training without any validation",
@@ -54,11 +72,13 @@ def translate_trainer(raw: dict[str, Any]) -> None:
     if not isinstance(trainer, dict):
         return
     _type(trainer)
+    for key in SPEED_ONLY + IGNORED:
+        trainer.pop(key, None)
+    if trainer.get("steps_per_checkpoint") in (0, None):
+        trainer.pop("steps_per_checkpoint", None)  # Ludwig's 0: once per epoch, affinage's eval_every null
     for key, target in RENAMED.items():
         if key in trainer:
             put(raw, f"trainer.{target}", trainer.pop(key), f"trainer.{key}")
-    for key in SPEED_ONLY + KEEP_DEFAULT:
-        trainer.pop(key, None)
     fix = "remove it (or set it to Ludwig's default, off)"
     drop_if_off(trainer, "trainer", OFF_ONLY, fix, off=(*OFF, -1, "auto"))
     if trainer.pop("should_shuffle", True) is False:
@@ -182,17 +202,18 @@ def _clipping(raw: dict[str, Any], trainer: dict[str, Any]) -> None:
 SCHEDULER_OFF = {
     "reduce_on_plateau": "lowering the learning rate on a plateau",
     "warmup_evaluations": "warm-up counted in validations (use warmup_fraction)",
-    "decay_steps": "exponential decay's step count",
-    "staircase": "stepwise exponential decay",
     "t_0": "cosine decay with restarts",
     "eta_min": "a floor under the cosine decay",
-    "max_lr": "the one-cycle schedule",
-    "inverse_sqrt_warmup_steps": "inverse square-root decay",
-    "wsd_warmup_fraction": "the warmup-stable-decay schedule",
 }
-# Ludwig's defaults of the parameters above that only matter for their own schedule.
+# Parameters of a schedule that is refused (exponential, one-cycle, inverse sqrt, polynomial, WSD) or of the
+# plateau reduction: they change nothing under cosine, linear or constant decay.
 SCHEDULER_IGNORED = (
     "decay_rate",
+    "decay_steps",
+    "staircase",
+    "max_lr",
+    "inverse_sqrt_warmup_steps",
+    "wsd_warmup_fraction",
     "reduce_on_plateau_patience",
     "reduce_on_plateau_rate",
     "reduce_eval_metric",
