@@ -493,14 +493,14 @@ LUDWIG_DEFAULT_BLOCKS = {
                "template": "{prompt}"},
     "trainer": {
         "type": "finetune", "validation_field": None, "validation_metric": None, "early_stop": 5,
-        "skip_all_evaluation": False, "enable_profiling": False, "profiler": {"wait": 1}, "learning_rate": 0.0001,
+        "skip_all_evaluation": False, "enable_profiling": False, "profiler": {"wait": 1}, "learning_rate": 0.001,
         "learning_rate_scheduler": {
             "decay": None, "decay_rate": 0.96, "decay_steps": 10000, "staircase": False, "reduce_on_plateau": 0,
             "reduce_on_plateau_patience": 10, "reduce_on_plateau_rate": 0.1, "warmup_evaluations": 0,
             "warmup_fraction": 0.0, "reduce_eval_metric": "loss", "reduce_eval_split": "training", "t_0": None,
             "t_mult": 1, "eta_min": 0,
         },
-        "epochs": 3, "checkpoints_per_epoch": 0, "train_steps": None, "eval_steps": None, "steps_per_checkpoint": 0,
+        "epochs": 100, "checkpoints_per_epoch": 0, "train_steps": None, "eval_steps": None, "steps_per_checkpoint": 0,
         "effective_batch_size": "auto", "batch_size": 1, "max_batch_size": 1099511627776,
         "gradient_accumulation_steps": "auto", "eval_batch_size": 2, "evaluate_training_set": False,
         "optimizer": {"type": "adam", "betas": [0.9, 0.999], "eps": 1e-08, "weight_decay": 0.0, "amsgrad": False},

@@ -347,7 +347,11 @@ class Config(_Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    preprocessing: dict[str, Any] = Field(default_factory=dict, description="Ludwig compatibility (sample_ratio).")
+    preprocessing: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ludwig's sample_ratio or sample_size: train on a seeded sample of the training rows "
+        "(its other keys are translated: docs/ludwig.md).",
+    )
     backend: dict[str, Any] | None = Field(None, description="Ludwig compatibility; ignored.")
     ludwig_version: str | None = Field(None, description="Ludwig compatibility; ignored.")
 
