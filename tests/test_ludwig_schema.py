@@ -73,6 +73,8 @@ MAPPED = [
     ({"model_parameters": {"rope_scaling": None, "neftune_noise_alpha": 0}}, "trust_remote_code", False),
     # trainer
     ({"trainer": {"type": "finetune"}}, "trainer.type", "finetune"),
+    ({"trainer": {"type": "none"}}, "trainer.type", "none"),
+    ({"trainer": {"type": None}}, "trainer.type", "none"),
     ({"trainer": {"epochs": 2}}, "trainer.epochs", 2),
     ({"trainer": {"train_steps": 7}}, "trainer.max_steps", 7),
     ({"trainer": {"learning_rate": 1e-3}}, "trainer.learning_rate", 1e-3),
@@ -167,7 +169,6 @@ REFUSED = [
     ({"model_parameters": {"rope_scaling": {"type": "linear", "factor": 2.0}}},
      "model_parameters.rope_scaling: {'type': 'linear', 'factor': 2.0}"),
     ({"model_parameters": {"neftune_noise_alpha": 5}}, "model_parameters.neftune_noise_alpha: 5"),
-    ({"trainer": {"type": "none"}}, "trainer.type: none"),
     ({"trainer": {"type": "dpo"}}, "trainer.type: dpo"),
     ({"trainer": {"learning_rate": "auto"}}, "trainer.learning_rate: auto"),
     ({"trainer": {"checkpoints_per_epoch": 4}}, "trainer.checkpoints_per_epoch: 4"),
@@ -213,12 +214,6 @@ def test_the_ray_backend_points_at_torchrun():
     with pytest.raises(ConfigError) as error:
         config_from_dict({"backend": {"type": "ray", "trainer": {"num_workers": 4}}})
     assert "torchrun --nproc-per-node N -m affinage train" in error.value.fix
-
-
-def test_trainer_type_none_points_at_predict_on_the_base_model():
-    with pytest.raises(ConfigError) as error:
-        config_from_dict({"trainer": {"type": "none"}})
-    assert "affinage predict BASE_MODEL" in error.value.fix
 
 
 @pytest.mark.parametrize(
@@ -428,6 +423,19 @@ def test_ludwig_task_prompt_with_a_category_output_trains(tmp_path, model_dir, c
     assert summary["steps"] == 2 and "accuracy" in summary["fine_tuned_test"]
 
 
+def test_ludwig_trainer_type_none_evaluates_the_base_model_as_a_run(tmp_path, model_dir, capsys):
+    path, _ = _write(tmp_path, TASK_CATEGORY, model_dir, router_rows())
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--output", str(run), "--quiet", "--set", "trainer.type=none"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 0 and summary["base_test"] == summary["fine_tuned_test"]
+    assert "accuracy" in summary["base_test"]
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0  # the run answers as the base model does
+    assert json.loads(capsys.readouterr().out)["accuracy"] == summary["base_test"]["accuracy"]
+    assert main(["predict", str(run), "Je postule au poste de développeur", "--max-new-tokens", "2"]) == 0
+
+
 @pytest.mark.parametrize("template", [ALPACA_QLORA, SEED_000], ids=["alpaca-qlora-v0.10-readme", "seed-000"])
 def test_ludwig_documented_configs_train_two_steps(tmp_path, model_dir, template, capsys):
     pytest.importorskip("bitsandbytes")  # both load the base in 4 bits, as on Ludwig
@@ -441,7 +449,7 @@ def test_ludwig_documented_configs_train_two_steps(tmp_path, model_dir, template
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("trainer.type", "none"),
+        ("trainer.type", "dpo"),
         ("backend.type", "ray"),
         ("generation.num_beams", "4"),
         ("adapter.type", "adalora"),

@@ -58,7 +58,6 @@ KEEP_DEFAULT = (
     "reduce_learning_rate_eval_split",
 )
 TRAINER_TYPES = {
-    "none": "evaluating or predicting with the base model (or a pretrained adapter) without training",
     "dpo": "DPO preference training",
     "kto": "KTO preference training",
     "orpo": "ORPO preference training",
@@ -114,13 +113,9 @@ def _type(trainer: dict[str, Any]) -> None:
     kind = trainer.get("type", "finetune")
     kind = "none" if kind is None else str(kind).lower()
     if kind in TRAINER_TYPES:
-        fix = (
-            "`affinage train` always fine-tunes, and reports the base model's test-split score before training next "
-            "to the fine-tuned one; for the base alone: `affinage predict BASE_MODEL --file rows.jsonl`"
-            if kind == "none"
-            else "use trainer.type: finetune (supervised fine-tuning on prompt/completion pairs)"
-        )
+        fix = "use trainer.type: finetune (supervised fine-tuning on prompt/completion pairs)"
         raise refuse(f"trainer.type: {kind}", TRAINER_TYPES[kind], fix)
+    trainer["type"] = kind  # finetune, or none: affinage train evaluates the base model without training
 
 
 def _effective_batch_size(raw: dict[str, Any], trainer: dict[str, Any]) -> None:
