@@ -148,7 +148,8 @@ REFUSED = [
         ("forced_decoder_ids", [[1, 2]]), ("guidance_scale", 1.5), ("pad_token_id", 0), ("bos_token_id", 1),
         ("eos_token_id", 2),
     ]],
-    *[({"generation": {"do_sample": True, key: value}}, f"generation.{key}: {value}") for key, value in [
+    *[({"generation": {"do_sample": sample, key: value}}, f"generation.{key}: {value}") for sample in (True, None)
+      for key, value in [
         ("top_k", 5), ("typical_p", 0.5), ("epsilon_cutoff", 0.001), ("eta_cutoff", 0.001),
     ]],
     ({"generation": {"max_new_tokens": None, "max_length": 64}}, "generation.max_length: 64"),
@@ -224,6 +225,16 @@ def test_task_and_template_must_agree_as_ludwig_requires(prompt, fix):
     with pytest.raises(ConfigError) as error:
         config_from_dict({"prompt": prompt})
     assert fix in error.value.fix
+
+
+def test_effective_batch_size_divides_by_affinages_default_batch():
+    from affinage.config import TrainerConfig
+    from affinage.ludwig.trainer import AFFINAGE_BATCH_SIZE
+
+    assert TrainerConfig().batch_size == AFFINAGE_BATCH_SIZE
+    assert config_from_dict({"trainer": {"effective_batch_size": 32}}).trainer.gradient_accumulation == 4
+    with pytest.raises(ConfigError, match="multiple"):
+        config_from_dict({"trainer": {"batch_size": 3, "effective_batch_size": 8}})
 
 
 def test_translation_leaves_the_callers_mapping_alone():

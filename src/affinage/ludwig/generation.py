@@ -51,7 +51,7 @@ NEUTRAL: dict[str, tuple[str, tuple]] = {
     "bos_token_id": ("a start token other than the tokenizer's", (None,)),
     "eos_token_id": ("a stop token other than the tokenizer's", (None,)),
 }
-# Sampling filters: no effect when decoding greedily; when sampling, only their off value is accepted
+# Sampling filters: no effect with do_sample: false; otherwise (Ludwig samples by default) only their off value
 # (top_k 50 is HF's and Ludwig's default: accepted, affinage does not cut to the top 50).
 SAMPLING: dict[str, tuple[str, tuple]] = {
     "top_k": ("top-k sampling", (None, 0, 50)),
@@ -73,7 +73,7 @@ def translate_generation(raw: dict[str, Any]) -> None:
         generation.pop(key, None)
     for key, (what, neutral) in SAMPLING.items():
         value = generation.pop(key, None)
-        if sample and value not in neutral:
+        if sample is not False and value not in neutral:  # Ludwig samples unless told not to
             raise refuse(f"generation.{key}: {value}", what, FIX.format(key=key))
     _length(generation)
     for key in ("temperature", "top_p"):

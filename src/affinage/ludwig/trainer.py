@@ -57,6 +57,8 @@ KEEP_DEFAULT = (
     "reduce_learning_rate_eval_metric",
     "reduce_learning_rate_eval_split",
 )
+# config.TrainerConfig's batch_size default (this module sits below the schema; a test keeps them equal).
+AFFINAGE_BATCH_SIZE = 8
 TRAINER_TYPES = {
     "dpo": "DPO preference training",
     "kto": "KTO preference training",
@@ -123,7 +125,7 @@ def _effective_batch_size(raw: dict[str, Any], trainer: dict[str, Any]) -> None:
     effective = trainer.pop("effective_batch_size", "auto")
     if effective in (None, "auto"):
         return
-    batch = trainer.get("batch_size", 8)
+    batch = trainer.get("batch_size", AFFINAGE_BATCH_SIZE)
     if not isinstance(effective, int) or effective % batch:
         raise ConfigError(
             f"trainer.effective_batch_size {effective} is not a multiple of trainer.batch_size {batch}",
