@@ -129,14 +129,30 @@ def load_splits(config: Config) -> DataSplits:
             where="config",
             fix="add data: {dataset: emails.jsonl} or data: {train: ..., valid: ..., test: ...}",
         )
-    ratio = float(config.preprocessing.get("sample_ratio", 1.0) or 1.0)
-    if ratio < 1.0:
-        rng = random.Random(config.trainer.seed)
-        train = rng.sample(train, max(1, int(len(train) * ratio)))
-        notes.append(f"sample_ratio {ratio}: training on {len(train)} rows")
+    train = _sample(train, config, notes)
     if not train:
         raise DataError("the training split is empty", where="config data", fix="add training rows")
     return DataSplits(train=train, valid=valid, test=test, notes=notes)
+
+
+def _sample(train: list[Example], config: Config, notes: list[str]) -> list[Example]:
+    """Ludwig's ``preprocessing.sample_ratio`` / ``sample_size``: train on a seeded sample of the training rows."""
+    ratio = float(config.preprocessing.get("sample_ratio", 1.0) or 1.0)
+    size = config.preprocessing.get("sample_size")
+    if ratio < 1.0 and size is not None:
+        raise DataError(
+            "preprocessing.sample_ratio and sample_size are both set",
+            where="preprocessing",
+            fix="keep one of them (as Ludwig requires)",
+        )
+    rng = random.Random(config.trainer.seed)
+    if ratio < 1.0:
+        train = rng.sample(train, max(1, int(len(train) * ratio)))
+        notes.append(f"sample_ratio {ratio}: training on {len(train)} rows")
+    elif size is not None and int(size) < len(train):
+        train = rng.sample(train, max(1, int(size)))
+        notes.append(f"sample_size {size}: training on {len(train)} rows")
+    return train
 
 
 def preview(tokenizer, example: Example, config: Config) -> str:
