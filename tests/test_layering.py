@@ -58,7 +58,15 @@ LAYERS: list[list[str]] = [
     ["affinage.export", "affinage.report", "affinage.report.compare*", "affinage.report.plots", "affinage.bench"],
     # the recipe, which wires all of the above
     ["affinage.pipeline"],
-    ["affinage.api", "affinage.cli", "affinage", "affinage.__main__"],
+    [
+        "affinage.api",
+        "affinage.ludwig_results",
+        "affinage.ludwig_api",
+        "affinage.upload",
+        "affinage.cli",
+        "affinage",
+        "affinage.__main__",
+    ],
 ]
 
 # Upward imports still to remove, (importer, imported): none left.

@@ -20,8 +20,9 @@ def test_ludwig_spellings_map_onto_affinage_keys():
     assert config.generation.temperature == 0.0  # do_sample false is greedy, whatever the temperature
 
 
-def test_sampling_without_a_temperature_takes_hugging_faces_default():
-    assert config_from_dict({"generation": {"do_sample": True}}).generation.temperature == 1.0
+def test_sampling_without_a_temperature_takes_ludwigs_default():
+    # Ludwig's generation schema (v0.10 and 0.17) defaults temperature to 0.1, not HF's 1.0.
+    assert config_from_dict({"generation": {"do_sample": True}}).generation.temperature == 0.1
     assert config_from_dict({"generation": {"do_sample": True, "temperature": 0.3}}).generation.temperature == 0.3
 
 

@@ -8,7 +8,7 @@ import yaml
 
 import affinage.models as models
 from affinage.cli import build_parser, main
-from affinage.config import config_to_dict, load_config
+from affinage.config import config_from_dict, config_to_dict, load_config
 from affinage.errors import ConfigError, ModelNotFoundError
 from affinage.mlx import notes, train_config
 from tests.conftest import router_rows, write_jsonl
@@ -37,9 +37,30 @@ def value(config, dotted: str):
     return node
 
 
-def test_seed_003_command_gets_mlx_lms_defaults(project):
+def test_seed_003_command_gets_affinages_defaults(project):
+    """Only data, model and batch: the schema's defaults (tuned for the CPU), not mlx-lm's 1000 iterations at 1e-5."""
     config, output = build(
         "--train", "--model", "mistralai/Mistral-7B-Instruct-v0.3", "--data", "data", "--batch-size", "2"
+    )
+    defaults = config_from_dict({"base_model": "x"})
+    assert config.base_model == "mistralai/Mistral-7B-Instruct-v0.3" and config.data.train == str(project / "data")
+    assert config.trainer.batch_size == 2
+    assert config.adapter == defaults.adapter
+    assert config.trainer.model_dump(exclude={"batch_size"}) == defaults.trainer.model_dump(exclude={"batch_size"})
+    assert output == Path("runs") / f"{project.name.lower()}-mistral-7b-instruct-v0.3"
+
+
+def test_a_recipe_flag_brings_mlx_lms_defaults(project):
+    config, output = build(
+        "--train",
+        "--model",
+        "mistralai/Mistral-7B-Instruct-v0.3",
+        "--data",
+        "data",
+        "--batch-size",
+        "2",
+        "--iters",
+        "1000",
     )
     assert config.base_model == "mistralai/Mistral-7B-Instruct-v0.3"
     assert config.data.train == str(project / "data") and config.data.dataset is None
@@ -81,9 +102,10 @@ def test_seed_003_command_gets_mlx_lms_defaults(project):
         (["--test-batches", "-1"], "eval.max_examples", None),
         (["--report-to", "wandb"], "trainer.report_to", ["wandb"]),
         (["--trust-remote-code"], "trust_remote_code", True),
-        (["--val-batches", "-1"], "trainer.eval_every", 200),
-        (["--train", "--test", "--mask-prompt", "--steps-per-report", "5"], "trainer.max_steps", 1000),
-        (["--clear-cache-threshold", "0"], "trainer.max_steps", 1000),
+        (["--val-batches", "-1"], "trainer.eval_every", None),  # no recipe option: affinage's defaults
+        (["--train", "--test", "--mask-prompt", "--steps-per-report", "5"], "trainer.max_steps", None),
+        (["--clear-cache-threshold", "0"], "trainer.max_steps", None),
+        (["--iters", "5", "--val-batches", "-1"], "trainer.eval_every", 200),  # a recipe option: mlx-lm's defaults
         (["--set", "trainer.packing=false"], "trainer.packing", False),  # affinage's --set still applies
     ],
 )

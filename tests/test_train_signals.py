@@ -124,14 +124,36 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     assert (run / adapter).read_bytes() == (reference / adapter).read_bytes()  # bit-identical
 
 
-def test_sigkill_between_checkpoints_then_the_same_command_gives_the_same_adapter(tmp_path, model_dir, straight_run):
-    argv = _kill_config(tmp_path, model_dir)
-    process = _child(argv)
-    _wait_for_steps(process, tmp_path / "run", 18)  # past the checkpoints of steps 7 and 14 and validation 15
+# Written into the child: once step PAUSE_AT_STEP is logged, say so and wait for the test's SIGKILL.
+PAUSE_AFTER_STEP = """
+import os, time
+from affinage.training import listeners
+log = listeners.MetricsLog.on_step
+def paused(self, state, report):
+    log(self, state, report)
+    if state.step == int(os.environ["PAUSE_AT_STEP"]):
+        open(os.environ["PAUSE_FLAG"], "w").close()
+        time.sleep(60)
+listeners.MetricsLog.on_step = paused
+"""
+
+
+def _kill_when_paused(process: subprocess.Popen, flag: Path) -> None:
+    deadline = time.monotonic() + 180
+    while not flag.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
     process.kill()
     process.communicate(timeout=30)
-    newest = checkpoint.latest(tmp_path / "run" / "checkpoint")
-    assert newest is not None and checkpoint.step_of(newest) < len(_step_lines(tmp_path / "run"))
+
+
+def test_sigkill_between_checkpoints_then_the_same_command_gives_the_same_adapter(tmp_path, model_dir, straight_run):
+    argv = _kill_config(tmp_path, model_dir)
+    flag = tmp_path / "paused"
+    process = _child(argv, PAUSE_AFTER_STEP, PAUSE_AT_STEP="18", PAUSE_FLAG=str(flag))
+    _kill_when_paused(process, flag)  # after step 18: checkpoints at 7, 14 and 15 (validation), the next at 21
+    assert len(_step_lines(tmp_path / "run")) == 18
+    assert checkpoint.step_of(checkpoint.latest(tmp_path / "run" / "checkpoint")) == 15  # steps 16-18 are lost
     _run_to_end(argv)  # the same command: back to the newest checkpoint, the steps after it again
     _assert_same_run(tmp_path / "run", straight_run)
 
@@ -142,12 +164,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resumes_e
     argv = _kill_config(tmp_path, model_dir)
     flag = tmp_path / "writing"
     process = _child(argv, SLOW_WRITE, PAUSE_AT_STEP="21", PAUSE_FLAG=str(flag))
-    deadline = time.monotonic() + 180
-    while not flag.exists():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.02)
-    process.kill()  # step 21's files are written, its directory not yet renamed into place
-    process.communicate(timeout=30)
+    _kill_when_paused(process, flag)  # step 21's files are written, its directory not yet renamed into place
     root = tmp_path / "run" / "checkpoint"
     assert any(p.name.startswith(".step-000021") for p in root.iterdir())  # the half-written one
     assert checkpoint.step_of(checkpoint.latest(root)) == 15  # the previous complete one (the validation's)

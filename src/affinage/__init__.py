@@ -2,7 +2,8 @@
 
 The Python API (see :mod:`affinage.api`): ``affinage.train(config, output=...)`` returns a run;
 ``affinage.load_run(path)`` opens one; a run offers ``evaluate``, ``predict``, ``merge``,
-``export`` and ``push``. ``BasicModelRunner`` is seed 001's two-line API.
+``export`` and ``push``. ``BasicModelRunner`` is seed 001's two-line API; ``LudwigModel``
+(:mod:`affinage.ludwig_api`) is seed 000's.
 """
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ _LAZY = {
     "train": "affinage.api",
     "load_run": "affinage.api",
     "Run": "affinage.api",
+    "LudwigModel": "affinage.ludwig_api",
 }
 
 
@@ -24,4 +26,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["BasicModelRunner", "Run", "__version__", "load_run", "train"]
+__all__ = ["BasicModelRunner", "LudwigModel", "Run", "__version__", "load_run", "train"]

@@ -21,6 +21,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from affinage.pipeline import run_training
     from affinage.runtime import setup
 
+    args.set = [*args.set, *_dataset_overrides(args)]  # Ludwig's --dataset / --training-set...: checked now
     config, output = train_config(args)  # the CONFIG file, or mlx-lm's flags / -c YAML (affinage.mlx)
     device = setup(args.device)
     if args.estimate:
@@ -34,6 +35,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=device,
     )
     return 0
+
+
+def _dataset_overrides(args: argparse.Namespace) -> list[str]:
+    """Ludwig's dataset flags as ``--set data.KEY=VALUE`` items (a file made absolute; hf://, ludwig:// read now)."""
+    from affinage.data.sources import CLI_NAMES, data_section
+
+    section = data_section(args.dataset, args.training_set, args.validation_set, args.test_set, names=CLI_NAMES)
+    return [f"data.{key}={json.dumps(value)}" for key, value in section.items()]
+
+
+def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("Ludwig's dataset flags (instead of the config's data section; see docs/ludwig.md)")
+    group.add_argument(
+        "--dataset",
+        metavar="FILE",
+        help="train on FILE (or hf://ID[--SUBSET], ludwig://alpaca), split as the config says",
+    )
+    group.add_argument("--training-set", metavar="FILE", help="the training rows (or hf://ID: its train split)")
+    group.add_argument("--validation-set", metavar="FILE", help="the validation rows, with --training-set")
+    group.add_argument("--test-set", metavar="FILE", help="the test rows, never trained on, with --training-set")
 
 
 def _print_estimate(config: Any, device: Any) -> int:
@@ -316,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run of another (or the same) config")
     _add_device_flag(p)
+    _add_dataset_flags(p)
     add_mlx_flags(p)
     p.set_defaults(func=_cmd_train)
 

@@ -204,7 +204,11 @@ class SchedulerConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    type: Literal["finetune"] = "finetune"
+    type: Literal["finetune", "none"] = Field(
+        "finetune",
+        description="finetune: train the adapter; none (Ludwig's): no training, the base model is evaluated on the "
+        "test split and written as a run (its adapter changes nothing) that eval, predict and export take.",
+    )
     epochs: float = Field(3, gt=0, description="Passes over the training split (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
@@ -351,7 +355,11 @@ class Config(_Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    preprocessing: dict[str, Any] = Field(default_factory=dict, description="Ludwig compatibility (sample_ratio).")
+    preprocessing: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ludwig's sample_ratio or sample_size: train on a seeded sample of the training rows "
+        "(its other keys are translated: docs/ludwig.md).",
+    )
     backend: dict[str, Any] | None = Field(None, description="Ludwig compatibility; ignored.")
     ludwig_version: str | None = Field(None, description="Ludwig compatibility; ignored.")
 

@@ -1,12 +1,15 @@
 """mlx-lm's way of asking for a run: ``mlx_lm.lora``'s flags and its ``-c`` YAML, as an affinage config.
 
 Seed 003 trains with ``mlx_lm.lora --train --model M --data data --batch-size 2`` and no config
-file; ``affinage train --train --model M --data data --batch-size 2`` runs the same recipe. The
-names and defaults are mlx-lm's (``mlx_lm/lora.py``: its argparse and ``CONFIG_DEFAULTS``,
-``mlx_lm/tuner``): a user who comes with mlx-lm's flags gets mlx-lm's training (rank 8, scale 20,
-the last 16 blocks, Adam at a constant 1e-5, 1000 iterations of batch 4, no clipping), not
-affinage's. A flag or key with no honest equivalent is refused, saying what it does in mlx-lm and
-what to use instead. Like ``ludwig``, this sits beside the schema and knows nothing above it.
+file; ``affinage train --train --model M --data data --batch-size 2`` takes the same command. The
+names are mlx-lm's (``mlx_lm/lora.py``: its argparse and ``CONFIG_DEFAULTS``, ``mlx_lm/tuner``).
+A command that tunes mlx-lm's recipe (``--iters``, ``--learning-rate``, ``--num-layers``,
+``--optimizer``, or the -c YAML's ``lora_parameters``/``lr_schedule``) gets the rest of mlx-lm's
+recipe with it (rank 8, scale 20, the last 16 blocks, Adam at a constant 1e-5, 1000 iterations of
+batch 4, no clipping): its numbers were chosen against those. A command that only says which data,
+model and batch (seed 003's) gets affinage's defaults, the schema's, tuned for the CPU. A flag or
+key with no honest equivalent is refused, saying what it does in mlx-lm and what to use instead.
+Like ``ludwig``, this sits beside the schema and knows nothing above it.
 """
 
 from __future__ import annotations
@@ -48,6 +51,30 @@ MLX_DEFAULTS: dict[str, Any] = {
     "max_seq_length": 2048,
     "grad_accumulation_steps": 1,
     "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
+}
+
+# The options that tune mlx-lm's recipe: given one, mlx-lm's defaults fill the others (a learning rate of 1e-5
+# means something only at mlx-lm's scale of 20). Without them, the run gets affinage's defaults.
+RECIPE_KEYS = {
+    "num_layers",
+    "iters",
+    "learning_rate",
+    "optimizer",
+    "optimizer_config",
+    "lora_parameters",
+    "lr_schedule",
+}
+# Without a recipe option, the affinage keys the other options set (everything else keeps the schema's default).
+PLAIN_TARGETS = {
+    "batch_size": ("trainer", "batch_size"),
+    "seed": ("trainer", "seed"),
+    "max_seq_length": ("trainer", "max_seq_len"),
+    "steps_per_eval": ("trainer", "eval_every"),
+    "save_every": ("trainer", "save_every"),
+    "grad_accumulation_steps": ("trainer", "gradient_accumulation"),
+    "grad_checkpoint": ("trainer", "gradient_checkpointing"),
+    "report_to": ("trainer", "report_to"),
+    "fine_tune_type": ("adapter", "use_dora"),
 }
 
 # (flag, key, argparse options, help): mlx_lm.lora's command line. `-c/--config` is added apart.
@@ -177,7 +204,8 @@ def _numbers(value: Any) -> Any:
 
 
 def translate_mlx(options: dict[str, Any]) -> dict[str, Any]:
-    """mlx-lm's options (flags over -c YAML) as an affinage config mapping, mlx-lm's defaults filling the rest."""
+    """mlx-lm's options (flags over -c YAML) as an affinage config mapping: mlx-lm's defaults fill the rest when
+    a recipe option is given (:data:`RECIPE_KEYS`), affinage's otherwise."""
     given, base = dict(options), Path.cwd()  # mlx-lm reads every path from the working directory
     opts = {**MLX_DEFAULTS, **given}
     opts["lora_parameters"] = {**MLX_DEFAULTS["lora_parameters"], **(given.get("lora_parameters") or {})}
@@ -223,6 +251,14 @@ def translate_mlx(options: dict[str, Any]) -> dict[str, Any]:
     if test_batches is not None and test_batches != -1:
         raw["eval"] = {"max_examples": _positive(opts, "test_batches") * trainer["batch_size"]}
     raw.update(_features(opts))
+    return raw if RECIPE_KEYS & set(given) else _plain(raw, given)
+
+
+def _plain(raw: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` keeping, of the adapter and trainer, only what the given options set: affinage's defaults do the rest."""
+    kept = {PLAIN_TARGETS[key] for key in given if key in PLAIN_TARGETS}
+    for section in ("adapter", "trainer"):
+        raw[section] = {key: value for key, value in raw[section].items() if (section, key) in kept}
     return raw
 
 
@@ -398,7 +434,15 @@ def notes(options: dict[str, Any]) -> list[str]:
     """What differs from mlx-lm when this command runs in affinage, said once before training."""
     masked = "the loss is on the completion only, as with mlx-lm's --mask-prompt: affinage always masks the prompt"
     lines = [] if options.get("mask_prompt") else [masked]
-    lines.append("torch's Adam corrects its moments' bias (mlx-lm's default does not: its first steps are larger)")
+    if RECIPE_KEYS & set(options):
+        lines.append("torch's Adam corrects its moments' bias (mlx-lm's default does not: its first steps are larger)")
+        lines.append(
+            "mlx-lm's recipe: its defaults fill what the command leaves out (rank 8, scale 20, 16 blocks, ...)"
+        )
+    else:
+        lines.append(
+            "no recipe option (--iters, --learning-rate, --num-layers, ...): affinage's defaults (docs/mlx-lm.md)"
+        )
     if options.get("adapter_path"):
         path = options["adapter_path"]
         lines.append(

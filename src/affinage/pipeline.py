@@ -26,7 +26,7 @@ from affinage.errors import DataError
 from affinage.evaluate.task import detect_task, encode_all, evaluate_examples
 from affinage.lora.inject import inject_lora
 from affinage.lora.layers import share_dropout
-from affinage.lora.peft_format import load_adapter
+from affinage.lora.peft_format import load_adapter, save_adapter
 from affinage.models import (
     check_model,
     embedded_name,
@@ -38,7 +38,7 @@ from affinage.models import (
 from affinage.report import comparison_table, headline, task_metric
 from affinage.run_dir import RunDir
 from affinage.runtime import pick_device
-from affinage.training import TrainResult, fine_tune
+from affinage.training import TrainResult, fine_tune, peak_memory_mb
 from affinage.training.estimate import Lengths, MemoryEstimate, estimate_memory, resident_mb, skeleton
 from affinage.training.sharding import is_sharded
 
@@ -133,6 +133,8 @@ def run_training(
         for note in splits.notes:
             log(note)
         prepared = _prepare(config, splits, eval_sets, run_dir, device or pick_device(), log)
+        if config.trainer.type == "none":
+            return _evaluate_only(prepared, run_dir, started, log)
         base_metrics = _evaluate_test(prepared, "base model", log) if compare_base else None
         task_score = _inject_adapter(prepared, log)
         result = fine_tune(
@@ -162,6 +164,34 @@ def run_training(
             f"tokens/s, peak {result.peak_memory_mb:.0f} MB); run written to {run_dir.path}"
         )
         return summary
+
+
+def _evaluate_only(prepared: Prepared, run_dir: RunDir, started: float, log: Log) -> dict[str, Any]:
+    """``trainer.type: none`` (Ludwig's): no training; the base model is evaluated on the test split and written
+    as a run whose adapter is LoRA at its start (B = 0, or PiSSA's exact split: the base model unchanged), so
+    ``eval``, ``predict``, ``compare`` and ``export`` take it like any run."""
+    config = prepared.config
+    _inject_adapter(prepared, log)
+    if distributed.is_main():
+        save_adapter(prepared.model, run_dir.adapter_dir, config.base_model, config.adapter.dropout)
+    metrics = _evaluate_test(prepared, "base model", log)
+    result = TrainResult(
+        steps=0,
+        train_tokens=0,
+        train_seconds=0.0,
+        train_tokens_per_second=0.0,
+        peak_memory_mb=peak_memory_mb(prepared.device),
+        final_train_loss=None,
+        best_valid_loss=None,
+        best_step=None,
+    )
+    summary = _summary(prepared, result, metrics, metrics, time.perf_counter() - started)
+    if distributed.is_main():
+        if metrics:
+            run_dir.write_eval({"base": metrics, "fine_tuned": metrics})
+        run_dir.finish(summary)
+    log(f"trainer.type none: the base model evaluated, not trained; run written to {run_dir.path}")
+    return summary
 
 
 def _silent(message: str) -> None:

@@ -31,6 +31,7 @@ import yaml
 from affinage.atomic import write_text_atomic
 from affinage.config import Config, config_from_dict, config_to_dict
 from affinage.data.formats import Example
+from affinage.data.sources import is_reference
 from affinage.data.transforms import BUILTIN
 from affinage.errors import AffinageError
 from affinage.evaluate.patterns import NAMED
@@ -205,6 +206,27 @@ class RunDir:
             (self.path / name).unlink(missing_ok=True)
         self.metrics_path.unlink(missing_ok=True)
 
+    def save_copy(self, target: str | Path) -> RunDir:
+        """A copy of this trained run in ``target`` that opens like it (Ludwig's ``model.save``): no resume state.
+
+        What ``target`` held of an earlier run (adapter, results) is removed first, so the copy is whole.
+        """
+        self.require(adapter=True)
+        copy = RunDir(target)
+        if copy.path.resolve() == self.path.resolve():
+            return copy
+        if self.path.resolve() in copy.path.resolve().parents:
+            raise AffinageError(f"cannot save {self.path} inside itself ({target})", fix="save it to another folder")
+        skipped = (".lock", self.checkpoint_dir.name)  # resume state is the training directory's own
+        copy.clear()
+        shutil.copytree(
+            self.path,
+            copy.path,
+            dirs_exist_ok=True,
+            ignore=lambda folder, names: [n for n in names if Path(folder) == self.path and n in skipped],
+        )
+        return copy
+
     def finish(self, summary: dict[str, Any]) -> None:
         """Write the summary (the run is then finished) and drop the resume state."""
         self.write_json("summary.json", summary)
@@ -255,7 +277,7 @@ def config_yaml(config: Config) -> str:
     raw = config_to_dict(config)
     data = raw["data"]
     for key in ("dataset", "train", "valid", "test"):  # absolute, so the run works from anywhere
-        if data.get(key):
+        if data.get(key) and not is_reference(data[key]):  # hf://, ludwig:// stay as written
             data[key] = str(config.resolve_path(data[key]).resolve())
     sets = raw["eval"]["sets"]
     for name, path in sets.items():

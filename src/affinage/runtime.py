@@ -7,6 +7,8 @@ device it should use and never picks one itself.
 from __future__ import annotations
 
 import os
+import resource
+from pathlib import Path
 
 import torch
 
@@ -46,3 +48,18 @@ def setup(requested_device: str | None = None) -> torch.device:
     the one call a process makes before computing."""
     set_threads()
     return distributed.init(pick_device(requested_device))
+
+
+def peak_rss_mb() -> float:
+    """This program's resident-memory high-water mark, in MB.
+
+    Linux's ``VmHWM`` (``/proc/self/status``), not ``ru_maxrss``: ``ru_maxrss`` survives ``exec``, so a
+    process started from a big one (a pytest session, a notebook) reports its parent's size as its own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

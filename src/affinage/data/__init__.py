@@ -8,7 +8,8 @@ from pathlib import Path
 
 from affinage.config import Config
 from affinage.data.dedup import duplicate_groups, repeated_groups, summarise_groups
-from affinage.data.formats import Example, load_examples
+from affinage.data.formats import Example, examples_from_rows, load_examples
+from affinage.data.sources import Role, is_reference, reference_rows
 from affinage.data.split import lonely_label, split_groups, strata
 from affinage.data.template import is_literal_template, render_prompt
 from affinage.data.transforms import Transform, apply_transforms, build_transforms
@@ -46,16 +47,26 @@ def config_transforms(config: Config) -> list[Transform]:
     return build_transforms(config.data.transforms, config.trainer.seed, config.base_dir)
 
 
-def load_file(config: Config, path: str | Path) -> list[Example]:
-    """Examples of one file, with the config's transforms applied (both sides: gold answers too)."""
+def load_file(config: Config, path: str | Path, role: Role = "dataset", where: str = "") -> list[Example]:
+    """Examples of one file (or dataset reference, read as ``role``), with the config's transforms applied
+    (both sides: gold answers too)."""
     input_field, output_field = feature_fields(config)
-    examples = load_examples(
-        Path(path),
-        input_field=input_field,
-        output_field=output_field,
-        templated=is_literal_template(config.prompt.template),
-    )
+    fields = {
+        "input_field": input_field,
+        "output_field": output_field,
+        "templated": is_literal_template(config.prompt.template),
+    }
+    if is_reference(path):
+        rows = reference_rows(str(path), role, where or str(path))
+        examples = examples_from_rows(rows, str(path), **fields)
+    else:
+        examples = load_examples(Path(path), **fields)
     return apply_transforms(examples, config_transforms(config))
+
+
+def locate(config: Config, value: str) -> str | Path:
+    """A data key's file, resolved against the config's folder; a dataset reference (hf://, ludwig://) as is."""
+    return value if is_reference(value) else config.resolve_path(value)
 
 
 def load_eval_sets(config: Config, sets: dict[str, str | Path] | None = None) -> dict[str, list[Example]]:
@@ -78,7 +89,7 @@ def load_splits(config: Config) -> DataSplits:
     data = config.data
     notes: list[str] = []
     if data.dataset:
-        examples = load_file(config, config.resolve_path(data.dataset))
+        examples = load_file(config, locate(config, data.dataset), "dataset", "data.dataset")
         labels = strata([e.completion.strip() for e in examples])
         lonely = lonely_label(labels)
         if lonely is not None:
@@ -97,32 +108,51 @@ def load_splits(config: Config) -> DataSplits:
             f"(stratified; {kept}, each kept in one split)"
         )
     elif data.train:
-        root = config.resolve_path(data.train)
-        if root.is_dir():  # mlx-lm layout: a folder with train/valid/test.jsonl
-            paths = {name: root / f"{name}.jsonl" for name in ("train", "valid", "test")}
+        root = locate(config, data.train)
+        if isinstance(root, Path) and root.is_dir():  # mlx-lm layout: a folder with train/valid/test.jsonl
+            paths: dict[str, str | Path | None] = {name: root / f"{name}.jsonl" for name in ("train", "valid", "test")}
         else:
             paths = {
                 "train": root,
-                "valid": data.valid and config.resolve_path(data.valid),
-                "test": data.test and config.resolve_path(data.test),
+                "valid": data.valid and locate(config, data.valid),
+                "test": data.test and locate(config, data.test),
             }
-        train = load_file(config, paths["train"])
-        valid = load_file(config, paths["valid"]) if paths["valid"] and Path(paths["valid"]).exists() else []
-        test = load_file(config, paths["test"]) if paths["test"] and Path(paths["test"]).exists() else []
+        train, valid, test = (
+            load_file(config, path, name, f"data.{name}")  # type: ignore[arg-type]
+            if path and (name == "train" or is_reference(path) or Path(path).exists())
+            else []
+            for name, path in paths.items()
+        )
     else:
         raise DataError(
             "no data: the config names neither data.dataset nor data.train",
             where="config",
             fix="add data: {dataset: emails.jsonl} or data: {train: ..., valid: ..., test: ...}",
         )
-    ratio = float(config.preprocessing.get("sample_ratio", 1.0) or 1.0)
-    if ratio < 1.0:
-        rng = random.Random(config.trainer.seed)
-        train = rng.sample(train, max(1, int(len(train) * ratio)))
-        notes.append(f"sample_ratio {ratio}: training on {len(train)} rows")
+    train = _sample(train, config, notes)
     if not train:
         raise DataError("the training split is empty", where="config data", fix="add training rows")
     return DataSplits(train=train, valid=valid, test=test, notes=notes)
+
+
+def _sample(train: list[Example], config: Config, notes: list[str]) -> list[Example]:
+    """Ludwig's ``preprocessing.sample_ratio`` / ``sample_size``: train on a seeded sample of the training rows."""
+    ratio = float(config.preprocessing.get("sample_ratio", 1.0) or 1.0)
+    size = config.preprocessing.get("sample_size")
+    if ratio < 1.0 and size is not None:
+        raise DataError(
+            "preprocessing.sample_ratio and sample_size are both set",
+            where="preprocessing",
+            fix="keep one of them (as Ludwig requires)",
+        )
+    rng = random.Random(config.trainer.seed)
+    if ratio < 1.0:
+        train = rng.sample(train, max(1, int(len(train) * ratio)))
+        notes.append(f"sample_ratio {ratio}: training on {len(train)} rows")
+    elif size is not None and int(size) < len(train):
+        train = rng.sample(train, max(1, int(size)))
+        notes.append(f"sample_size {size}: training on {len(train)} rows")
+    return train
 
 
 def preview(tokenizer, example: Example, config: Config) -> str:

@@ -321,10 +321,24 @@ def load_examples(
     path: Path, *, input_field: str | None = None, output_field: str | None = None, templated: bool = False
 ) -> list[Example]:
     """Every row as an Example; all rows of one file must share one format."""
+    return examples_from_rows(
+        read_rows(path), str(path), input_field=input_field, output_field=output_field, templated=templated
+    )
+
+
+def examples_from_rows(
+    rows: list[tuple[int | str, dict[str, Any]]],
+    label: str,
+    *,
+    input_field: str | None = None,
+    output_field: str | None = None,
+    templated: bool = False,
+) -> list[Example]:
+    """Rows read from ``label`` (a file, or a dataset reference such as ``hf://ID``) as Examples, one format."""
     examples = []
-    first: tuple[str, int | str] | None = None  # the file's format and the row that set it
-    for number, row in read_rows(path):
-        where = f"{path}:{number}"
+    first: tuple[str, int | str] | None = None  # the source's format and the row that set it
+    for number, row in rows:
+        where = f"{label}:{number}"
         examples.append(
             row_to_example(row, where, input_field=input_field, output_field=output_field, templated=templated)
         )
@@ -335,7 +349,7 @@ def load_examples(
             first = (kind, number)
         elif kind != first[0]:
             raise DataError(
-                f"mixed formats: this row is {FORMATS[kind]} but {path}:{first[1]} is {FORMATS[first[0]]}",
+                f"mixed formats: this row is {FORMATS[kind]} but {label}:{first[1]} is {FORMATS[first[0]]}",
                 where=where,
                 fix=f"use one format per file: rewrite this row as {FORMATS[first[0]]}, "
                 f"or move the {FORMATS[kind]} rows to a file of their own",

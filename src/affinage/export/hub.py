@@ -99,6 +99,7 @@ def push_folder(
     dry_run: bool = False,
     token: str | None = None,
     commit_message: str | None = None,
+    commit_description: str | None = None,
 ) -> dict[str, Any]:
     """Create ``repo_id`` (if needed) and upload ``folder`` to it in one commit.
 
@@ -139,6 +140,7 @@ def push_folder(
             repo_id=full_id,
             ignore_patterns=list(IGNORED),
             commit_message=commit_message or f"Upload {folder.name} with affinage",
+            commit_description=commit_description,
         )
     except errors as error:
         uploaded = (

@@ -26,6 +26,8 @@ def push_run(
     dry_run: bool = False,
     token: str | None = None,
     options: ExportOptions | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
 ) -> dict[str, Any]:
     check_repo_id(repo_id)  # a typo fails now, not after minutes of export
     fmt = WHAT_FORMAT[what]
@@ -44,4 +46,12 @@ def push_run(
                 fix=f"run `affinage export {run_dir} --format {fmt} --output DIR` to inspect the files and the report",
             ) from None
         write_card(Path(run_dir), folder, CARD_KIND[fmt], repo_id=repo_id)  # the card names the repo it lives in
-        return push_folder(folder, repo_id, private=private, dry_run=dry_run, token=token)
+        return push_folder(
+            folder,
+            repo_id,
+            private=private,
+            dry_run=dry_run,
+            token=token,
+            commit_message=commit_message,
+            commit_description=commit_description,
+        )

@@ -8,7 +8,7 @@ two lengths, giving the bytes a token keeps for backward per block (``a + b * to
 second term is attention that materialises its scores). The rest is arithmetic over the run's
 real lengths and the plan's decisions (token budget, checkpointing, frozen-prefix cache).
 
-On CPU the peak is the process's RSS high-water mark (``ru_maxrss``, what ``summary.json``
+On CPU the peak is the process's RSS high-water mark (``VmHWM``, what ``summary.json``
 reports), so the estimate adds the process itself and the load peak: a checkpoint's safetensors
 file is memory-mapped while a converted (bf16) copy is built, both resident at once.
 """
@@ -58,7 +58,7 @@ PROBE_TOKENS = (64, 128)  # lengths the one-block probe runs at; two points fit 
 
 @dataclass
 class MemoryEstimate:
-    """Predicted memory of one training process, in MB (``peak_mb`` is what ``ru_maxrss`` should read)."""
+    """Predicted memory of one training process, in MB (``peak_mb`` is what ``VmHWM`` should read)."""
 
     process_mb: float  # python, torch, transformers, tokenizer and data: before the model loads
     weights_mb: float  # the frozen base model as it sits in memory (4-bit linears for QLoRA)

@@ -7,7 +7,6 @@ entry point that derives them from a run directory (``DIR/adapter``, ``DIR/check
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from affinage.data.template import Encoded
 from affinage.errors import AffinageError
 from affinage.lora.layers import mark_only_lora_as_trainable
 from affinage.models import base_model_hub_id
+from affinage.runtime import peak_rss_mb
 from affinage.training import checkpoint
 from affinage.training.listeners import BestAdapter, Checkpointer, EarlyStopping, History, MetricsLog, ProgressBar
 from affinage.training.loop import Listener, StepOptions, Validate, run_steps
@@ -56,7 +56,7 @@ class TrainResult:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_mb()
 
 
 def lora_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
