@@ -283,3 +283,38 @@ def test_nucleus_sampling_keeps_to_the_constraint(model, tokenizer):
     )  # fmt: skip
     for text in outputs:
         assert_valid(text)
+
+
+LUDWIG_SENTIMENT = """
+model_type: llm
+base_model: Qwen/Qwen2-0.5B-Instruct
+prompt:
+  task: >
+    Classify the sentiment of the following text.
+    Respond with exactly one word: positive, negative, or neutral.
+input_features:
+  - name: text
+    type: text
+output_features:
+  - name: sentiment
+    type: text
+    decoder:
+      type: text_parser
+      regex: "(positive|negative|neutral)"
+generation:
+  max_new_tokens: 10
+  temperature: 0.0
+  do_sample: false
+backend:
+  type: local
+"""
+
+
+def test_ludwigs_structured_output_example_loads_as_written():
+    """Ludwig's examples/llm_structured_output/config_constrained.yaml, key for key."""
+    import yaml
+
+    config = config_from_dict(yaml.safe_load(LUDWIG_SENTIMENT))
+    assert config.generation.constraint.regex == "(positive|negative|neutral)"
+    assert (config.generation.max_new_tokens, config.generation.temperature) == (10, 0.0)
+    assert config.output_features[0].name == "sentiment"
