@@ -44,7 +44,7 @@ LAYERS: list[list[str]] = [
         "affinage.data.batching",
     ],
     # Ludwig's and mlx-lm's spellings, translated before the schema validates
-    ["affinage.ludwig", "affinage.mlx", "affinage.constraint_config", "affinage.config"],
+    ["affinage.ludwig", "affinage.mlx", "affinage.constraint_config", "affinage.config_sections", "affinage.config"],
     # the data of a config (affinage.data's __init__), prompting, inference rows, checks, the split command
     ["affinage.data"],
     ["affinage.models", "affinage.models.quantize", "affinage.training.gated_mlp"],
@@ -63,6 +63,7 @@ LAYERS: list[list[str]] = [
         "affinage.ludwig_results",
         "affinage.ludwig_api",
         "affinage.upload",
+        "affinage.cli_train",
         "affinage.cli",
         "affinage",
         "affinage.__main__",
