@@ -66,7 +66,9 @@ case "${1:-email-router}" in
     shift
     test_tools
     # Format and lint first: ruff is part of the test command, so CI runs it too.
-    "$VENV/bin/ruff" format --check --quiet . && "$VENV/bin/ruff" check --quiet .
+    # (`a && b` under set -e does not stop on a's failure: each check stops the test command itself.)
+    "$VENV/bin/ruff" format --check --quiet . || exit 1
+    "$VENV/bin/ruff" check --quiet . || exit 1
     exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *)
     exec "$VENV/bin/affinage" "$@" ;;
