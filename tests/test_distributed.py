@@ -247,3 +247,15 @@ def test_sigterm_to_torchrun_checkpoints_every_worker_and_the_same_command_resum
     assert (run / "checkpoint" / f"step-{done:06d}" / "COMPLETE").is_file()  # the step it stopped after
     _finish(command)
     _same_run(run, uninterrupted(mode))
+
+
+def test_fsdp_with_a_4_bit_base_is_refused_before_the_model_loads(tmp_path, model_dir, monkeypatch):
+    from affinage import pipeline
+    from affinage.config import config_from_dict
+    from affinage.errors import ConfigError
+
+    config = router_config(tmp_path, model_dir, trainer={"distributed": "fsdp"}, quantization={"bits": 4})
+    monkeypatch.setattr(distributed, "active", lambda: True)  # as under torchrun
+    monkeypatch.setattr(pipeline, "load_base_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ConfigError, match="cannot shard a 4-bit"):
+        pipeline.run_training(config_from_dict(config, base_dir=tmp_path), tmp_path / "run", log=lambda _: None)

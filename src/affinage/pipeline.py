@@ -22,7 +22,7 @@ from affinage.data.check import CheckReport, run_checks
 from affinage.data.formats import Example
 from affinage.data.prompting import Prompting
 from affinage.data.template import Encoded
-from affinage.errors import DataError
+from affinage.errors import ConfigError, DataError
 from affinage.evaluate.task import detect_task, encode_all, evaluate_examples
 from affinage.lora.inject import inject_lora
 from affinage.lora.layers import share_dropout
@@ -121,13 +121,19 @@ def run_training(
     splits = load_splits(config)  # bad data fails before anything is written
     eval_sets = load_eval_sets(config)  # and a missing evaluation file too
     check_model(config.base_model)  # and an unknown model name
+    if config.trainer.distributed == "fsdp" and config.quantization and distributed.active():
+        raise ConfigError(  # bitsandbytes' packed 4-bit weights are not tensors FSDP2 can cut
+            "trainer.distributed: fsdp cannot shard a 4-bit (bitsandbytes) base",
+            where="trainer.distributed",
+            fix="use trainer.distributed: ddp with quantization (each process holds the 4-bit base)",
+        )
     main = distributed.is_main()  # under torchrun: rank 0 writes the run and prints, every process computes
     log = log if main else _silent
     # One `train` per run directory (the lock); an unwritable --output fails here, before the model loads.
     with run_dir.locked() if main else nullcontext(run_dir):
         start = distributed.broadcast(run_dir.start(config, overwrite=overwrite) if main else None)
-        if start == "finished":
-            return _report_finished(run_dir, log)
+        if start == "finished":  # rank 0 reports it; the others have nothing to read or do
+            return _report_finished(run_dir, log) if main else {}
         if start == "resume":
             log(f"resuming the interrupted run in {run_dir.path}")
         for note in splits.notes:
