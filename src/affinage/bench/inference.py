@@ -45,6 +45,7 @@ from affinage.bench.inference_peers import (
 from affinage.bench.machine import cpu_features, device_name, matmul_flops, versions
 from affinage.bench.sides import ROOT, quick_model_dir
 
+AGREEMENT = 0.99  # the share of rows on which a peer must answer as affinage does
 DEFAULT_ROWS = ROOT / "examples" / "email-router" / "heldout.jsonl"
 
 
@@ -262,6 +263,17 @@ def table(results: dict[str, Any]) -> str:
                 f"({block['rows']} rows, batch {block['batch_size']}, max_new_tokens {block['max_new_tokens']}, "
                 f"{block['generated_tokens']} answer tokens)"
             )
+    low = [
+        f"{part} {side} {share:.1%}"
+        for part in ("scoring", "generation")
+        for side, share in results[part]["agreement"].items()
+        if share < AGREEMENT
+    ]
+    if low:
+        lines.append(
+            f"agreement below {AGREEMENT:.0%} (rounding in {machine['precision']}? try --precision fp32): "
+            + "; ".join(low)
+        )
     return "\n".join(lines)
 
 
