@@ -33,3 +33,34 @@ def test_the_inference_flag_is_the_subcommand(monkeypatch):
     monkeypatch.setattr(inference, "main", lambda argv: seen.append(argv) or 0)
     assert main(["--inference", "--quick"]) == 0 and main(["inference", "--rows", "4"]) == 0
     assert seen == [["--quick"], ["--rows", "4"]]
+
+
+def test_the_table_says_when_a_peer_disagrees():
+    from affinage.bench.inference import table
+
+    side = {"seconds": 1.0, "fastest": 1.0}
+    results = {
+        "model": "m",
+        "machine": {"device": "cpu", "cpu_features": ["avx2"], "precision": "bfloat16", "matmul_tflops": 0.1},
+        "scoring": {
+            "sides": {n: {**side, "examples_per_second": 2.0} for n in ("affinage", *SCORING_PEERS)},
+            "agreement": {"transformers-per-label": 1.0, "transformers-all-labels": 0.9},
+            "ratios": dict.fromkeys(SCORING_PEERS, 1.0),
+            "accuracy": dict.fromkeys(("affinage", *SCORING_PEERS), 0.5),
+            "rows": 10,
+            "labels": ["a", "b"],
+            "batch_size": 2,
+        },
+        "generation": {
+            "sides": {n: {**side, "tokens_per_second": 9.0} for n in ("affinage", "transformers-generate")},
+            "agreement": {"transformers-generate": 1.0},
+            "ratios": {"transformers-generate": 1.0},
+            "rows": 10,
+            "batch_size": 2,
+            "max_new_tokens": 4,
+            "generated_tokens": 40,
+        },
+    }
+    text = table(results)
+    assert "agreement below 99%" in text and "scoring transformers-all-labels 90.0%" in text
+    assert "per-label 100" not in text.splitlines()[-1]

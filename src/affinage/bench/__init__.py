@@ -148,7 +148,9 @@ def header(results: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="affinage bench", description="LoRA training speed and memory: affinage vs PEFT + TRL at their best."
+        prog="affinage bench",
+        description="LoRA training speed and memory: affinage vs PEFT + TRL at their best. "
+        "`affinage bench inference` (or --inference): label scoring and generation vs plain transformers.",
     )
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (any base_model value)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="JSONL data (default: the email-router emails)")
