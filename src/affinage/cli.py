@@ -318,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_push)
 
     sub.add_parser(
-        "bench", help="training speed and memory vs HF PEFT + TRL (see `affinage bench --help`)", add_help=False
+        "bench",
+        help="training speed and memory vs HF PEFT + TRL; `affinage bench inference`: scoring and generation "
+        "vs transformers (see --help of each)",
+        add_help=False,
     )
 
     p = sub.add_parser("compare", help="before/after report of a run: HTML (self-contained) and Markdown")

@@ -13,6 +13,9 @@ over the FASTEST peer's, its peak memory over the LIGHTEST peer's.
 
     python benchmarks/train_speed.py                # embedded model, email-router data
     python benchmarks/train_speed.py --quick        # tiny random model: keeps the script alive in CI
+
+``affinage bench inference`` (or ``--inference``) is the inference benchmark instead: label
+scoring and generation against plain transformers (:mod:`affinage.bench.inference`).
 """
 
 from __future__ import annotations
@@ -145,7 +148,9 @@ def header(results: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="affinage bench", description="LoRA training speed and memory: affinage vs PEFT + TRL at their best."
+        prog="affinage bench",
+        description="LoRA training speed and memory: affinage vs PEFT + TRL at their best. "
+        "`affinage bench inference` (or --inference): label scoring and generation vs plain transformers.",
     )
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (any base_model value)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="JSONL data (default: the email-router emails)")
@@ -193,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["inference"] or "--inference" in argv:  # the inference benchmark: its own flags
+        from affinage.bench.inference import main as inference_main
+
+        return inference_main(argv[1:] if argv[:1] == ["inference"] else [a for a in argv if a != "--inference"])
     args = build_parser().parse_args(argv)
     if args.quick and "--steps" not in argv:
         args.steps = 3

@@ -76,3 +76,15 @@ def attention_length(lengths: Iterable[int]) -> float:
 
 def flops_per_token(shape: dict[str, int], attention_len: float) -> float:
     return 4 * shape["linear_weights"] + 6 * attention_len * shape["hidden"] * shape["blocks"]
+
+
+CPU_FEATURES = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+
+
+def cpu_features() -> list[str]:
+    """The matmul-relevant flags /proc/cpuinfo lists (bf16 is fast only with AMX or AVX512-BF16)."""
+    try:
+        flags = set(open("/proc/cpuinfo", encoding="utf-8").read().split())
+    except OSError:
+        return []
+    return [name for name in CPU_FEATURES if name in flags]
