@@ -228,3 +228,29 @@ def saved_bytes(fn, skip=()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
     return result, sum(storages.values())
+
+
+# Seed 000's Ludwig config (the French tutorial), its indentation restored; {model}: the base model.
+SEED_000_CONFIG = """
+model_type: llm
+base_model: {model}
+quantization:
+  bits: 4
+adapter:
+  type: lora
+prompt:
+  template: |
+    ### Instruction :
+    {{instruction}}
+    ### Entrée :
+    {{input}}
+    ### Réponse :
+input_features:
+  - name: prompt
+    type: text
+output_features:
+  - name: output
+    type: text
+trainer:
+  type: finetune
+"""

@@ -3,7 +3,7 @@ import pytest
 from affinage.config import Config, config_from_dict, describe_fields, load_config
 from affinage.errors import ConfigError
 
-# Seed 000's Ludwig config, with its indentation restored; only the base model is changed.
+# Seed 000's Ludwig config with the trainer and preprocessing of Ludwig's README example (Alpaca).
 LUDWIG_SEED_000 = """
 model_type: llm
 base_model: smollm2-135m-instruct

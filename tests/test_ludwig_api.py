@@ -18,7 +18,7 @@ from affinage.cli import main
 from affinage.data.sources import reference_rows
 from affinage.errors import AffinageError, DataError
 from affinage.upload import main as upload_main
-from tests.conftest import router_config, router_rows, write_jsonl
+from tests.conftest import SEED_000_CONFIG, router_config, router_rows, write_jsonl
 from tests.export.test_push import hub  # noqa: F401  (the local Hub fixture)
 
 pd = pytest.importorskip("pandas")
@@ -31,32 +31,7 @@ ALPACA = [
 
 # Seed 000's config (its indentation restored), the base model swapped for the tiny model and two
 # lines added for a test's budget: trainer.max_steps/batch_size/max_seq_len.
-SEED_CONFIG = """
-model_type: llm
-base_model: {model_dir}
-quantization:
-  bits: 4
-adapter:
-  type: lora
-prompt:
-  template: |
-    ### Instruction :
-    {{instruction}}
-    ### Entrée :
-    {{input}}
-    ### Réponse :
-input_features:
-  - name: prompt
-    type: text
-output_features:
-  - name: output
-    type: text
-trainer:
-  type: finetune
-  max_steps: 2
-  batch_size: 4
-  max_seq_len: 96
-"""
+SEED_CONFIG = SEED_000_CONFIG + "  max_steps: 2\n  batch_size: 4\n  max_seq_len: 96\n"
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +88,7 @@ def seed_model(tmp_path, model_dir, monkeypatch):
     ludwig_alpaca(tmp_path / "ludwig-cache", ALPACA)
     import logging
 
-    config_str = SEED_CONFIG.format(model_dir=model_dir)
+    config_str = SEED_CONFIG.format(model=model_dir)
     config = yaml.safe_load(config_str)
     model = LudwigModel(config=config, niveau_de_journalisation=logging.INFO)
     results = model.train(dataset="ludwig://alpaca")

@@ -14,7 +14,7 @@ import yaml
 from affinage.cli import main
 from affinage.config import config_from_dict
 from affinage.errors import ConfigError
-from tests.conftest import router_rows, write_jsonl
+from tests.conftest import SEED_000_CONFIG, router_rows, write_jsonl
 
 FEATURES = {"input_features": [{"name": "prompt", "type": "text"}], "output_features": [{"name": "completion"}]}
 
@@ -296,30 +296,6 @@ backend:
   type: local
 """
 
-# Seed 000 (the French Ludwig tutorial), its indentation restored.
-SEED_000 = """
-model_type: llm
-base_model: {model}
-quantization:
-  bits: 4
-adapter:
-  type: lora
-prompt:
-  template: |
-    ### Instruction :
-    {{instruction}}
-    ### Entrée :
-    {{input}}
-    ### Réponse :
-input_features:
-  - name: prompt
-    type: text
-output_features:
-  - name: output
-    type: text
-trainer:
-  type: finetune
-"""
 
 # Ludwig's zero-shot task prompt and a category output with its vocabulary (Ludwig's LLM docs), with most
 # of the generation, adapter, trainer and preprocessing keys spelled as Ludwig spells them.
@@ -447,7 +423,7 @@ def test_ludwig_trainer_type_none_evaluates_the_base_model_as_a_run(tmp_path, mo
     assert main(["predict", str(run), "Je postule au poste de développeur", "--max-new-tokens", "2"]) == 0
 
 
-@pytest.mark.parametrize("template", [ALPACA_QLORA, SEED_000], ids=["alpaca-qlora-v0.10-readme", "seed-000"])
+@pytest.mark.parametrize("template", [ALPACA_QLORA, SEED_000_CONFIG], ids=["alpaca-qlora-v0.10-readme", "seed-000"])
 def test_ludwig_documented_configs_train_two_steps(tmp_path, model_dir, template, capsys):
     pytest.importorskip("bitsandbytes")  # both load the base in 4 bits, as on Ludwig
     path, _ = _write(tmp_path, template, model_dir, _alpaca_rows())
