@@ -113,7 +113,7 @@ def test_the_predicted_peak_is_within_35_percent_of_a_real_run(tmp_path, tokeniz
     The bound is loose on purpose: a tiny model's peak is almost all process (python, torch,
     transformers), which varies between identical fresh runs on a busy machine (517-589 MB measured
     for 4 steps; predicted 405 MB). (A late-session 906-923 MB was ``ru_maxrss`` inheriting the pytest
-    process's size across exec; the peak is now read from ``VmHWM``.)
+    process's size across exec; the peak is now read from ``VmHWM``.) Hence 0.6-1.35x, not 25 %.
     """
     model_dir = tmp_path / "model"  # its own copy: other tests write beside the session's tiny model
     model = tiny_llama(len(tokenizer))
@@ -132,4 +132,4 @@ def test_the_predicted_peak_is_within_35_percent_of_a_real_run(tmp_path, tokeniz
     subprocess.run([*common, "--no-base-eval"], env=env, capture_output=True, text=True, check=True)
     measured = json.loads((run / "summary.json").read_text())["peak_memory_mb"]
     print(f"predicted {predicted:.0f} MB, measured {measured:.0f} MB")
-    assert 0.4 * measured < predicted < 1.35 * measured, (predicted, measured, printed)
+    assert 0.6 * measured < predicted < 1.35 * measured, (predicted, measured, printed)
