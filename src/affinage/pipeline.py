@@ -159,10 +159,7 @@ def run_training(
         _load_best_adapter(prepared.model, run_dir)
         tuned_metrics = _evaluate_test(prepared, "fine-tuned model", log)
         summary = _summary(prepared, result, base_metrics, tuned_metrics, time.perf_counter() - started)
-        if main:
-            if tuned_metrics:
-                run_dir.write_eval({"base": base_metrics, "fine_tuned": tuned_metrics})
-            run_dir.finish(summary)
+        _write_results(run_dir, base_metrics, tuned_metrics, summary)
         if tuned_metrics:
             log("\n" + comparison_table(base_metrics, tuned_metrics))
         log(
@@ -192,12 +189,18 @@ def _evaluate_only(prepared: Prepared, run_dir: RunDir, started: float, log: Log
         best_step=None,
     )
     summary = _summary(prepared, result, metrics, metrics, time.perf_counter() - started)
-    if distributed.is_main():
-        if metrics:
-            run_dir.write_eval({"base": metrics, "fine_tuned": metrics})
-        run_dir.finish(summary)
+    _write_results(run_dir, metrics, metrics, summary)
     log(f"trainer.type none: the base model evaluated, not trained; run written to {run_dir.path}")
     return summary
+
+
+def _write_results(run_dir: RunDir, base: dict | None, tuned: dict | None, summary: dict[str, Any]) -> None:
+    """eval.json (when there is a test split) and summary.json, which marks the run finished; rank 0 only."""
+    if not distributed.is_main():
+        return
+    if tuned:
+        run_dir.write_eval({"base": base, "fine_tuned": tuned})
+    run_dir.finish(summary)
 
 
 def _silent(message: str) -> None:
