@@ -54,10 +54,12 @@ LAYERS: list[list[str]] = [
     ["affinage.evaluate", "affinage.evaluate.patterns", "affinage.evaluate.task"],
     # a run on disk (its layout), opened for use, and inference with it
     ["affinage.run_dir", "affinage.run", "affinage.runner"],
-    # what is made from runs: exports, reports, benchmarks
-    ["affinage.export", "affinage.report", "affinage.report.compare*", "affinage.report.plots", "affinage.bench"],
+    # what is made from runs: exports, reports
+    ["affinage.export", "affinage.report", "affinage.report.compare*", "affinage.report.plots"],
     # the recipe, which wires all of the above
     ["affinage.pipeline"],
+    # benchmarks: the recipe and its parts against peers (time to quality runs the whole recipe)
+    ["affinage.bench"],
     [
         "affinage.api",
         "affinage.ludwig_results",

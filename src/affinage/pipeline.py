@@ -7,7 +7,7 @@ directory together; the pieces below know nothing of each other or of the direct
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +38,7 @@ from affinage.models import (
 from affinage.report import comparison_table, headline, task_metric
 from affinage.run_dir import RunDir
 from affinage.runtime import pick_device
-from affinage.training import TrainResult, fine_tune, peak_memory_mb
+from affinage.training import Listener, TrainResult, fine_tune, peak_memory_mb
 from affinage.training.estimate import Lengths, MemoryEstimate, estimate_memory, resident_mb, skeleton
 from affinage.training.sharding import is_sharded
 
@@ -114,8 +114,13 @@ def run_training(
     overwrite: bool = False,
     device: torch.device | None = None,
     log: Log = print,
+    watch: Callable[[Prepared], Sequence[Listener]] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune as ``config`` says, evaluate before and after on the test split, write the run."""
+    """Fine-tune as ``config`` says, evaluate before and after on the test split, write the run.
+
+    ``watch`` gets the loaded model, tokenizer and data once they are ready and returns listeners
+    told about the training steps (``affinage bench quality`` probes held-out accuracy this way).
+    """
     started = time.perf_counter()
     run_dir = RunDir(output_dir)
     splits = load_splits(config)  # bad data fails before anything is written
@@ -155,6 +160,7 @@ def run_training(
             device=prepared.device,
             progress=progress,
             task_score=task_score,
+            listeners=watch(prepared) if watch else (),
         )
         _load_best_adapter(prepared.model, run_dir)
         tuned_metrics = _evaluate_test(prepared, "fine-tuned model", log)

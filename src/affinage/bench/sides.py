@@ -101,6 +101,7 @@ def affinage_side(
     from affinage.lora.inject import inject_lora
     from affinage.lora.layers import share_dropout
     from affinage.training import BatchPlan, History, Listener, TrainState, lora_optimizer, run_plan
+    from affinage.training.listeners import HeapTrim
 
     torch.manual_seed(args.seed)
     inject_lora(model, "all-linear", r=args.rank, alpha=args.alpha, dropout=args.dropout)
@@ -130,7 +131,8 @@ def affinage_side(
     plan = BatchPlan.build(model, train_data, [], config, pad_id=tokenizer.pad_token_id, device=device)
     history = History()
     state = TrainState(seconds=plan.setup_seconds)
-    run_plan(model, plan, optimizer, config, state=state, listeners=[history, Clocked()], device=device)
+    trim = [HeapTrim()] if device.type == "cpu" else []  # as the recipe does on a CPU
+    run_plan(model, plan, optimizer, config, state=state, listeners=[history, Clocked(), *trim], device=device)
     seconds, tokens = clock.timed()
     return model, {
         "seconds": seconds + plan.setup_seconds,  # the one-off frozen-prefix pass counts, as in the recipe

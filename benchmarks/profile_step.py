@@ -1,0 +1,113 @@
+"""Where a LoRA training step's time goes, and how close it is to the machine's matmul ceiling.
+
+Runs affinage's plan and loop (as `affinage bench` does) on rows of exactly ``--seq-len`` tokens
+(random ids, a 3-token answer carrying the loss), LoRA on every linear layer of every block, and
+profiles the steps after the first with torch.profiler. Prints the ceiling fraction (useful
+FLOPs of the step over one big matmul's rate, :mod:`affinage.bench.machine`) and the self time
+of the operators, grouped: the decoder's matmuls, attention, LoRA's small matmuls, elementwise
+work (norms, RoPE, activations), the optimizer, and the rest.
+
+    python benchmarks/profile_step.py --seq-len 256 --batch 8 --precision fp32
+    python benchmarks/profile_step.py --seq-len 512 --batch 4 --top 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections import defaultdict
+
+import torch
+
+from affinage.bench.machine import flops_per_token, matmul_flops, model_shape
+from affinage.config import TrainerConfig
+from affinage.data.template import Encoded
+from affinage.lora.inject import inject_lora
+from affinage.lora.layers import share_dropout
+from affinage.models import load_base_model, resolve_dtype
+from affinage.runtime import set_threads
+from affinage.training import BatchPlan, Listener, TrainState, lora_optimizer, run_plan
+
+GROUPS = (  # (group, substrings of operator names), the first match wins
+    ("attention", ("scaled_dot_product", "_flash_attention", "softmax")),
+    ("matmul", ("addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("optimizer", ("adam", "_foreach")),
+    ("elementwise", ("mul", "add", "silu", "rsqrt", "pow", "mean", "neg", "cat", "sub", "div", "exp", "where")),
+    ("copies", ("copy_", "clone", "contiguous", "to_copy", "empty", "zero", "fill")),
+)
+
+
+def rows(vocab: int, seq_len: int, count: int, seed: int) -> list[Encoded]:
+    rng = random.Random(seed)
+    data = []
+    for _ in range(count):
+        ids = [rng.randrange(100, vocab) for _ in range(seq_len)]
+        data.append(Encoded(input_ids=ids, labels=[-100] * (seq_len - 3) + ids[-3:], truncated=False))
+    return data
+
+
+def group_of(name: str) -> str:
+    return next((group for group, keys in GROUPS if any(k in name for k in keys)), "other")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4, help="the first is a warm-up, not profiled")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--top", type=int, default=20, help="operators listed")
+    args = parser.parse_args()
+
+    threads = set_threads()
+    dtype = resolve_dtype(args.precision, torch.device("cpu"))
+    loaded = load_base_model(args.model, dtype=dtype)
+    model = loaded.model
+    shape = model_shape(model)
+    torch.manual_seed(0)
+    inject_lora(model, "all-linear", r=16, alpha=32, dropout=args.dropout)
+    share_dropout(model)
+    cfg = TrainerConfig(
+        max_steps=args.steps, batch_size=args.batch, learning_rate=2e-4, lr_scheduler="constant", warmup_ratio=0.0
+    )
+    data = rows(len(loaded.tokenizer), args.seq_len, args.batch * args.steps, seed=0)
+    plan = BatchPlan.build(model, data, [], cfg, pad_id=loaded.tokenizer.pad_token_id, device=torch.device("cpu"))
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    marks: list[float] = []
+
+    class Profiled(Listener):
+        def on_step(self, state, report):
+            marks.append(time.perf_counter())
+            if state.step == 1:
+                profiler.start()
+
+    run_plan(model, plan, lora_optimizer(model, cfg), cfg, state=TrainState(), listeners=[Profiled()])
+    profiler.stop()
+
+    seconds = (marks[-1] - marks[0]) / (len(marks) - 1)
+    tokens = args.batch * args.seq_len
+    ceiling = matmul_flops(dtype)
+    fraction = tokens / seconds * flops_per_token(shape, args.seq_len) / ceiling
+    print(
+        f"{args.model}, {dtype}, {threads} threads, {args.batch} x {args.seq_len} tokens: {seconds:.3f} s/step, "
+        f"{tokens / seconds:.0f} tokens/s, {fraction:.1%} of the matmul ceiling ({ceiling / 1e12:.3f} TFLOP/s)"
+    )
+    events = profiler.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    groups: dict[str, float] = defaultdict(float)
+    for event in events:
+        groups[group_of(event.key)] += event.self_cpu_time_total
+    print(
+        "self time by group: "
+        + ", ".join(f"{g} {t / total:.1%}" for g, t in sorted(groups.items(), key=lambda x: -x[1]))
+    )
+    for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
+        share = event.self_cpu_time_total / total
+        print(f"  {share:6.1%}  {event.count:6d} calls  {group_of(event.key):11s} {event.key}")
+
+
+if __name__ == "__main__":
+    main()
