@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bench",
         help="training speed and memory vs HF PEFT + TRL; `affinage bench inference`: scoring and generation "
-        "vs transformers (see --help of each)",
+        "vs transformers; `affinage bench quality`: time to a held-out accuracy vs PEFT + TRL's recipe "
+        "(see --help of each)",
         add_help=False,
     )
 

@@ -5,7 +5,7 @@ import string
 import time
 import unicodedata
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from affinage.data.dedup import (
@@ -105,6 +105,9 @@ def test_independent_random_texts_are_not_grouped(seed):
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(3, 12), st.lists(st.integers(0, 11), max_size=12), st.integers(0, 1000), st.integers(0, 2**32 - 1))
+# Found by this test: one email copied 7 times among 22 rows had its words taken for a template (in > 15 % of
+# the rows), which stripped a copy bare; a template word must now also be in 20 rows or more.
+@example(originals=12, copied=[0, 0, 0, 0, 0, 0, 0, 2, 2, 2], seed=0, text_seed=0)
 def test_stratified_split_never_splits_a_group(originals, copied, seed, text_seed):
     rng = random.Random(text_seed)
     vocabulary = _vocabulary(rng)

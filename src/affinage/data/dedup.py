@@ -158,12 +158,18 @@ def template_free(folded: Sequence[str]) -> list[str]:
     Rows often share an instruction ("rediriger l'email suivant vers le bon service...") longer
     than their content; kept, it makes any two short emails look like near-copies. A word in more
     than ``TEMPLATE_SHARE`` of the texts (the instruction's, and the commonest function words) is
-    dropped from the comparison once there are enough texts to tell; a text left empty keeps its words.
+    dropped from the comparison once it is in enough texts to tell; a text left empty keeps its words.
     """
     if len(folded) < MIN_TEXTS_FOR_TEMPLATE:
         return list(folded)
     frequency = Counter(word for text in folded for word in set(text.split()))
-    common = {word for word, count in frequency.items() if count > TEMPLATE_SHARE * len(folded)}
+    # A template word is also in MIN_TEXTS_FOR_TEMPLATE texts or more: a share alone would make the words of an
+    # email copied a few times into a small set "template", strip the copies bare and hide that they are copies.
+    common = {
+        word
+        for word, count in frequency.items()
+        if count > TEMPLATE_SHARE * len(folded) and count >= MIN_TEXTS_FOR_TEMPLATE
+    }
     return [" ".join(word for word in text.split() if word not in common) or text for text in folded]
 
 
