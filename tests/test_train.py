@@ -316,3 +316,30 @@ def test_auto_checkpointing_only_for_rows_the_budget_cannot_split(tokenizer, tmp
     assert not calls  # rows within the budget keep their activations
     losses = [[r["loss"] for r in result.history if "loss" in r] for result in (plain, auto)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_listener_stops_the_run_between_validations(tokenizer, tmp_path):
+    """A caller's listener (``affinage bench quality``'s probe) ends the run after the step it says so."""
+    from affinage.training import Listener
+
+    class StopAtThree(Listener):
+        def should_stop(self, state):
+            return state.step >= 3
+
+    model = tiny_llama(len(tokenizer), seed=0)
+    torch.manual_seed(0)
+    inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    data = _encoded(tokenizer)
+    result = train(
+        model,
+        data,
+        data[:4],
+        TrainerConfig(**TINY_RUN),
+        pad_id=tokenizer.pad_token_id,
+        run_dir=tmp_path,
+        base_model_name="tiny",
+        progress=False,
+        listeners=[StopAtThree()],
+    )
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 3 and [r["step"] for r in records if "loss" in r] == [1, 2, 3]

@@ -149,7 +149,7 @@ def run_affinage(args: argparse.Namespace, quick_model: Path | None, workdir: Pa
     summary = run_training(config, workdir / "run", compare_base=False, progress=False, log=_quiet, watch=watch)
     return {
         "probes": probe_box[0].records if probe_box else [],
-        "steps_planned": summary.get("steps"),
+        "steps_trained": summary.get("steps"),
         "peak_memory_mb": summary.get("peak_memory_mb"),
         "recipe": str(args.recipe),
     }
@@ -214,7 +214,7 @@ def run_peer(args: argparse.Namespace, quick_model: Path | None, workdir: Path) 
     trainer.train()
     return {
         "probes": probe.records,
-        "steps_planned": trainer.state.max_steps,
+        "steps_trained": trainer.state.global_step,
         "peak_memory_mb": round(peak_memory_mb(torch.device("cpu")), 1),
         "recipe": str(args.peer_recipe),
     }

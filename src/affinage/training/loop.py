@@ -225,10 +225,10 @@ def run_steps(
                 evaluation = {"step": state.step, "epoch": report.epoch, **validate(model)}
                 for listener in listeners:
                     listener.on_validation(state, evaluation)
-                if stopped := any(listener.should_stop(state) for listener in listeners):
-                    for listener in listeners:
-                        listener.on_early_stop(state)
-                    break
+            if stopped := any(listener.should_stop(state) for listener in listeners):  # after every step: a
+                for listener in listeners:  # probe may stop the run between validations (early stopping at them)
+                    listener.on_early_stop(state)
+                break
             for listener in listeners:
                 listener.on_step_end(state, report)
             if distributed.any_rank(stop.requested):  # the step is done on every process: checkpoint it, leave
