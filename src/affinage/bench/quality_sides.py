@@ -39,10 +39,11 @@ class Probe:
         threshold: float,
         time_limit: float | None = None,
         log: str | None = None,
+        started: float | None = None,
     ) -> None:
         self.sets, self.scorer, self.every, self.threshold = sets, scorer, every, threshold
         self.time_limit, self.log = time_limit, log
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if started is None else started  # the side's clock, from its start
         self.paused = 0.0
         self.records: list[dict[str, Any]] = []
 
@@ -100,6 +101,7 @@ def accuracy_scorer(config: Any, tokenizer: Any, labels: list[str]) -> Any:
     """The scorer both sides are measured with: affinage's label scoring (the config's prompt, its labels)."""
     from affinage.data.prompting import Prompting
     from affinage.evaluate.task import evaluate_examples
+    from affinage.models import contiguous_head_input
 
     prompting, task = Prompting.from_config(config), {"task": "classification", "labels": labels}
 
@@ -107,12 +109,12 @@ def accuracy_scorer(config: Any, tokenizer: Any, labels: list[str]) -> Any:
         # The head gets a contiguous input while probing, as affinage's loader arranges (a plain Gemma 3
         # copies its 262k-row head per batch row otherwise: 12x slower scoring). It changes no number, and
         # probes are off both clocks; the peer trains without it (its head input is contiguous there).
-        head = model.get_output_embeddings()
-        hook = head.register_forward_pre_hook(lambda _module, inputs: (inputs[0].contiguous(), *inputs[1:]))
+        hook = contiguous_head_input(model)
         try:
             metrics = evaluate_examples(model, tokenizer, examples, task, config, prompting, with_loss=False)
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
         return float(metrics["accuracy"])
 
     return score
@@ -140,9 +142,14 @@ def run_affinage(args: argparse.Namespace, quick_model: Path | None, workdir: Pa
     def watch(prepared: Any) -> list[Listener]:
         scorer = accuracy_scorer(prepared.config, prepared.tokenizer, prepared.task["labels"])
         probe = Probe(
-            held_out(prepared.config, args), scorer, args.probe_every, args.threshold, args.time_limit, args.probe_log
+            held_out(prepared.config, args),
+            scorer,
+            args.probe_every,
+            args.threshold,
+            args.time_limit,
+            args.probe_log,
+            started=started,
         )
-        probe.started = started
         probe_box.append(probe)
         return [Probing(probe, prepared.model)]
 
@@ -166,7 +173,7 @@ def peer_recipe(path: Path, quick: bool) -> dict[str, Any]:
 
 def run_peer(args: argparse.Namespace, quick_model: Path | None, workdir: Path) -> dict[str, Any]:
     """PEFT + TRL as its user writes it: from_pretrained, get_peft_model, SFTTrainer on the same ids."""
-    probe = Probe({}, None, args.probe_every, args.threshold, args.time_limit, args.probe_log)
+    started = time.perf_counter()
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -188,8 +195,16 @@ def run_peer(args: argparse.Namespace, quick_model: Path | None, workdir: Path) 
     ]
     dtype = resolve_dtype(config.trainer.precision, torch.device("cpu"))
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), LoraConfig(**recipe["lora"]))
-    probe.sets = held_out(config, args)
-    probe.scorer = accuracy_scorer(config, tokenizer, detect_task(config, splits.train)["labels"])
+    scorer = accuracy_scorer(config, tokenizer, detect_task(config, splits.train)["labels"])
+    probe = Probe(
+        held_out(config, args),
+        scorer,
+        args.probe_every,
+        args.threshold,
+        args.time_limit,
+        args.probe_log,
+        started=started,
+    )
 
     class Probing(TrainerCallback):
         def on_step_end(self, _args, state, control, **_):

@@ -237,15 +237,17 @@ def load_base_model(
     return LoadedModel(model=model, tokenizer=load_tokenizer(path, trust_remote_code), path=path)
 
 
-def contiguous_head_input(model: Any) -> None:
+def contiguous_head_input(model: Any) -> Any:
     """Hand the vocabulary head a contiguous input.
 
     transformers slices the last position (``logits_to_keep=1``: every label-scoring prompt and
     every generated token) as a strided ``(batch, 1, hidden)`` view; torch's matmul cannot fold
     that into one matrix product, so it runs a batched product against the head's weight
     expanded and *copied* per row: 8 x 335 MB for Gemma 3's 262k vocabulary, 4 s per batch of 8
-    on a CPU. A contiguous view folds, and costs nothing.
+    on a CPU. A contiguous view folds, and costs nothing. Returns the hook's handle (``.remove()``
+    undoes it), or None for a model without a head module.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Module):
-        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+        return head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+    return None
