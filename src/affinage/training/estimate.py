@@ -31,7 +31,9 @@ from affinage.config import Config
 from affinage.data.batching import padding_share
 from affinage.lora.inject import inject_lora, resolve_layers
 from affinage.lora.layers import mark_only_lora_as_trainable
+from affinage.training import block_attention
 from affinage.training.gated_mlp import recompute_gated_activations
+from affinage.training.loop import training_forms
 from affinage.training.losses import CPU
 from affinage.training.plan import PACK_WHEN_PADDING_ABOVE, resolve_forward_budget
 
@@ -205,10 +207,17 @@ def _one_block_config(text_config: Any) -> Any:
     return config
 
 
-def probe_block(text_config: Any, adapter: Any, dtype: torch.dtype, tokens: Sequence[int] = PROBE_TOKENS) -> list[int]:
+def probe_block(
+    text_config: Any,
+    adapter: Any,
+    dtype: torch.dtype,
+    tokens: Sequence[int] = PROBE_TOKENS,
+    blockwise: bool = True,
+) -> list[int]:
     """Bytes autograd keeps for backward in one adapted block, one forward of 2 rows x ``n`` tokens, per ``n``.
 
     The second row is one token shorter, so the attention mask path of padded batches is the one measured.
+    ``blockwise``: with the training forms (blockwise attention keeps its probabilities), else SDPA's.
     """
     from transformers import AutoModelForCausalLM
 
@@ -222,11 +231,11 @@ def probe_block(text_config: Any, adapter: Any, dtype: torch.dtype, tokens: Sequ
     for n in tokens:
         mask = torch.ones((2, n), dtype=torch.long)
         mask[1, -1] = 0
-        measured.append(_saved_bytes(model, torch.ones((2, n), dtype=torch.long), mask, weights))
+        measured.append(_saved_bytes(model, torch.ones((2, n), dtype=torch.long), mask, weights, blockwise))
     return measured
 
 
-def _saved_bytes(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, weights: set[int]) -> int:
+def _saved_bytes(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, weights: set[int], blockwise: bool) -> int:
     """Bytes of the distinct storages autograd saves in one forward (the weights themselves excluded)."""
     saved: dict[int, int] = {}
 
@@ -236,7 +245,8 @@ def _saved_bytes(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, weight
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with recompute_gated_activations(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    forms = training_forms(model) if blockwise else recompute_gated_activations(model)
+    with forms, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     hidden.float().sum().backward()
     return sum(saved.values())
@@ -336,7 +346,9 @@ def estimate_memory(
     tokens = rows * width
     element = torch.empty((), dtype=dtype).element_size()
     hidden = text_config.hidden_size
-    short, long = probe_block(text_config, config.adapter, dtype)
+    heads = text_config.num_attention_heads
+    blockwise = block_attention.would_run(rows, heads, width, dtype, device)
+    short, long = probe_block(text_config, config.adapter, dtype, blockwise=blockwise)
     (n1, n2), rows_probed = PROBE_TOKENS, 2
     slope = max(0.0, (long / (rows_probed * n2) - short / (rows_probed * n1)) / (n2 - n1))  # attention scores
     per_token = short / (rows_probed * n1) - slope * n1

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from affinage import distributed
 from affinage.data.batching import split_rows
+from affinage.training.block_attention import blockwise_causal_attention
 from affinage.training.faults import StopRequests, nonfinite, too_many_nonfinite
 from affinage.training.gated_mlp import recompute_gated_activations
 from affinage.training.losses import CPU, LossFn, to_device
@@ -118,6 +119,15 @@ class StepOptions:
     max_nonfinite_steps: int | None = 10  # stop after this many skipped steps in a row (None: never)
 
 
+@contextmanager
+def training_forms(model: nn.Module) -> Iterator[None]:
+    """The forms a training forward takes that inference does not: gated MLPs keep gate and up for
+    backward, not also act(gate) (same gradients, less memory); causal attention on CPU skips the
+    scores above the diagonal (:mod:`~affinage.training.block_attention`)."""
+    with recompute_gated_activations(model), blockwise_causal_attention(model):
+        yield
+
+
 def train_step(
     model: nn.Module,
     batches: Iterator[tuple[int, dict]],
@@ -206,8 +216,7 @@ def run_steps(
         listener.on_start(state)
     stopped = any(listener.should_stop(state) for listener in listeners)  # it had stopped before a kill
     model.train()
-    # Gated MLPs keep gate and up for backward, not also act(gate): same gradients, less memory.
-    with recompute_gated_activations(model), StopRequests() as stop:
+    with training_forms(model), StopRequests() as stop:
         while state.step < steps and not stopped:
             report = train_step(model, batches, loss_fn, optimizer, lr_at(state.step), options)
             state.step += 1
