@@ -25,6 +25,7 @@ from affinage.config import TrainerConfig
 from affinage.data.template import Encoded
 from affinage.lora.inject import inject_lora
 from affinage.lora.layers import share_dropout
+from affinage.lora.shared_input import share_inputs
 from affinage.models import load_base_model, resolve_dtype
 from affinage.runtime import set_threads
 from affinage.training import BatchPlan, Listener, TrainState, lora_optimizer, run_plan
@@ -70,6 +71,7 @@ def main() -> None:
     torch.manual_seed(0)
     inject_lora(model, "all-linear", r=16, alpha=32, dropout=args.dropout)
     share_dropout(model)
+    share_inputs(model)
     cfg = TrainerConfig(
         max_steps=args.steps, batch_size=args.batch, learning_rate=2e-4, lr_scheduler="constant", warmup_ratio=0.0
     )

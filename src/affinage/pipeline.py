@@ -27,6 +27,7 @@ from affinage.evaluate.task import detect_task, encode_all, evaluate_examples
 from affinage.lora.inject import inject_lora
 from affinage.lora.layers import share_dropout
 from affinage.lora.peft_format import load_adapter, save_adapter
+from affinage.lora.shared_input import share_inputs
 from affinage.models import (
     check_model,
     embedded_name,
@@ -328,6 +329,7 @@ def _inject_adapter(prepared: Prepared, log: Log) -> Callable[[Any], float] | No
     )
     if adapter.shared_dropout_mask:
         share_dropout(prepared.model)
+    share_inputs(prepared.model)  # one A product for q/k/v, one for gate/up
     trainable = sum(p.numel() for n, p in prepared.model.named_parameters() if "lora_" in n)
     flags = (
         ("rsLoRA", adapter.use_rslora),

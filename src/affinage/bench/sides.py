@@ -100,6 +100,7 @@ def affinage_side(
     from affinage.config import TrainerConfig
     from affinage.lora.inject import inject_lora
     from affinage.lora.layers import share_dropout
+    from affinage.lora.shared_input import share_inputs
     from affinage.training import BatchPlan, History, Listener, TrainState, lora_optimizer, run_plan
     from affinage.training.listeners import HeapTrim
 
@@ -107,6 +108,7 @@ def affinage_side(
     inject_lora(model, "all-linear", r=args.rank, alpha=args.alpha, dropout=args.dropout)
     if not args.independent_dropout:
         share_dropout(model)  # affinage's default (adapter.shared_dropout_mask)
+    share_inputs(model)
     config = TrainerConfig(
         max_steps=args.steps,
         batch_size=args.batch_size,

@@ -45,7 +45,7 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return lanes >= _dropped_levels(p) - MASK_LEVELS // 2
 
 
-def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+def masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     # torch.where with a boolean mask: 1.7x faster than multiplying by it on CPU.
     return x if keep is None else torch.where(keep, x, 0.0)
 
@@ -66,7 +66,7 @@ class _LoRAUpdate(torch.autograd.Function):
     ) -> torch.Tensor:
         compute = weight_a.dtype if x.dtype == torch.float32 else x.dtype
         a, b = weight_a.to(compute), weight_b.to(compute)
-        hidden = F.linear(_masked(x.to(compute), keep), a)  # (..., r): small, kept; the masked input is not
+        hidden = F.linear(masked(x.to(compute), keep), a)  # (..., r): small, kept; the masked input is not
         if keep is not None:
             hidden = hidden * keep_scale
         ctx.save_for_backward(x, keep, hidden, a, b)
@@ -80,8 +80,8 @@ class _LoRAUpdate(torch.autograd.Function):
         rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
         grad_b = (rows(grad).t() @ rows(hidden)) * ctx.scaling if ctx.needs_input_grad[2] else None
         grad_hidden = (grad @ b) * (ctx.scaling * ctx.keep_scale)  # (..., r): gradient w.r.t. A(masked x)
-        grad_a = rows(grad_hidden).t() @ rows(_masked(x.to(a.dtype), keep)) if ctx.needs_input_grad[1] else None
-        grad_x = _masked(grad_hidden @ a, keep).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_a = rows(grad_hidden).t() @ rows(masked(x.to(a.dtype), keep)) if ctx.needs_input_grad[1] else None
+        grad_x = masked(grad_hidden @ a, keep).to(x.dtype) if ctx.needs_input_grad[0] else None
         dtype_a, dtype_b = ctx.param_dtypes
         return (
             grad_x,

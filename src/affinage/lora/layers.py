@@ -25,6 +25,7 @@ from affinage.errors import ConfigError
 from affinage.lora import dora
 from affinage.lora.fused import dropout_mask, keep_scale, lora_update
 from affinage.lora.loralib_layers import LoRALayer
+from affinage.lora.shared_input import InputGroup
 
 INITS = ("default", "gaussian", "pissa")
 
@@ -136,6 +137,7 @@ class LoRALinear(WrapsBase, nn.Module):
             weight = dora.dense_weight(base_layer, "DoRA (adapter.use_dora)")
             self.lora_magnitude_vector = nn.Parameter(dora.weight_norm(weight, self.delta_weight(), dim=1))
         self.merged = False
+        self.input_group: InputGroup | None = None  # layers reading the same tensor (see ``shared_input``)
 
     @classmethod
     def from_base(cls, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, **options) -> LoRALinear:
@@ -176,6 +178,10 @@ class LoRALinear(WrapsBase, nn.Module):
             return result
         if self.lora_magnitude_vector is None:  # plain LoRA: the fused update (see ``fused``)
             keep, p = self._keep_mask(x)
+            if self.input_group is not None:  # A(x) computed once for the layers reading x
+                hidden = self.input_group.hidden(self, x, keep, p)
+                update = F.linear(hidden * self.scaling, self.lora_B.weight.to(hidden.dtype))
+                return result + update.to(result.dtype)
             return result + lora_update(x, self.lora_A.weight, self.lora_B.weight, self.scaling, keep, p).to(
                 result.dtype
             )
