@@ -32,3 +32,19 @@ def test_same_loss_and_gradients_with_fewer_saved_bytes(build, tokenizer):
     mlp = model.config.intermediate_size * batch["input_ids"].numel() * 4  # one intermediate-size fp32 tensor per block
     assert plain_saved - saved >= 0.99 * mlp * count
     assert "forward" not in vars(model.get_decoder().layers[0].mlp)  # restored after the block
+
+
+@pytest.mark.parametrize("name", ["silu", "swish", "gelu_pytorch_tanh", "gelu", "relu"])
+def test_the_activations_kernel_gives_autograds_gradient(name):
+    from transformers.activations import ACT2FN
+
+    from affinage.training.gated_mlp import _GatedProduct, activation_derivative
+
+    act = ACT2FN[name]
+    assert (activation_derivative(act) is None) == (name == "relu")  # relu: the generic path
+    gate, up = (torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    grad = torch.randn(3, 7, 16, dtype=torch.float64)
+    expected = torch.autograd.grad(act(gate) * up, (gate, up), grad)
+    got = torch.autograd.grad(_GatedProduct.apply(gate, up, act, activation_derivative(act)), (gate, up), grad)
+    for value, reference in zip(got, expected):
+        torch.testing.assert_close(value, reference)

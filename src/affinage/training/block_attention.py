@@ -45,9 +45,9 @@ def saved_bytes(batch: int, heads: int, length: int, itemsize: int = 4) -> int:
 
 def _blocked_masks(mask: torch.Tensor | None, length: int, device: torch.device) -> list[torch.Tensor]:
     """Per block, where scores are masked, shaped to broadcast over (batch, kv heads, group, rows, keys)."""
-    if mask is None:  # causal only: only the block's own square has later keys
-        later = torch.ones(length, length, dtype=torch.bool, device=device).triu_(1)
-        return [later[start:end, :end] for start, end in _blocks(length)]
+    if mask is None:  # causal only: the block's own square, where later keys are
+        later = torch.ones(BLOCK, BLOCK, dtype=torch.bool, device=device).triu_(1)
+        return [later[: end - start, : end - start] for start, end in _blocks(length)]
     hidden = ~mask[:, :, None]  # (batch, 1, 1, rows, keys)
     return [hidden[..., start:end, :end] for start, end in _blocks(length)]
 
@@ -60,32 +60,37 @@ class _BlockCausalAttention(torch.autograd.Function):
         batch, heads, length, dim = query.shape
         kv_heads = key.shape[1]
         group = heads // kv_heads
-        queries = query.reshape(batch, kv_heads, group, length, dim)
+        # The scale goes on the queries (L x D values), not on the scores (L x L).
+        queries = (query * scale).reshape(batch, kv_heads, group, length, dim)
         keys, values = key.reshape(batch * kv_heads, length, dim), value.reshape(batch * kv_heads, length, dim)
         out = query.new_empty(batch, kv_heads, group, length, dim)
-        masks = _blocked_masks(mask, length, query.device)
         probs = []
         lowest = torch.finfo(query.dtype).min  # not -inf: a row with every key masked stays finite
-        for (start, end), hidden in zip(_blocks(length), masks):
+        for (start, end), hidden in zip(_blocks(length), _blocked_masks(mask, length, query.device)):
             rows = queries[:, :, :, start:end].reshape(batch * kv_heads, group * (end - start), dim)
-            scores = torch.bmm(rows, keys[:, :end].transpose(1, 2))
-            scores = scores.view(batch, kv_heads, group, end - start, end).mul_(scale).masked_fill_(hidden, lowest)
+            scores = torch.bmm(rows, keys[:, :end].transpose(1, 2)).view(batch, kv_heads, group, end - start, end)
+            if mask is None:  # causal: only the block's own square has later keys
+                scores[..., start:].masked_fill_(hidden, lowest)
+            else:
+                scores.masked_fill_(hidden, lowest)
             prob = torch.softmax(scores, dim=-1).view(batch * kv_heads, group * (end - start), end)
             out[:, :, :, start:end] = torch.bmm(prob, values[:, :end]).view(batch, kv_heads, group, end - start, dim)
             probs.append(prob)
-        ctx.save_for_backward(query, key, value, *probs)
+        ctx.save_for_backward(query, key, value, out, *probs)
         ctx.scale = scale
         return out.view(batch, heads, length, dim)
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, *probs = ctx.saved_tensors
+        query, key, value, out, *probs = ctx.saved_tensors
         batch, heads, length, dim = query.shape
         kv_heads = key.shape[1]
         group = heads // kv_heads
         queries = query.reshape(batch, kv_heads, group, length, dim)
         keys, values = key.reshape(batch * kv_heads, length, dim), value.reshape(batch * kv_heads, length, dim)
         grad_out = grad_out.reshape(batch, kv_heads, group, length, dim)
+        # softmax backward needs Σ_k dP·P per row, which is dO·O (L x D values instead of L x L)
+        row_dots = (grad_out * out).sum(-1, keepdim=True)
         grad_query = torch.empty_like(queries)
         grad_key = torch.zeros_like(keys)
         grad_value = torch.zeros_like(values)
@@ -95,8 +100,8 @@ class _BlockCausalAttention(torch.autograd.Function):
             grad_rows = grad_out[:, :, :, start:end].reshape(batch * kv_heads, count, dim)
             grad_value[:, :end].baddbmm_(prob.transpose(1, 2), grad_rows)
             grad_prob = torch.bmm(grad_rows, values[:, :end].transpose(1, 2))
-            # softmax backward: dS = P ⊙ (dP − Σ_k dP·P), then the scale of the scores
-            grad_scores = grad_prob.sub_((grad_prob * prob).sum(-1, keepdim=True)).mul_(prob)
+            # dS = P ⊙ (dP − Σ_k dP·P)
+            grad_scores = grad_prob.sub_(row_dots[:, :, :, start:end].reshape(batch * kv_heads, count, 1)).mul_(prob)
             grad_query[:, :, :, start:end] = torch.bmm(grad_scores, keys[:, :end]).view(
                 batch, kv_heads, group, end - start, dim
             )

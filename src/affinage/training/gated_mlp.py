@@ -13,40 +13,80 @@ duration of training (:func:`recompute_gated_activations` restores them).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.activations import GELUActivation, GELUTanh, SiLUActivation
 
 GATED_FORM = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
 
 
+Activation = Callable[[torch.Tensor], torch.Tensor]
+Derivative = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (grad of act(x), x) -> grad of x
+
+
+def _gelu_approximation(act: nn.Module) -> str | None:
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    if type(act) is GELUTanh and isinstance(act.act, functools.partial):  # not its Python formula
+        return "tanh"
+    if type(act) is GELUActivation and act.act is F.gelu:
+        return "none"
+    return None
+
+
+def activation_derivative(act: nn.Module) -> Derivative | None:
+    """ATen's fused backward kernel of the activation (SiLU, GELU exact or tanh), or None for another one.
+
+    Why: the generic path differentiates ``act`` with autograd inside backward, 3x slower than
+    calling its kernel (SmolLM2's MLP, 512 tokens: 3.75 ms vs 1.26 ms per block, fp32, 2 cores)."""
+    if type(act) in (nn.SiLU, SiLUActivation):
+        return torch.ops.aten.silu_backward
+    approximate = _gelu_approximation(act)
+    if approximate is None:
+        return None
+    return functools.partial(_gelu_backward, approximate=approximate)
+
+
+def _gelu_backward(grad: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(grad, x, approximate=approximate)
+
+
 class _GatedProduct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def forward(
+        ctx, gate: torch.Tensor, up: torch.Tensor, act: Activation, derivative: Derivative | None
+    ) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        ctx.act = act
+        ctx.act, ctx.derivative = act, derivative
         return act(gate) * up
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
+        if ctx.derivative is not None:
+            grad_up = grad * ctx.act(gate) if ctx.needs_input_grad[1] else None
+            grad_gate = ctx.derivative(grad * up, gate) if ctx.needs_input_grad[0] else None
+            return grad_gate, grad_up, None, None
         with torch.enable_grad():
             leaf = gate.detach().requires_grad_(True)
             activated = ctx.act(leaf)
         grad_up = grad * activated.detach() if ctx.needs_input_grad[1] else None
         grad_gate = torch.autograd.grad(activated, leaf, grad * up)[0] if ctx.needs_input_grad[0] else None
-        return grad_gate, grad_up, None
+        return grad_gate, grad_up, None, None
 
 
 def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     if not torch.is_grad_enabled():
         return self.down_proj(self.act_fn(gate) * up)
-    return self.down_proj(_GatedProduct.apply(gate, up, self.act_fn))
+    return self.down_proj(_GatedProduct.apply(gate, up, self.act_fn, activation_derivative(self.act_fn)))
 
 
 def _is_gated(module: nn.Module) -> bool:

@@ -26,6 +26,7 @@ from affinage.training.block_attention import blockwise_causal_attention
 from affinage.training.faults import StopRequests, nonfinite, too_many_nonfinite
 from affinage.training.gated_mlp import recompute_gated_activations
 from affinage.training.losses import CPU, LossFn, to_device
+from affinage.training.rms_norm import fused_rms_norms
 from affinage.training.state import TrainState
 
 Validate = Callable[[nn.Module], dict[str, float]]  # {"valid_loss": ..., optionally "valid_score": ...}
@@ -122,9 +123,10 @@ class StepOptions:
 @contextmanager
 def training_forms(model: nn.Module) -> Iterator[None]:
     """The forms a training forward takes that inference does not: gated MLPs keep gate and up for
-    backward, not also act(gate) (same gradients, less memory); causal attention on CPU skips the
-    scores above the diagonal (:mod:`~affinage.training.block_attention`)."""
-    with recompute_gated_activations(model), blockwise_causal_attention(model):
+    backward, not also act(gate) (same gradients, less memory); RMSNorms run a fused backward
+    (:mod:`~affinage.training.rms_norm`); causal attention on CPU skips the scores above the
+    diagonal (:mod:`~affinage.training.block_attention`)."""
+    with recompute_gated_activations(model), fused_rms_norms(model), blockwise_causal_attention(model):
         yield
 
 

@@ -1,0 +1,67 @@
+"""RMSNorm's fused backward: the stock forms' values and gradients, and only where it is recognised."""
+
+import pytest
+import torch
+from torch import nn
+
+from affinage.data.batching import collate
+from affinage.training import causal_lm_loss
+from affinage.training.rms_norm import fused_rms_norms
+from tests.conftest import adapted_tiny, tiny_gemma3, tiny_llama, trainable_grads
+from tests.test_train import _encoded
+
+
+def _norm_class(build):
+    return type(build(300).get_decoder().norm)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_and_input_gradient_are_the_stock_forms(build, dtype):
+    stock = _norm_class(build)(64, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        stock.weight.normal_()
+    stock.weight.requires_grad_(False)
+    x = (torch.randn(3, 5, 64, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(3, 5, 64, dtype=torch.float64).to(dtype)
+    expected = stock(x)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    holder = nn.Sequential(stock)
+    with fused_rms_norms(holder) as count:
+        got = stock(x)
+        (got_grad,) = torch.autograd.grad(got, x, grad)
+    assert count == 1 and "forward" not in vars(stock)  # swapped, then restored
+    assert got.grad_fn.name() == "_RMSNormBackward"
+    tolerance = {"rtol": 1.6e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(got, expected, **tolerance)
+    torch.testing.assert_close(got_grad, expected_grad, **tolerance)
+
+
+def test_a_norm_that_trains_or_is_unknown_keeps_its_forward():
+    llama_norm = _norm_class(tiny_llama)(8)
+    other = nn.LayerNorm(8)
+    x = torch.randn(2, 8, requires_grad=True)
+    with fused_rms_norms(nn.Sequential(llama_norm, other)) as count:
+        assert count == 1  # LayerNorm is not an RMSNorm form
+        assert llama_norm(x).grad_fn.name() != "_RMSNormBackward"  # its weight trains
+        llama_norm.weight.requires_grad_(False)
+        assert llama_norm(x).grad_fn.name() == "_RMSNormBackward"
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
+def test_a_training_step_has_the_stock_loss_and_gradients(build, tokenizer):
+    model = adapted_tiny(build, tokenizer)
+    model.train()
+    batch = collate(_encoded(tokenizer, 6), tokenizer.pad_token_id)
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        with fused_rms_norms(model) if fused else torch.enable_grad() as count:
+            loss, n = causal_lm_loss(model, batch)
+            (loss / n).backward()
+        results.append((loss.detach(), trainable_grads(model)))
+    assert count == 2 * model.config.num_hidden_layers + 1 + (4 * 2 if build is tiny_gemma3 else 0)
+    (plain_loss, plain_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
