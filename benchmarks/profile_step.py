@@ -2,9 +2,10 @@
 
 Runs affinage's plan and loop (as `affinage bench` does) on rows of exactly ``--seq-len`` tokens
 (random ids, a 3-token answer carrying the loss), LoRA on every linear layer of every block, and
-profiles the steps after the first with torch.profiler. Prints the ceiling fraction (useful
-FLOPs of the step over one big matmul's rate, :mod:`affinage.bench.machine`) and the self time
-of the operators, grouped: the decoder's matmuls, attention, LoRA's small matmuls, elementwise
+times ``--steps`` steps after a warm-up, then profiles ``--profiled`` more with torch.profiler.
+Prints the ceiling fraction of the timed steps' median (useful FLOPs of the step over one big matmul's
+rate, :mod:`affinage.bench.machine`; the profiler's own cost left out) and the self time of the
+operators in the profiled ones, grouped: the decoder's matmuls, attention, LoRA's small matmuls, elementwise
 work (norms, RoPE, activations), the optimizer, and the rest.
 
     python benchmarks/profile_step.py --seq-len 256 --batch 8 --precision fp32
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 from collections import defaultdict
 
@@ -57,7 +59,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4, help="the first is a warm-up, not profiled")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps after the first (a warm-up)")
+    parser.add_argument("--profiled", type=int, default=2, help="steps profiled after the timed ones")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--top", type=int, default=20, help="operators listed")
@@ -73,9 +76,13 @@ def main() -> None:
     share_dropout(model)
     share_inputs(model)
     cfg = TrainerConfig(
-        max_steps=args.steps, batch_size=args.batch, learning_rate=2e-4, lr_scheduler="constant", warmup_ratio=0.0
+        max_steps=1 + args.steps + args.profiled,
+        batch_size=args.batch,
+        learning_rate=2e-4,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
     )
-    data = rows(len(loaded.tokenizer), args.seq_len, args.batch * args.steps, seed=0)
+    data = rows(len(loaded.tokenizer), args.seq_len, args.batch * (1 + args.steps + args.profiled), seed=0)
     plan = BatchPlan.build(model, data, [], cfg, pad_id=loaded.tokenizer.pad_token_id, device=torch.device("cpu"))
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
     marks: list[float] = []
@@ -83,13 +90,11 @@ def main() -> None:
     class Profiled(Listener):
         def on_step(self, state, report):
             marks.append(time.perf_counter())
-            if state.step == 1:
+            if state.step == 1 + args.steps and args.profiled:
                 profiler.start()
 
     run_plan(model, plan, lora_optimizer(model, cfg), cfg, state=TrainState(), listeners=[Profiled()])
-    profiler.stop()
-
-    seconds = (marks[-1] - marks[0]) / (len(marks) - 1)
+    seconds = statistics.median(b - a for a, b in zip(marks, marks[1 : args.steps + 1]))  # timed, not profiled
     tokens = args.batch * args.seq_len
     ceiling = matmul_flops(dtype)
     fraction = tokens / seconds * flops_per_token(shape, args.seq_len) / ceiling
@@ -97,6 +102,9 @@ def main() -> None:
         f"{args.model}, {dtype}, {threads} threads, {args.batch} x {args.seq_len} tokens: {seconds:.3f} s/step, "
         f"{tokens / seconds:.0f} tokens/s, {fraction:.1%} of the matmul ceiling ({ceiling / 1e12:.3f} TFLOP/s)"
     )
+    if not args.profiled:
+        return
+    profiler.stop()
     events = profiler.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     groups: dict[str, float] = defaultdict(float)
