@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,47 @@ def saved_bytes(fn, skip=()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
     return result, sum(storages.values())
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    grads: dict
+    saved: int  # bytes autograd kept for backward
+    value: object  # what the context yielded
+
+
+def training_batch(build, tokenizer):
+    """:func:`adapted_tiny` in training mode, and a batch of padded rows of different lengths."""
+    from affinage.data.batching import collate
+    from tests.test_train import _encoded
+
+    model = adapted_tiny(build, tokenizer)
+    model.train()
+    return model, collate(_encoded(tokenizer, 6), tokenizer.pad_token_id)
+
+
+def step_without_and_with(model, batch, context) -> tuple[StepResult, StepResult]:
+    """One training step's loss, LoRA gradients and saved bytes, without and then within ``context(model)``."""
+    from contextlib import nullcontext
+
+    from affinage.training import causal_lm_loss
+
+    results = []
+    for inside in (False, True):
+        model.zero_grad()
+        with context(model) if inside else nullcontext() as value:
+            (loss, count), saved = saved_bytes(lambda: causal_lm_loss(model, batch))
+            (loss / count).backward()
+        results.append(StepResult(loss.detach(), trainable_grads(model), saved, value))
+    return results[0], results[1]
+
+
+def assert_same_step(plain: StepResult, other: StepResult, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    torch.testing.assert_close(other.loss, plain.loss, rtol=1e-6, atol=1e-6)
+    assert other.grads.keys() == plain.grads.keys()
+    for name, grad in plain.grads.items():
+        torch.testing.assert_close(other.grads[name], grad, rtol=rtol, atol=atol)
 
 
 # Seed 000's Ludwig config (the French tutorial), its indentation restored; {model}: the base model.

@@ -5,11 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from affinage.data.batching import collate
-from affinage.training import block_attention, causal_lm_loss
+from affinage.training import block_attention
 from affinage.training.block_attention import block_causal_attention, blockwise_causal_attention, supported
-from tests.conftest import adapted_tiny, tiny_gemma3, tiny_llama, trainable_grads
-from tests.test_train import _encoded
+from tests.conftest import assert_same_step, step_without_and_with, tiny_gemma3, tiny_llama, training_batch
 
 
 def _inputs(batch=2, heads=6, kv_heads=2, length=150, dim=16, dtype=torch.float64, seed=0):
@@ -83,27 +81,13 @@ def test_sdpa_runs_where_blockwise_would_be_wrong_or_slower():
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
-def test_a_training_step_has_sdpas_loss_and_gradients_and_the_model_is_restored(build, tokenizer):
-    model = adapted_tiny(build, tokenizer)
-    model.train()
-    batch = collate(_encoded(tokenizer, 6), tokenizer.pad_token_id)  # padded rows of different lengths
+def test_a_training_step_has_sdpas_loss_and_gradients_and_the_model_is_restored(build, tokenizer, monkeypatch):
+    model, batch = training_batch(build, tokenizer)
     calls = []
     original = block_attention.block_causal_attention
-    results = []
-    for blockwise in (False, True):
-        model.zero_grad()
-        block_attention.block_causal_attention = lambda *a: calls.append(a[3]) or original(*a)
-        try:
-            with blockwise_causal_attention(model) if blockwise else torch.enable_grad():
-                loss, count = causal_lm_loss(model, batch)
-                (loss / count).backward()
-        finally:
-            block_attention.block_causal_attention = original
-        results.append((loss.detach(), trainable_grads(model)))
+    monkeypatch.setattr(block_attention, "block_causal_attention", lambda *a: calls.append(a[3]) or original(*a))
+    plain, blockwise = step_without_and_with(model, batch, blockwise_causal_attention)
     assert len(calls) == model.config.num_hidden_layers  # every block ran blockwise, with the padding mask
     assert all(mask is not None for mask in calls)
-    (plain_loss, plain_grads), (loss, grads) = results
-    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
+    assert_same_step(plain, blockwise, rtol=1e-4, atol=1e-6)
     assert model.config._attn_implementation == "sdpa"

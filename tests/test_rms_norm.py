@@ -4,11 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from affinage.data.batching import collate
-from affinage.training import causal_lm_loss
 from affinage.training.rms_norm import fused_rms_norms
-from tests.conftest import adapted_tiny, tiny_gemma3, tiny_llama, trainable_grads
-from tests.test_train import _encoded
+from tests.conftest import assert_same_step, step_without_and_with, tiny_gemma3, tiny_llama, training_batch
 
 
 def _norm_class(build):
@@ -50,18 +47,8 @@ def test_a_norm_that_trains_or_is_unknown_keeps_its_forward():
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
 def test_a_training_step_has_the_stock_loss_and_gradients(build, tokenizer):
-    model = adapted_tiny(build, tokenizer)
-    model.train()
-    batch = collate(_encoded(tokenizer, 6), tokenizer.pad_token_id)
-    results = []
-    for fused in (False, True):
-        model.zero_grad()
-        with fused_rms_norms(model) if fused else torch.enable_grad() as count:
-            loss, n = causal_lm_loss(model, batch)
-            (loss / n).backward()
-        results.append((loss.detach(), trainable_grads(model)))
-    assert count == 2 * model.config.num_hidden_layers + 1 + (4 * 2 if build is tiny_gemma3 else 0)
-    (plain_loss, plain_grads), (loss, grads) = results
-    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
+    model, batch = training_batch(build, tokenizer)
+    plain, fused = step_without_and_with(model, batch, fused_rms_norms)
+    assert fused.value == 2 * model.config.num_hidden_layers + 1 + (4 * 2 if build is tiny_gemma3 else 0)
+    assert_same_step(plain, fused, rtol=1e-4, atol=1e-6)
+    assert fused.saved <= plain.saved  # x, one value per row and the weight, as the stock ops keep
