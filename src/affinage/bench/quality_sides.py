@@ -97,6 +97,20 @@ def held_out(config: Any, args: argparse.Namespace) -> dict[str, list]:
     return {name: examples[: args.probe_examples] for name, examples in sets.items()}
 
 
+def side_probe(config: Any, tokenizer: Any, labels: list[str], args: argparse.Namespace, started: float) -> Probe:
+    """The probe a side is measured by: the same held-out sets, scorer, cadence and threshold for both."""
+    scorer = accuracy_scorer(config, tokenizer, labels)
+    return Probe(
+        held_out(config, args),
+        scorer,
+        args.probe_every,
+        args.threshold,
+        args.time_limit,
+        args.probe_log,
+        started=started,
+    )
+
+
 def accuracy_scorer(config: Any, tokenizer: Any, labels: list[str]) -> Any:
     """The scorer both sides are measured with: affinage's label scoring (the config's prompt, its labels)."""
     from affinage.data.prompting import Prompting
@@ -140,16 +154,7 @@ def run_affinage(args: argparse.Namespace, quick_model: Path | None, workdir: Pa
             return self.reached
 
     def watch(prepared: Any) -> list[Listener]:
-        scorer = accuracy_scorer(prepared.config, prepared.tokenizer, prepared.task["labels"])
-        probe = Probe(
-            held_out(prepared.config, args),
-            scorer,
-            args.probe_every,
-            args.threshold,
-            args.time_limit,
-            args.probe_log,
-            started=started,
-        )
+        probe = side_probe(prepared.config, prepared.tokenizer, prepared.task["labels"], args, started)
         probe_box.append(probe)
         return [Probing(probe, prepared.model)]
 
@@ -195,16 +200,7 @@ def run_peer(args: argparse.Namespace, quick_model: Path | None, workdir: Path) 
     ]
     dtype = resolve_dtype(config.trainer.precision, torch.device("cpu"))
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), LoraConfig(**recipe["lora"]))
-    scorer = accuracy_scorer(config, tokenizer, detect_task(config, splits.train)["labels"])
-    probe = Probe(
-        held_out(config, args),
-        scorer,
-        args.probe_every,
-        args.threshold,
-        args.time_limit,
-        args.probe_log,
-        started=started,
-    )
+    probe = side_probe(config, tokenizer, detect_task(config, splits.train)["labels"], args, started)
 
     class Probing(TrainerCallback):
         def on_step_end(self, _args, state, control, **_):
