@@ -32,7 +32,6 @@ from affinage.data.batching import padding_share
 from affinage.lora.inject import inject_lora, resolve_layers
 from affinage.lora.layers import mark_only_lora_as_trainable
 from affinage.training import block_attention
-from affinage.training.gated_mlp import recompute_gated_activations
 from affinage.training.loop import training_forms
 from affinage.training.losses import CPU
 from affinage.training.plan import PACK_WHEN_PADDING_ABOVE, resolve_forward_budget
@@ -217,7 +216,7 @@ def probe_block(
     """Bytes autograd keeps for backward in one adapted block, one forward of 2 rows x ``n`` tokens, per ``n``.
 
     The second row is one token shorter, so the attention mask path of padded batches is the one measured.
-    ``blockwise``: with the training forms (blockwise attention keeps its probabilities), else SDPA's.
+    ``blockwise``: blockwise attention (it keeps its probabilities) or SDPA; the other training forms always.
     """
     from transformers import AutoModelForCausalLM
 
@@ -245,8 +244,7 @@ def _saved_bytes(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, weight
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    forms = training_forms(model) if blockwise else recompute_gated_activations(model)
-    with forms, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with training_forms(model, blockwise), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     hidden.float().sum().backward()
     return sum(saved.values())

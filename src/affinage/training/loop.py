@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -121,12 +121,13 @@ class StepOptions:
 
 
 @contextmanager
-def training_forms(model: nn.Module) -> Iterator[None]:
+def training_forms(model: nn.Module, blockwise_attention: bool = True) -> Iterator[None]:
     """The forms a training forward takes that inference does not: gated MLPs keep gate and up for
     backward, not also act(gate) (same gradients, less memory); RMSNorms run a fused backward
     (:mod:`~affinage.training.rms_norm`); causal attention on CPU skips the scores above the
     diagonal (:mod:`~affinage.training.block_attention`)."""
-    with recompute_gated_activations(model), fused_rms_norms(model), blockwise_causal_attention(model):
+    attention = blockwise_causal_attention(model) if blockwise_attention else nullcontext()
+    with recompute_gated_activations(model), fused_rms_norms(model), attention:
         yield
 
 
