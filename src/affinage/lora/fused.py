@@ -1,8 +1,8 @@
-"""The LoRA update ``scaling * B(A(dropout(x)))`` as one autograd function.
+"""The LoRA update ``scaling * B(A(dropout(x)))`` with its own backward for ``A(dropout(x))``.
 
 Why own the backward: written with stock ops, the update keeps for backward the dropout's
 noise (a float per input element on CPU) *and* the dropped copy of the input (another float),
-8 bytes per input element and layer. This function keeps the input ``x`` itself (4 bytes, and
+8 bytes per input element and layer. :class:`_MaskedProjection` keeps the input ``x`` itself (4 bytes, and
 often already alive) and the dropout mask as booleans (1 byte), recomputes the dropped input
 in backward (one elementwise pass, cheap beside the matmuls), and never materialises ``B @ A``.
 On SmolLM2-135M with LoRA on every projection that is about a third of the activation memory
@@ -50,47 +50,39 @@ def masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return x if keep is None else torch.where(keep, x, 0.0)
 
 
-class _LoRAUpdate(torch.autograd.Function):
-    """Full-size elementwise passes: one forward (mask), two backward (mask again); every
-    scale (the dropout's 1/(1-p), LoRA's scaling) is applied to the rank-r side instead."""
+class _MaskedProjection(torch.autograd.Function):
+    """``(x * keep) @ A.T * scale`` keeping ``x`` and the boolean mask, not the masked copy, for backward.
+
+    Full-size elementwise passes: one forward (mask), two backward (mask again); the dropout's
+    1/(1-p) is applied on the rank-r side."""
 
     @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        weight_a: torch.Tensor,
-        weight_b: torch.Tensor,
-        scaling: float,
-        keep: torch.Tensor | None,
-        keep_scale: float,
-    ) -> torch.Tensor:
-        compute = weight_a.dtype if x.dtype == torch.float32 else x.dtype
-        a, b = weight_a.to(compute), weight_b.to(compute)
-        hidden = F.linear(masked(x.to(compute), keep), a)  # (..., r): small, kept; the masked input is not
-        if keep is not None:
-            hidden = hidden * keep_scale
-        ctx.save_for_backward(x, keep, hidden, a, b)
-        ctx.scaling, ctx.keep_scale, ctx.param_dtypes = scaling, keep_scale, (weight_a.dtype, weight_b.dtype)
-        return F.linear(hidden * scaling, b)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, keep)
+        ctx.scale = scale
+        hidden = F.linear(masked(x, keep), weight)
+        return hidden * scale if scale != 1.0 else hidden
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, keep, hidden, a, b = ctx.saved_tensors
-        grad = grad.to(a.dtype)
-        rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
-        grad_b = (rows(grad).t() @ rows(hidden)) * ctx.scaling if ctx.needs_input_grad[2] else None
-        grad_hidden = (grad @ b) * (ctx.scaling * ctx.keep_scale)  # (..., r): gradient w.r.t. A(masked x)
-        grad_a = rows(grad_hidden).t() @ rows(masked(x.to(a.dtype), keep)) if ctx.needs_input_grad[1] else None
-        grad_x = masked(grad_hidden @ a, keep).to(x.dtype) if ctx.needs_input_grad[0] else None
-        dtype_a, dtype_b = ctx.param_dtypes
-        return (
-            grad_x,
-            None if grad_a is None else grad_a.to(dtype_a),
-            None if grad_b is None else grad_b.to(dtype_b),
-            None,
-            None,
-            None,
-        )
+        x, weight, keep = ctx.saved_tensors
+        grad = grad * ctx.scale if ctx.scale != 1.0 else grad
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_weight = rows.t() @ masked(x, keep).reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_x = masked(grad @ weight, keep) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_weight, None, None
+
+
+def compute_dtype(x: torch.Tensor, factor: torch.Tensor) -> torch.dtype:
+    """The dtype the update runs in: the factors' (fp32) for an fp32 input, else the input's (bf16)."""
+    return factor.dtype if x.dtype == torch.float32 else x.dtype
+
+
+def masked_projection(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """``A(dropout(x))`` with inverted dropout's scale, in :func:`compute_dtype`; ``keep=None`` is no dropout."""
+    compute = compute_dtype(x, weight)
+    scale = keep_scale(p) if keep is not None else 1.0
+    return _MaskedProjection.apply(x.to(compute), weight.to(compute), keep, scale)
 
 
 def lora_update(
@@ -101,5 +93,11 @@ def lora_update(
     keep: torch.Tensor | None = None,
     p: float = 0.0,
 ) -> torch.Tensor:
-    """``scaling * (x * keep / (1-p)) @ A.T @ B.T``; ``keep=None`` is no dropout."""
-    return _LoRAUpdate.apply(x, weight_a, weight_b, scaling, keep, keep_scale(p) if keep is not None else 1.0)
+    """``scaling * (x * keep / (1-p)) @ A.T @ B.T``; ``keep=None`` is no dropout. Only ``x``, the
+    mask and the rank-r hidden are kept for backward (the factors are parameters)."""
+    return rank_up(masked_projection(x, weight_a, keep, p), weight_b, scaling)
+
+
+def rank_up(hidden: torch.Tensor, weight_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling * B(hidden)``, LoRA's scaling applied on the rank-r side, in ``hidden``'s dtype."""
+    return F.linear(hidden * scaling, weight_b.to(hidden.dtype))

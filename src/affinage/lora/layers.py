@@ -23,7 +23,7 @@ from torch import nn
 
 from affinage.errors import ConfigError
 from affinage.lora import dora
-from affinage.lora.fused import dropout_mask, keep_scale, lora_update
+from affinage.lora.fused import compute_dtype, dropout_mask, keep_scale, masked_projection, rank_up
 from affinage.lora.loralib_layers import LoRALayer
 from affinage.lora.shared_input import InputGroup
 
@@ -180,12 +180,10 @@ class LoRALinear(WrapsBase, nn.Module):
             keep, p = self._keep_mask(x)
             if self.input_group is not None:  # A(x) computed once for the layers reading x
                 hidden = self.input_group.hidden(self, x, keep, p)
-                update = F.linear(hidden * self.scaling, self.lora_B.weight.to(hidden.dtype))
-                return result + update.to(result.dtype)
-            return result + lora_update(x, self.lora_A.weight, self.lora_B.weight, self.scaling, keep, p).to(
-                result.dtype
-            )
-        compute = self.lora_A.weight.dtype if x.dtype == torch.float32 else x.dtype
+            else:
+                hidden = masked_projection(x, self.lora_A.weight, keep, p)
+            return result + rank_up(hidden, self.lora_B.weight, self.scaling).to(result.dtype)
+        compute = compute_dtype(x, self.lora_A.weight)
         dropped = self.lora_dropout(x)
         hidden = F.linear(dropped.to(compute), self.lora_A.weight.to(compute))
         update = F.linear(hidden, self.lora_B.weight.to(compute))

@@ -21,30 +21,9 @@ import weakref
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from affinage.lora.fused import keep_scale, masked
-
-
-class _SharedProjection(torch.autograd.Function):
-    """``(x * keep) @ A.T * scale`` keeping ``x`` and the boolean mask (not the masked copy) for backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, keep)
-        ctx.scale = scale
-        hidden = F.linear(masked(x, keep), weight)
-        return hidden * scale if scale != 1.0 else hidden
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, keep = ctx.saved_tensors
-        grad = grad * ctx.scale if ctx.scale != 1.0 else grad
-        rows = grad.reshape(-1, grad.shape[-1])
-        grad_weight = rows.t() @ masked(x, keep).reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        grad_x = masked(grad @ weight, keep) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_weight, None, None
+from affinage.lora.fused import masked_projection
 
 
 class InputGroup:
@@ -61,10 +40,8 @@ class InputGroup:
         index = next(i for i, m in enumerate(self.members) if m is member)
         fresh = self._source is None or self._source() is not x or index not in self._waiting
         if fresh:
-            compute = member.lora_A.weight.dtype if x.dtype == torch.float32 else x.dtype
-            weight = torch.cat([m.lora_A.weight for m in self.members]).to(compute)
-            scale = keep_scale(p) if keep is not None else 1.0
-            self._hidden = _SharedProjection.apply(x.to(compute), weight, keep, scale)
+            weight = torch.cat([m.lora_A.weight for m in self.members])
+            self._hidden = masked_projection(x, weight, keep, p)
             self._source, self._waiting = weakref.ref(x), set(range(len(self.members)))
         start = sum(m.r for m in self.members[:index])
         hidden = self._hidden[..., start : start + member.r]
