@@ -25,7 +25,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # matches decides a module's layer. The package root ``affinage`` (its __init__) is only itself.
 # A module may import modules of its own layer or of lower ones.
 LAYERS: list[list[str]] = [
-    # foundations: errors, atomic writes, the cache directory, user functions, the process group, threads and device
+    # foundations: errors, atomic writes, the cache directory, user functions, the process group, threads and device,
+    # tensors backward recomputes
     [
         "affinage.errors",
         "affinage.atomic",
@@ -33,6 +34,7 @@ LAYERS: list[list[str]] = [
         "affinage.userfn",
         "affinage.distributed",
         "affinage.runtime",
+        "affinage.recompute",
     ],
     # rows and their text (the config validates template names against data.template)
     [

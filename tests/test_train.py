@@ -7,7 +7,7 @@ from affinage.config import TrainerConfig
 from affinage.data.batching import collate
 from affinage.data.formats import Example
 from affinage.data.template import encode_example
-from affinage.lora import inject_lora, lora_modules
+from affinage.lora import inject_lora, lora_modules, mark_only_lora_as_trainable
 from affinage.training import causal_lm_loss, full_logits_loss, get_lr, train
 from tests.conftest import EMAILS, adapted_tiny, tiny_gemma3, tiny_llama, trainable_grads
 
@@ -271,12 +271,14 @@ def test_a_token_budget_per_forward_gives_the_same_training(tokenizer, tmp_path,
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
 def test_activation_checkpointing_gives_the_same_gradients_with_dropout(build, tokenizer):
-    """Recomputed blocks replay the RNG: the same dropout masks, the same loss and gradients."""
+    """Recomputed blocks replay the RNG: the same dropout masks, the same loss and gradients, with the
+    training forms (whose LoRA inputs are themselves recomputed in backward) on a frozen base."""
     from affinage.lora.layers import share_dropout
     from affinage.training import activation_checkpointing
-    from affinage.training.gated_mlp import recompute_gated_activations
+    from affinage.training.loop import training_forms
 
     model = adapted_tiny(build, tokenizer, dropout=0.2)
+    mark_only_lora_as_trainable(model)
     share_dropout(model)
     model.train()
     batch = collate(_encoded(tokenizer, 6), tokenizer.pad_token_id)
@@ -284,7 +286,7 @@ def test_activation_checkpointing_gives_the_same_gradients_with_dropout(build, t
     for enabled in (False, True):
         model.zero_grad()
         torch.manual_seed(3)
-        with activation_checkpointing(model, enabled), recompute_gated_activations(model):
+        with activation_checkpointing(model, enabled), training_forms(model):
             loss, n = causal_lm_loss(model, batch)
             (loss / n).backward()
         results.append((loss.detach(), trainable_grads(model)))

@@ -1,5 +1,7 @@
 """The fused LoRA update: the gradients of the stock ops, a fraction of their saved memory."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,3 +96,37 @@ def test_shared_mask_keeps_input_and_one_boolean_mask_for_three_layers():
     hidden = 3 * 4 * 64 * 8 * 4  # the rank-8 intermediates, fp32
     # the input once (fp32) + one boolean mask shared by q/k/v; stock ops keep 3 float noises + 3 copies
     assert saved <= x.numel() * 4 + x.numel() + hidden
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_recomputable_input_is_recomputed_in_backward_not_kept(checkpointed):
+    """An input declared recomputable from tensors kept anyway costs no memory of its own: the same
+    gradients, its sources kept instead of it (and under checkpointing, the same gradients again)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from affinage.recompute import recomputable
+
+    torch.manual_seed(0)
+    gate, up = (torch.randn(3, 8, 32, requires_grad=True) for _ in range(2))
+    a, b = torch.randn(4, 32, requires_grad=True), torch.randn(16, 4, requires_grad=True)
+    keep = dropout_mask(gate, 0.3)
+
+    def update(declare):
+        product = F.silu(gate) * up
+        if declare:
+            recomputable(product, lambda g, u: F.silu(g) * u, gate, up)
+        return lora_update(product, a, b, 2.0, keep, 0.3).square().sum()
+
+    results = []
+    for declare in (False, True):
+        gate.grad = up.grad = a.grad = b.grad = None
+        run = functools.partial(checkpoint, update, use_reentrant=False) if checkpointed else update
+        loss, saved = saved_bytes(functools.partial(run, declare), skip=[gate, up, a, b])
+        loss.backward()
+        results.append((loss.detach(), [t.grad.clone() for t in (gate, up, a, b)], saved))
+    (plain_loss, plain_grads, plain_saved), (loss, grads, saved) = results
+    assert torch.equal(loss, plain_loss)
+    for grad, plain_grad in zip(grads, plain_grads):
+        assert torch.equal(grad, plain_grad)  # the recipe returns the very tensor: bit for bit
+    if not checkpointed:  # silu and the product keep gate, silu(gate) and up; the projection kept the product too
+        assert plain_saved - saved == gate.numel() * 4

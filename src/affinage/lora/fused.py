@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from affinage.recompute import recipe_of
+
 MASK_LEVELS = 65536  # the keep probability is drawn to 1/65536: 0.05 becomes 0.050003
 
 
@@ -54,18 +56,24 @@ class _MaskedProjection(torch.autograd.Function):
     """``(x * keep) @ A.T * scale`` keeping ``x`` and the boolean mask, not the masked copy, for backward.
 
     Full-size elementwise passes: one forward (mask), two backward (mask again); the dropout's
-    1/(1-p) is applied on the rank-r side."""
+    1/(1-p) is applied on the rank-r side. An ``x`` declared :func:`~affinage.recompute.recomputable`
+    is not kept: its sources are (its maker keeps them anyway), and backward recomputes it."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, keep)
+        recipe = recipe_of(x)
+        # Only the function on ctx: tensors go through save_for_backward (checkpointing's hooks see them).
+        ctx.recompute = None if recipe is None else recipe.compute
+        kept = (x,) if recipe is None else recipe.sources
+        ctx.save_for_backward(weight, keep, *kept)
         ctx.scale = scale
         hidden = F.linear(masked(x, keep), weight)
         return hidden * scale if scale != 1.0 else hidden
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight, keep = ctx.saved_tensors
+        weight, keep, *kept = ctx.saved_tensors
+        x = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
         grad = grad * ctx.scale if ctx.scale != 1.0 else grad
         rows = grad.reshape(-1, grad.shape[-1])
         grad_weight = rows.t() @ masked(x, keep).reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import GELUActivation, GELUTanh, SiLUActivation
 
+from affinage.recompute import recomputable
+
 GATED_FORM = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
 
 
@@ -58,6 +60,10 @@ def _gelu_backward(grad: torch.Tensor, x: torch.Tensor, approximate: str) -> tor
     return torch.ops.aten.gelu_backward(grad, x, approximate=approximate)
 
 
+def _product(act: Activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return act(gate) * up
+
+
 class _GatedProduct(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -65,7 +71,8 @@ class _GatedProduct(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
         ctx.act, ctx.derivative = act, derivative
-        return act(gate) * up
+        # A LoRA down projection recomputes its input from gate and up, kept here (affinage.recompute).
+        return recomputable(_product(act, gate, up), functools.partial(_product, act), gate, up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

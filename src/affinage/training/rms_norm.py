@@ -24,12 +24,18 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from affinage.recompute import recomputable
+
 FORMS = {  # form -> (lines its class's source must contain, the attribute holding epsilon)
     "llama": (("torch.rsqrt(variance + self.variance_epsilon)", "self.weight * hidden_states.to(input_dtype)"),
               "variance_epsilon"),
     "gemma": (("output * (1.0 + self.weight.float())", "torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)"),
               "eps"),
 }  # fmt: skip
+
+
+def _normed(x: torch.Tensor, rstd: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    return (x.float() * rstd).mul_(multiplier).to(x.dtype)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -41,7 +47,8 @@ class _RMSNorm(torch.autograd.Function):
         mean_square = torch.linalg.vector_norm(full, dim=-1, keepdim=True).square_().div_(x.shape[-1])
         rstd = mean_square.add_(eps).rsqrt_()
         ctx.save_for_backward(x, rstd, multiplier)
-        return (full * rstd).mul_(multiplier).to(x.dtype)
+        # The LoRA projections reading the output recompute it from what is kept here (affinage.recompute).
+        return recomputable(_normed(x, rstd, multiplier), _normed, x, rstd, multiplier)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
