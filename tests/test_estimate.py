@@ -92,11 +92,11 @@ def test_the_forward_shape_follows_the_token_budget():
     cpu = torch.device("cpu")
     short = Lengths(train=[100] * 16, train_labels=[2] * 16, valid=[])
     cfg = TrainerConfig(batch_size=8, max_tokens_per_forward=512, packing=False)
-    assert forward_shape(short, cfg, cpu, cached=False) == (5, 100, 10, False)  # 8 x 100 > 512: 5 rows a pass
+    assert forward_shape(short, cfg, cpu, cached=False) == (5, 100, 10)  # 8 x 100 > 512: 5 rows a pass
     long = Lengths(train=[2000] * 4, train_labels=[100] * 4, valid=[])
-    assert forward_shape(long, cfg, cpu, cached=False) == (1, 2000, 100, True)  # one row over budget: recomputed
+    assert forward_shape(long, cfg, cpu, cached=False) == (1, 2000, 100)  # one row over the budget
     unlimited = TrainerConfig(batch_size=8, max_tokens_per_forward=None, packing=False)
-    assert forward_shape(long, unlimited, cpu, cached=False) == (4, 2000, 400, False)
+    assert forward_shape(long, unlimited, cpu, cached=False) == (4, 2000, 400)
 
 
 def test_the_block_probe_scales_with_tokens():

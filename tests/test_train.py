@@ -296,9 +296,12 @@ def test_activation_checkpointing_gives_the_same_gradients_with_dropout(build, t
     assert not model.is_activation_checkpointing  # switched off after the block
 
 
-def test_auto_checkpointing_only_for_rows_the_budget_cannot_split(tokenizer, tmp_path, monkeypatch):
-    """Rows of 29-44 tokens against a 24-token budget: each forward is one row over it, recomputed; same losses."""
+def test_auto_checkpointing_only_for_rows_the_budget_cannot_split_nor_memory_hold(tokenizer, tmp_path, monkeypatch):
+    """Rows of 29-44 tokens against a 24-token budget: each forward is one row over it, recomputed when the
+    machine's memory could not hold its activations (a share of 0 here), else not; the same losses."""
     from transformers import PreTrainedModel
+
+    from affinage.training import recompute_policy
 
     calls = []
     original = PreTrainedModel.activation_checkpointing_enable
@@ -309,6 +312,9 @@ def test_auto_checkpointing_only_for_rows_the_budget_cannot_split(tokenizer, tmp
         tokenizer, tmp_path / "plain", max_steps=3, max_tokens_per_forward=24, gradient_checkpointing=False
     )
     assert not calls
+    _train(tokenizer, tmp_path / "fits", max_steps=3, max_tokens_per_forward=24, gradient_checkpointing="auto")
+    assert not calls  # a tiny model's rows take nothing of the machine's memory
+    monkeypatch.setattr(recompute_policy, "ACTIVATION_SHARE", 0.0)
     _, auto = _train(
         tokenizer, tmp_path / "auto", max_steps=3, max_tokens_per_forward=24, gradient_checkpointing="auto"
     )

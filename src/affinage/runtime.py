@@ -52,6 +52,12 @@ def setup(requested_device: str | None = None) -> torch.device:
     return distributed.init(pick_device(requested_device))
 
 
+def machine_memory_bytes() -> int:
+    """The machine's physical memory: what shares of memory (the frozen-prefix cache, a forward's
+    activations) are decided against, the same on every run of the machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def peak_rss_mb() -> float:
     """This program's resident-memory high-water mark, in MB.
 

@@ -47,7 +47,7 @@ def available(side: str, device: torch.device) -> bool:
 def describe(side: str, args: argparse.Namespace) -> str:
     """One line: what this side runs, as configured."""
     if side == "affinage":
-        checkpointing = {"auto": "only for a row the token budget cannot split"}.get(
+        checkpointing = {"auto": "only for a row the token budget cannot split nor a quarter of the memory hold"}.get(
             str(args.affinage_checkpointing), str(args.affinage_checkpointing)
         )
         return (

@@ -35,6 +35,7 @@ from affinage.training import block_attention
 from affinage.training.loop import training_forms
 from affinage.training.losses import CPU
 from affinage.training.plan import PACK_WHEN_PADDING_ABOVE, resolve_forward_budget
+from affinage.training.recompute_policy import recompute_above
 
 MB = 2**20
 
@@ -269,8 +270,8 @@ class Lengths:
         )
 
 
-def forward_shape(lengths: Lengths, cfg: Any, device: torch.device, cached: bool) -> tuple[int, int, int, bool]:
-    """(rows, width, labelled tokens) of the largest forward pass, and whether it is checkpointed."""
+def forward_shape(lengths: Lengths, cfg: Any, device: torch.device, cached: bool) -> tuple[int, int, int]:
+    """(rows, width, labelled tokens) of the largest forward pass."""
     budget = resolve_forward_budget(cfg.max_tokens_per_forward, device)
     longest = max(lengths.train)
     pack = cfg.packing is True or (
@@ -282,13 +283,11 @@ def forward_shape(lengths: Lengths, cfg: Any, device: torch.device, cached: bool
     rows = min(cfg.batch_size, len(lengths.train))
     if budget is not None and rows * width > budget and rows > 1:
         rows = max(1, budget // width)
-    single_over = budget is not None and rows * width > budget
-    checkpointing = bool(cfg.gradient_checkpointing) if cfg.gradient_checkpointing != "auto" else single_over
     if pack:  # a packed row holds several examples: the data's share of labelled tokens
         labels = math.ceil(rows * width * sum(lengths.train_labels) / max(1, sum(lengths.train)))
     else:
         labels = sum(sorted(lengths.train_labels, reverse=True)[:rows])
-    return rows, width, labels, checkpointing
+    return rows, width, labels
 
 
 def heap_served(logit_count: int, element: int) -> int:
@@ -340,7 +339,7 @@ def estimate_memory(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sharded = world > 1 and getattr(cfg, "distributed", "ddp") == "fsdp"
     cached = cfg.cache_frozen_blocks and cfg.packing is not True and lowest > 0 and not embeddings_train and not sharded
-    rows, width, labels, checkpointing = forward_shape(lengths, cfg, device, cached)
+    rows, width, labels = forward_shape(lengths, cfg, device, cached)
     tokens = rows * width
     element = torch.empty((), dtype=dtype).element_size()
     hidden = text_config.hidden_size
@@ -351,6 +350,9 @@ def estimate_memory(
     slope = max(0.0, (long / (rows_probed * n2) - short / (rows_probed * n1)) / (n2 - n1))  # attention scores
     per_token = short / (rows_probed * n1) - slope * n1
     block = tokens * (per_token + slope * width)  # one block's saved tensors at this shape
+    budget = resolve_forward_budget(cfg.max_tokens_per_forward, device)
+    above = recompute_above(cfg.gradient_checkpointing, budget, tokens, lambda n: depth * n * (per_token + slope * n))
+    checkpointing = above is not None and tokens > above
     if checkpointing:  # each block keeps its input; one block is recomputed at a time
         activations = depth * tokens * hidden * element + 2 * block
     else:

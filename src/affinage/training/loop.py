@@ -87,12 +87,10 @@ class Listener:
         """A signal stops the run after this step: the last chance to checkpoint it."""
 
 
-def checkpoint_forward(setting: bool | str, batch: dict, budget: int | None) -> bool:
-    """Whether this forward recomputes its blocks: always, never, or (auto) when it is a single
-    row over the token budget, the one case :func:`split_rows` cannot make smaller."""
-    if setting == "auto":
-        return budget is not None and batch["input_ids"].numel() > budget
-    return bool(setting)
+def recomputes(batch: dict, above: int | None) -> bool:
+    """Whether this forward recomputes its blocks in backward: more tokens than ``above`` (None: never;
+    :mod:`~affinage.training.recompute_policy` decides it)."""
+    return above is not None and batch["input_ids"].numel() > above
 
 
 @contextmanager
@@ -115,7 +113,7 @@ class StepOptions:
     accumulation: int = 1  # micro-batches per optimizer step
     max_grad_norm: float | None = 1.0  # None: no clipping
     forward_budget: int | None = None  # tokens per forward pass; a bigger micro-batch runs as several
-    checkpointing: bool | str = False  # activation checkpointing: True, False or "auto" (see checkpoint_forward)
+    recompute_above: int | None = None  # a forward with more tokens recomputes its blocks (0: all; None: none)
     device: torch.device = CPU
     max_nonfinite_steps: int | None = 10  # stop after this many skipped steps in a row (None: never)
 
@@ -154,7 +152,7 @@ def train_step(
     step_tokens = int(distributed.sum_values(labelled)[0])
     step_loss = 0.0
     for batch in chunks:
-        with activation_checkpointing(model, checkpoint_forward(options.checkpointing, batch, options.forward_budget)):
+        with activation_checkpointing(model, recomputes(batch, options.recompute_above)):
             loss_sum, _ = loss_fn(model, batch)
             (loss_sum / max(step_tokens, 1)).backward()
         step_loss += float(loss_sum.detach())

@@ -21,6 +21,7 @@ from affinage.data.batching import bucketed_batches, collate, collate_packed, pa
 from affinage.data.template import Encoded
 from affinage.training.losses import CPU, LossFn, causal_lm_loss, full_logits_loss
 from affinage.training.prefix_cache import FrozenPrefix, cache_fits, frozen_boundary
+from affinage.training.recompute_policy import KeptBytes, recompute_above
 from affinage.training.sharding import is_sharded, through_root
 
 PACK_WHEN_PADDING_ABOVE = 0.15  # packing: auto packs when bucketed batches would be this much padding
@@ -85,6 +86,7 @@ class BatchPlan:
     pack_into: int | None  # packed rows of this many tokens (None: one example per row)
     prefix_cached: bool
     forward_budget: int | None  # tokens per forward pass (None: no limit)
+    recompute_above: int | None  # a forward with more tokens recomputes its blocks (0: all; None: none)
     train_loss_fn: LossFn
     valid_loss_fn: LossFn
     total_steps: int
@@ -107,7 +109,7 @@ class BatchPlan:
         device: torch.device = CPU,
         loss_fn: LossFn | None = None,
     ) -> BatchPlan:
-        """Decide packing, prefix cache and token budget for ``model`` (its LoRA factors already trainable)."""
+        """Decide packing, prefix cache, token budget and recomputation for ``model`` (LoRA already trainable)."""
         loss_fn = loss_fn or (causal_lm_loss if cfg.logits_only_on_labels else full_logits_loss)
         steps_per_epoch = max(1, math.ceil(len(train_data) / cfg.batch_size) // cfg.gradient_accumulation)
         sharded = is_sharded(model)  # its blocks gather weights only inside the root's forward: no prefix pass
@@ -119,6 +121,10 @@ class BatchPlan:
         pack = cfg.packing is True or (
             cfg.packing == "auto" and not use_prefix_cache and waste > PACK_WHEN_PADDING_ABOVE
         )
+        budget = resolve_forward_budget(cfg.max_tokens_per_forward, device)
+        longest = cfg.max_seq_len if pack else max((len(e.input_ids) for e in train_data), default=0)
+        # A sharded model's blocks run only inside its root's forward: not probed, every row over the budget recomputes.
+        kept = (lambda tokens: math.inf) if sharded else KeptBytes(model, device)
         plan = cls(
             train_data=train_data,
             valid_data=valid_data,
@@ -127,7 +133,8 @@ class BatchPlan:
             pad_id=pad_id,
             pack_into=cfg.max_seq_len if pack else None,
             prefix_cached=use_prefix_cache,
-            forward_budget=resolve_forward_budget(cfg.max_tokens_per_forward, device),
+            forward_budget=budget,
+            recompute_above=recompute_above(cfg.gradient_checkpointing, budget, longest, kept),
             train_loss_fn=loss_fn,
             valid_loss_fn=loss_fn,
             total_steps=cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch)),

@@ -13,7 +13,6 @@ architecture: the decoder's ``layers`` list is all it needs (Llama, Gemma 3, Qwe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from affinage.data.batching import collate
 from affinage.data.template import Encoded
+from affinage.runtime import machine_memory_bytes
 
 
 class _Inject(nn.Module):
@@ -136,8 +136,7 @@ class FrozenPrefix:
 
 def cache_fits(data: Sequence[Encoded], model: nn.Module, fraction: float = 0.25) -> bool:
     """The cache may take at most ``fraction`` of the machine's memory."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return cache_bytes(data, model) <= fraction * total
+    return cache_bytes(data, model) <= fraction * machine_memory_bytes()
 
 
 def cache_bytes(data: Sequence[Encoded], model: nn.Module) -> int:

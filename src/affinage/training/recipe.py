@@ -107,7 +107,7 @@ def run_plan(
         accumulation=cfg.gradient_accumulation,
         max_grad_norm=cfg.max_grad_norm,
         forward_budget=plan.forward_budget,
-        checkpointing=cfg.gradient_checkpointing,
+        recompute_above=plan.recompute_above,
         device=device,
         max_nonfinite_steps=cfg.max_nonfinite_steps,
     )
