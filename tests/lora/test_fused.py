@@ -74,7 +74,7 @@ def test_layer_in_training_uses_its_mask_and_keeps_fp32_factors_for_bf16_input()
     assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
 
 
-def test_shared_mask_keeps_input_and_one_boolean_mask_for_three_layers():
+def test_shared_mask_keeps_input_and_the_masks_bits_for_three_layers():
     torch.manual_seed(0)
     block = torch.nn.ModuleDict(
         {n: LoRALinear(torch.nn.Linear(256, 256), r=8, alpha=16, dropout=0.1) for n in ("q", "k", "v")}
@@ -94,8 +94,9 @@ def test_shared_mask_keeps_input_and_one_boolean_mask_for_three_layers():
     attention = Attention()
     _, saved = saved_bytes(lambda: attention(x).sum(), skip=list(attention.parameters()))
     hidden = 3 * 4 * 64 * 8 * 4  # the rank-8 intermediates, fp32
-    # the input once (fp32) + one boolean mask shared by q/k/v; stock ops keep 3 float noises + 3 copies
-    assert saved <= x.numel() * 4 + x.numel() + hidden
+    # the input once (fp32) + the shared mask as bits per layer (3/8 of one boolean mask; one with share_inputs);
+    # stock ops keep 3 float noises + 3 copies
+    assert saved <= x.numel() * 4 + 3 * x.numel() / 8 + hidden
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
@@ -130,3 +131,13 @@ def test_a_recomputable_input_is_recomputed_in_backward_not_kept(checkpointed):
         assert torch.equal(grad, plain_grad)  # the recipe returns the very tensor: bit for bit
     if not checkpointed:  # silu and the product keep gate, silu(gate) and up; the projection kept the product too
         assert plain_saved - saved == gate.numel() * 4
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 64, 96), (1,)])
+def test_a_mask_is_kept_as_bits_and_comes_back_whole(shape):
+    from affinage.lora.fused import pack_mask, unpack_mask
+
+    keep = torch.rand(shape) > 0.3
+    packed = pack_mask(keep)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-keep.numel() // 8)
+    assert torch.equal(unpack_mask(packed, keep.shape), keep)

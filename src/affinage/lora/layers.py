@@ -40,7 +40,7 @@ class SharedDropout(nn.Module):
 
     q/k/v read the same normed hidden state, and so do gate/up: PEFT draws and keeps three (and
     two) dropped copies of it per block. Drawing one mask per input tensor, recognised by
-    identity, does 4 draws per block instead of 7 and keeps 4 boolean masks for backward.
+    identity, does 4 draws per block instead of 7 and keeps 4 masks (as bits) for backward.
     Each LoRA branch still sees inverted dropout with rate ``p``; only the masks are correlated.
     """
 
