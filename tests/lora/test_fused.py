@@ -141,3 +141,12 @@ def test_a_mask_is_kept_as_bits_and_comes_back_whole(shape):
     packed = pack_mask(keep)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-keep.numel() // 8)
     assert torch.equal(unpack_mask(packed, keep.shape), keep)
+
+
+def test_every_pattern_of_eight_elements_packs_to_its_own_byte():
+    from affinage.lora.fused import pack_mask, unpack_mask
+
+    patterns = torch.tensor([[(value >> bit) & 1 for bit in range(8)] for value in range(256)], dtype=torch.bool)
+    packed = pack_mask(patterns)
+    assert packed.unique().numel() == 256
+    assert torch.equal(unpack_mask(packed, patterns.shape), patterns)
