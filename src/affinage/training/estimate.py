@@ -35,7 +35,7 @@ from affinage.training import block_attention
 from affinage.training.loop import training_forms
 from affinage.training.losses import CPU
 from affinage.training.plan import PACK_WHEN_PADDING_ABOVE, resolve_forward_budget
-from affinage.training.recompute_policy import recompute_above
+from affinage.training.recompute_policy import kept_bytes, recompute_above
 
 MB = 2**20
 
@@ -237,18 +237,13 @@ def probe_block(
 
 def _saved_bytes(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, weights: set[int], blockwise: bool) -> int:
     """Bytes of the distinct storages autograd saves in one forward (the weights themselves excluded)."""
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights and storage.device.type != "meta":
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with training_forms(model, blockwise), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    decoder = model.get_decoder()
+    with training_forms(model, blockwise):
+        hidden, saved = kept_bytes(
+            lambda: decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state, weights
+        )
     hidden.float().sum().backward()
-    return sum(saved.values())
+    return saved
 
 
 @dataclass(frozen=True)

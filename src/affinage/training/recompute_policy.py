@@ -13,6 +13,7 @@ forward of the model itself under autograd's saved-tensor hooks, at three length
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -21,12 +22,14 @@ from affinage.runtime import machine_memory_bytes
 from affinage.training.loop import training_forms
 
 ACTIVATION_SHARE = 0.25  # glibc's heap about doubles a forward's kept bytes in RSS (docs/performance.md)
+T = TypeVar("T")
+
 PROBE_TOKENS = (32, 64, 128)  # three lengths: per forward, per token, per token pair
 
 
-def kept_bytes(forward: Callable[[], object], exclude: set[int]) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while ``forward()`` runs, ``exclude``'s
-    storages (data pointers: the weights) left out."""
+def kept_bytes(forward: Callable[[], T], exclude: set[int]) -> tuple[T, int]:
+    """``forward()``'s result and the bytes of the distinct storages autograd keeps for backward while it
+    runs, ``exclude``'s storages (data pointers: the weights) left out."""
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -36,8 +39,8 @@ def kept_bytes(forward: Callable[[], object], exclude: set[int]) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(saved.values())
+        result = forward()
+    return result, sum(saved.values())
 
 
 class KeptBytes:
@@ -67,7 +70,7 @@ class KeptBytes:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), training_forms(model, False):
                 for tokens in PROBE_TOKENS:
                     ids = torch.ones((1, tokens), dtype=torch.long, device=device)
-                    measured.append(kept_bytes(lambda ids=ids: decoder(input_ids=ids, use_cache=False), weights))
+                    measured.append(kept_bytes(lambda ids=ids: decoder(input_ids=ids, use_cache=False), weights)[1])
         finally:
             model.train(training)
         return measured
