@@ -48,3 +48,12 @@ def test_kept_bytes_predict_a_longer_forward(build, tokenizer):
 
     model.train()
     assert kept(512) == pytest.approx(predicted(512), rel=0.02)  # 8x the longest probe
+
+
+def test_a_model_the_probe_cannot_run_recomputes_every_row_over_the_budget():
+    class NoDecoder(torch.nn.Module):
+        def get_decoder(self):
+            raise AttributeError("no decoder")
+
+    kept = KeptBytes(NoDecoder(), torch.device("cpu"))
+    assert recompute_above("auto", 512, 4096, kept) == 512

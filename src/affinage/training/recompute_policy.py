@@ -12,6 +12,7 @@ forward of the model itself under autograd's saved-tensor hooks, at three length
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -21,9 +22,9 @@ from torch import nn
 from affinage.runtime import machine_memory_bytes
 from affinage.training.loop import training_forms
 
-ACTIVATION_SHARE = 0.25  # glibc's heap about doubles a forward's kept bytes in RSS (docs/performance.md)
 T = TypeVar("T")
 
+ACTIVATION_SHARE = 0.25  # glibc's heap about doubles a forward's kept bytes in RSS (docs/performance.md)
 PROBE_TOKENS = (32, 64, 128)  # three lengths: per forward, per token, per token pair
 
 
@@ -54,9 +55,13 @@ class KeptBytes:
 
     def __call__(self, tokens: int) -> float:
         if self._coefficients is None:
-            powers = torch.tensor([[1.0, n, n * n] for n in PROBE_TOKENS], dtype=torch.float64)
-            measured = torch.tensor(self._probe(), dtype=torch.float64)
-            self._coefficients = [max(0.0, c) for c in torch.linalg.solve(powers, measured).tolist()]
+            try:
+                measured = torch.tensor(self._probe(), dtype=torch.float64)
+            except Exception:  # noqa: BLE001 - a decoder that cannot run alone: recompute every row over the budget
+                self._coefficients = [math.inf, 0.0, 0.0]
+            else:
+                powers = torch.tensor([[1.0, n, n * n] for n in PROBE_TOKENS], dtype=torch.float64)
+                self._coefficients = [max(0.0, c) for c in torch.linalg.solve(powers, measured).tolist()]
         constant, linear, quadratic = self._coefficients
         return constant + tokens * (linear + quadratic * tokens)
 
