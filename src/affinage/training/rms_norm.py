@@ -34,8 +34,11 @@ FORMS = {  # form -> (lines its class's source must contain, the attribute holdi
 }  # fmt: skip
 
 
-def _normed(x: torch.Tensor, rstd: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    return (x.float() * rstd).mul_(multiplier).to(x.dtype)
+def _normed(
+    x: torch.Tensor, rstd: torch.Tensor, multiplier: torch.Tensor, full: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The norm's output; ``full``: ``x`` in fp32 when the caller has it already (forward does)."""
+    return ((x.float() if full is None else full) * rstd).mul_(multiplier).to(x.dtype)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -48,7 +51,7 @@ class _RMSNorm(torch.autograd.Function):
         rstd = mean_square.add_(eps).rsqrt_()
         ctx.save_for_backward(x, rstd, multiplier)
         # The LoRA projections reading the output recompute it from what is kept here (affinage.recompute).
-        return recomputable(_normed(x, rstd, multiplier), _normed, x, rstd, multiplier)
+        return recomputable(_normed(x, rstd, multiplier, full), _normed, x, rstd, multiplier)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
