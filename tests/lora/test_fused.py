@@ -150,3 +150,37 @@ def test_every_pattern_of_eight_elements_packs_to_its_own_byte():
     packed = pack_mask(patterns)
     assert packed.unique().numel() == 256
     assert torch.equal(unpack_mask(packed, patterns.shape), patterns)
+
+
+@pytest.mark.parametrize("rows", [1, 13, 64])
+def test_a_mask_drawn_block_by_block_is_the_whole_inputs_and_gives_its_gradients(rows, monkeypatch):
+    """Drawn inside the projection (keep=None, p > 0) over several row blocks: the very mask
+    ``dropout_mask`` draws for the whole input from the same seed, so the stock ops' values."""
+    import affinage.lora.fused as fused
+
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 8 * 12)  # 8-row blocks of a 12-wide input
+    x = torch.randn(rows, 12)
+    a, b = torch.randn(4, 12) * 0.1, torch.randn(5, 4) * 0.1
+    grad = torch.randn(rows, 5)
+    torch.manual_seed(7)
+    keep = dropout_mask(x, 0.3)
+    results = []
+    for fn, mask in ((lora_update, None), (_stock, keep)):
+        torch.manual_seed(7)
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        out = fn(*leaves, 2.0, mask, 0.3)
+        out.backward(grad)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    assert len(fused.row_blocks(rows, 12)) == -(-rows // 8)
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_row_blocks_cover_the_rows_in_whole_bytes_of_mask():
+    from affinage.lora.fused import row_blocks
+
+    for rows, width in ((1, 3), (9, 5), (1000, 576), (4096, 1536), (3, 1 << 22)):
+        blocks = row_blocks(rows, width)
+        assert blocks[0][0] == 0 and blocks[-1][1] == rows
+        assert all(stop == start for (_, stop), (start, _) in zip(blocks, blocks[1:]))
+        assert all((start * width) % 8 == 0 for start, _ in blocks)

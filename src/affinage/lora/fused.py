@@ -86,24 +86,43 @@ def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return lanes.view(torch.bool)[: math.prod(shape)].view(shape)
 
 
+BLOCK_ELEMENTS = 1 << 20  # input elements per row block of a dropped projection (2 MiB in bf16)
+
+
+def row_blocks(rows: int, width: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges of about :data:`BLOCK_ELEMENTS` elements, each a multiple of 8 rows (so
+    of 8 elements: a block's mask packs to whole bytes, and draws whole 4-lane words)."""
+    step = max(8, BLOCK_ELEMENTS // max(width, 1) // 8 * 8)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 class _MaskedProjection(torch.autograd.Function):
     """``(x * keep) @ A.T * scale`` keeping ``x`` and the mask's bits, not the masked copy, for backward.
 
     Full-size elementwise passes: one forward (mask), two backward (mask again); the dropout's
     1/(1-p) is applied on the rank-r side. An ``x`` declared :func:`~affinage.recompute.recomputable`
-    is not kept: its sources are (its maker keeps them anyway), and backward recomputes it."""
+    is not kept: its sources are (its maker keeps them anyway), and backward recomputes it.
+
+    ``keep=None`` with ``p > 0``: the mask is drawn here, block of rows by block (:func:`row_blocks`),
+    the same values as :func:`dropout_mask` of the whole input. Why by blocks: the draw, the boolean
+    mask and the masked copy of a whole long input are three temporaries of its size made between
+    the tensors the forward keeps; freed, they leave holes the C heap cannot return (one
+    2,048-token row of SmolLM2: ~200 MB of its peak). Blocks of a few MiB reuse the same few holes."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, scale: float) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, p: float, scale: float
+    ) -> torch.Tensor:
         recipe = recipe_of(x)
         # Only the function on ctx: tensors go through save_for_backward (checkpointing's hooks see them).
         ctx.recompute = None if recipe is None else recipe.compute
         kept = (x,) if recipe is None else recipe.sources
-        ctx.save_for_backward(weight, None if keep is None else pack_mask(keep), *kept)
-        ctx.mask_shape = None if keep is None else keep.shape
+        dropping = keep is not None or p > 0
+        hidden, packed = _dropped_product(x, weight, keep, p) if dropping else (F.linear(x, weight), None)
+        ctx.save_for_backward(weight, packed, *kept)
+        ctx.mask_shape = x.shape if dropping else None
         ctx.scale = scale
-        hidden = F.linear(masked(x, keep), weight)
-        return hidden * scale if scale != 1.0 else hidden
+        return hidden.mul_(scale) if scale != 1.0 else hidden
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -114,7 +133,24 @@ class _MaskedProjection(torch.autograd.Function):
         rows = grad.reshape(-1, grad.shape[-1])
         grad_weight = rows.t() @ masked(x, keep).reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         grad_x = masked(grad @ weight, keep) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_weight, None, None
+        return grad_x, grad_weight, None, None, None
+
+
+def _dropped_product(
+    x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x * keep) @ weight.T`` and the mask as bits, block of rows by block; ``keep=None``: drawn here."""
+    width = x.shape[-1]
+    rows = x.reshape(-1, width)
+    keep_rows = None if keep is None else keep.reshape(rows.shape)
+    hidden = rows.new_empty(rows.shape[0], weight.shape[0])
+    packed = torch.empty(-(-rows.numel() // 8), dtype=torch.uint8, device=x.device)
+    for start, stop in row_blocks(rows.shape[0], width):
+        block = rows[start:stop]
+        mask = dropout_mask(block, p) if keep_rows is None else keep_rows[start:stop]
+        packed[start * width // 8 : -(-stop * width // 8)] = pack_mask(mask)
+        torch.mm(masked(block, mask), weight.t(), out=hidden[start:stop])
+    return hidden.view(*x.shape[:-1], weight.shape[0]), packed
 
 
 def compute_dtype(x: torch.Tensor, factor: torch.Tensor) -> torch.dtype:
@@ -123,10 +159,11 @@ def compute_dtype(x: torch.Tensor, factor: torch.Tensor) -> torch.dtype:
 
 
 def masked_projection(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-    """``A(dropout(x))`` with inverted dropout's scale, in :func:`compute_dtype`; ``keep=None`` is no dropout."""
+    """``A(dropout(x))`` with inverted dropout's scale, in :func:`compute_dtype`. ``keep``: the mask, or
+    None to draw one here (``p > 0``) or for no dropout (``p == 0``)."""
     compute = compute_dtype(x, weight)
-    scale = keep_scale(p) if keep is not None else 1.0
-    return _MaskedProjection.apply(x.to(compute), weight.to(compute), keep, scale)
+    scale = keep_scale(p) if keep is not None or p > 0 else 1.0
+    return _MaskedProjection.apply(x.to(compute), weight.to(compute), keep, p, scale)
 
 
 def lora_update(
@@ -137,8 +174,8 @@ def lora_update(
     keep: torch.Tensor | None = None,
     p: float = 0.0,
 ) -> torch.Tensor:
-    """``scaling * (x * keep / (1-p)) @ A.T @ B.T``; ``keep=None`` is no dropout. Only ``x``, the
-    mask and the rank-r hidden are kept for backward (the factors are parameters)."""
+    """``scaling * (x * keep / (1-p)) @ A.T @ B.T``; ``keep=None``: a mask drawn here if ``p > 0``. Only
+    ``x``, the mask's bits and the rank-r hidden are kept for backward (the factors are parameters)."""
     return rank_up(masked_projection(x, weight_a, keep, p), weight_b, scaling)
 
 

@@ -178,10 +178,10 @@ class LoRALinear(WrapsBase, nn.Module):
         if self.lora_magnitude_vector is not None:
             return self._dora_forward(x)
         # Plain LoRA: the fused update (see ``fused``).
-        keep, p = self._keep_mask(x)
-        if self.input_group is not None:  # A(x) computed once for the layers reading x
-            hidden = self.input_group.hidden(self, x, keep, p)
+        if self.input_group is not None:  # A(x) computed once for the layers reading x, its mask drawn there
+            hidden = self.input_group.hidden(self, x, self._dropout_rate())
         else:
+            keep, p = self._keep_mask(x)
             hidden = masked_projection(x, self.lora_A.weight, keep, p)
         # Rows of 2-D matrices, so that B's product accumulates into the base output itself (add_rank_up).
         result = self.base_layer(x.reshape(-1, x.shape[-1]))
@@ -196,13 +196,14 @@ class LoRALinear(WrapsBase, nn.Module):
         update = F.linear(hidden, self.lora_B.weight.to(compute))
         return result + self._dora_extra(x, dropped, result, update, compute).to(result.dtype)
 
+    def _dropout_rate(self) -> float:
+        return getattr(self.lora_dropout, "p", 0.0) if self.training else 0.0
+
     def _keep_mask(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
-        """The dropout keep-mask for this input (shared when the dropout module is), or none."""
+        """The rate, and the keep-mask when dropout shares it among layers (else None: drawn where it is used)."""
+        p = self._dropout_rate()
         dropout = self.lora_dropout
-        p = getattr(dropout, "p", 0.0)
-        if not self.training or p == 0:
-            return None, 0.0
-        return (dropout.mask(x) if isinstance(dropout, SharedDropout) else dropout_mask(x, p)), p
+        return (dropout.mask(x) if p > 0 and isinstance(dropout, SharedDropout) else None), p
 
     def _dora_extra(
         self, x: torch.Tensor, dropped: torch.Tensor, result: torch.Tensor, update: torch.Tensor, compute: torch.dtype

@@ -35,13 +35,14 @@ class InputGroup:
         self._hidden: torch.Tensor | None = None
         self._waiting: set[int] = set()
 
-    def hidden(self, member: nn.Module, x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-        """``A(dropout(x))`` of ``member`` in the compute dtype (scaled by the dropout's 1/(1-p))."""
+    def hidden(self, member: nn.Module, x: torch.Tensor, p: float) -> torch.Tensor:
+        """``A(dropout(x))`` of ``member`` in the compute dtype (scaled by the dropout's 1/(1-p)), one mask
+        drawn for the group (the members share their dropout module)."""
         index = next(i for i, m in enumerate(self.members) if m is member)
         fresh = self._source is None or self._source() is not x or index not in self._waiting
         if fresh:
             weight = torch.cat([m.lora_A.weight for m in self.members])
-            self._hidden = masked_projection(x, weight, keep, p)
+            self._hidden = masked_projection(x, weight, None, p)
             self._source, self._waiting = weakref.ref(x), set(range(len(self.members)))
         start = sum(m.r for m in self.members[:index])
         hidden = self._hidden[..., start : start + member.r]
