@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--top", type=int, default=20, help="operators listed")
+    parser.add_argument("--shapes", action="store_true", help="list operators by their input shapes too")
     args = parser.parse_args()
 
     threads = set_threads()
@@ -84,7 +85,7 @@ def main() -> None:
     )
     data = rows(len(loaded.tokenizer), args.seq_len, args.batch * (1 + args.steps + args.profiled), seed=0)
     plan = BatchPlan.build(model, data, [], cfg, pad_id=loaded.tokenizer.pad_token_id, device=torch.device("cpu"))
-    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes)
     marks: list[float] = []
 
     class Profiled(Listener):
@@ -94,6 +95,8 @@ def main() -> None:
                 profiler.start()
 
     run_plan(model, plan, lora_optimizer(model, cfg), cfg, state=TrainState(), listeners=[Profiled()])
+    if args.profiled:
+        profiler.stop()  # before the ceiling's own products
     seconds = statistics.median(b - a for a, b in zip(marks, marks[1 : args.steps + 1]))  # timed, not profiled
     tokens = args.batch * args.seq_len
     ceiling = matmul_flops(dtype)
@@ -104,8 +107,7 @@ def main() -> None:
     )
     if not args.profiled:
         return
-    profiler.stop()
-    events = profiler.key_averages()
+    events = profiler.key_averages(group_by_input_shape=args.shapes)
     total = sum(e.self_cpu_time_total for e in events)
     groups: dict[str, float] = defaultdict(float)
     for event in events:
@@ -116,7 +118,8 @@ def main() -> None:
     )
     for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
         share = event.self_cpu_time_total / total
-        print(f"  {share:6.1%}  {event.count:6d} calls  {group_of(event.key):11s} {event.key}")
+        shapes = f" {event.input_shapes}" if args.shapes else ""
+        print(f"  {share:6.1%}  {event.count:6d} calls  {group_of(event.key):11s} {event.key}{shapes}")
 
 
 if __name__ == "__main__":

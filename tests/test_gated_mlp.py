@@ -37,3 +37,18 @@ def test_the_activations_kernel_gives_autograds_gradient(name):
     got = torch.autograd.grad(_GatedProduct.apply(gate, up, act, activation_derivative(act)), (gate, up), grad)
     for value, reference in zip(got, expected):
         torch.testing.assert_close(value, reference)
+
+
+def test_backward_computes_the_activation_once_per_block(tokenizer):
+    """The LoRA down projection recomputes act(gate) * up for its A gradient; the product's own
+    backward takes that act(gate) instead of computing it a second time."""
+    from affinage.training import causal_lm_loss
+
+    model, batch = training_batch(tiny_llama, tokenizer)
+    mark_only_lora_as_trainable(model)
+    with recompute_gated_activations(model) as count:
+        loss, tokens = causal_lm_loss(model, batch)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            (loss / tokens).backward()
+    silu = sum(e.count for e in profile.key_averages() if e.key == "aten::silu")
+    assert silu == count  # one per block (it was two: the recompute's and the product's)

@@ -60,8 +60,33 @@ def _gelu_backward(grad: torch.Tensor, x: torch.Tensor, approximate: str) -> tor
     return torch.ops.aten.gelu_backward(grad, x, approximate=approximate)
 
 
+def _activated(act: Activation, gate: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``act(gate)``, and whether it is a fresh tensor (free to overwrite) rather than ``gate``'s memory
+    (an identity or in-place activation)."""
+    out = act(gate)
+    return out, out.untyped_storage().data_ptr() != gate.untyped_storage().data_ptr()
+
+
 def _product(act: Activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return act(gate) * up
+    out, fresh = _activated(act, gate)
+    return out.mul_(up) if fresh else out * up  # in place: no second intermediate-size temporary
+
+
+class _Handoff:
+    """``act(gate)`` from a consumer's recompute of the product in backward, for the product's own
+    backward, which runs next: the activation is computed once in backward, not twice."""
+
+    def __init__(self) -> None:
+        self.activated: torch.Tensor | None = None
+
+    def recompute(self, act: Activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        activated, fresh = _activated(act, gate)
+        self.activated = activated if fresh else None
+        return activated * up
+
+    def take(self, act: Activation, gate: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        activated, self.activated = self.activated, None
+        return (activated, True) if activated is not None else _activated(act, gate)
 
 
 class _GatedProduct(torch.autograd.Function):
@@ -70,17 +95,20 @@ class _GatedProduct(torch.autograd.Function):
         ctx, gate: torch.Tensor, up: torch.Tensor, act: Activation, derivative: Derivative | None
     ) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        ctx.act, ctx.derivative = act, derivative
+        ctx.act, ctx.derivative, ctx.handoff = act, derivative, _Handoff()
         # A LoRA down projection recomputes its input from gate and up, kept here (affinage.recompute).
-        return recomputable(_product(act, gate, up), functools.partial(_product, act), gate, up)
+        compute = functools.partial(ctx.handoff.recompute, act)
+        return recomputable(_product(act, gate, up), compute, gate, up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
         if ctx.derivative is not None:
-            grad_up = grad * ctx.act(gate) if ctx.needs_input_grad[1] else None
             grad_gate = ctx.derivative(grad * up, gate) if ctx.needs_input_grad[0] else None
+            activated, fresh = ctx.handoff.take(ctx.act, gate)
+            grad_up = (activated.mul_(grad) if fresh else activated * grad) if ctx.needs_input_grad[1] else None
             return grad_gate, grad_up, None, None
+        ctx.handoff.activated = None
         with torch.enable_grad():
             leaf = gate.detach().requires_grad_(True)
             activated = ctx.act(leaf)
