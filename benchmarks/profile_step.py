@@ -3,8 +3,9 @@
 Runs affinage's plan and loop (as `affinage bench` does) on rows of exactly ``--seq-len`` tokens
 (random ids, a 3-token answer carrying the loss), LoRA on every linear layer of every block, and
 times ``--steps`` steps after a warm-up, then profiles ``--profiled`` more with torch.profiler.
-Prints the ceiling fraction of the timed steps' median (useful FLOPs of the step over one big matmul's
-rate, :mod:`affinage.bench.machine`; the profiler's own cost left out) and the self time of the
+Prints the ceiling fraction (each timed step's useful FLOPs over its time and the rate of one big
+matmul measured right after it, :mod:`affinage.bench.machine`; the median over the steps, the
+profiler's own cost left out) and the self time of the
 operators in the profiled ones, grouped: the decoder's matmuls, attention, LoRA's small matmuls, elementwise
 work (norms, RoPE, activations), the optimizer, and the rest.
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import time
 from collections import defaultdict
 
 import torch
@@ -86,24 +86,29 @@ def main() -> None:
     data = rows(len(loaded.tokenizer), args.seq_len, args.batch * (1 + args.steps + args.profiled), seed=0)
     plan = BatchPlan.build(model, data, [], cfg, pad_id=loaded.tokenizer.pad_token_id, device=torch.device("cpu"))
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes)
-    marks: list[float] = []
+    timed: list[tuple[float, float]] = []  # (seconds of a timed step, the ceiling measured right after it)
 
     class Profiled(Listener):
         def on_step(self, state, report):
-            marks.append(time.perf_counter())
+            if 1 < state.step <= 1 + args.steps:
+                # The machine's rate drifts by ±10 % over minutes here (shared cores): each step is
+                # set against a ceiling measured next to it, not one measured once.
+                timed.append((report.seconds, matmul_flops(dtype)))
             if state.step == 1 + args.steps and args.profiled:
                 profiler.start()
 
     run_plan(model, plan, lora_optimizer(model, cfg), cfg, state=TrainState(), listeners=[Profiled()])
     if args.profiled:
-        profiler.stop()  # before the ceiling's own products
-    seconds = statistics.median(b - a for a, b in zip(marks, marks[1 : args.steps + 1]))  # timed, not profiled
+        profiler.stop()
     tokens = args.batch * args.seq_len
-    ceiling = matmul_flops(dtype)
-    fraction = tokens / seconds * flops_per_token(shape, args.seq_len) / ceiling
+    work = tokens * flops_per_token(shape, args.seq_len)
+    fractions = sorted(work / (seconds * ceiling) for seconds, ceiling in timed)
+    seconds = statistics.median(s for s, _ in timed)
+    ceiling = statistics.median(c for _, c in timed)
     print(
         f"{args.model}, {dtype}, {threads} threads, {args.batch} x {args.seq_len} tokens: {seconds:.3f} s/step, "
-        f"{tokens / seconds:.0f} tokens/s, {fraction:.1%} of the matmul ceiling ({ceiling / 1e12:.3f} TFLOP/s)"
+        f"{tokens / seconds:.0f} tokens/s, {statistics.median(fractions):.1%} of the matmul ceiling "
+        f"(median of {len(timed)} steps, {fractions[0]:.1%}-{fractions[-1]:.1%}; ceiling {ceiling / 1e12:.3f} TFLOP/s)"
     )
     if not args.profiled:
         return

@@ -43,7 +43,8 @@ def test_grouped_layers_give_the_loss_and_gradients_of_separate_ones(build, drop
     batch = collate(_encoded(tokenizer, 6), tokenizer.pad_token_id)
     plain.train(), grouped.train()
     (plain_loss, plain_grads), (loss, grads) = _step(plain, batch), _step(grouped, batch)
-    tolerance = {"rtol": 2e-2, "atol": 1e-3} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    # bf16: a few ulps (ungrouped layers sum base and LoRA input gradients inside one product, one rounding)
+    tolerance = {"rtol": 2e-2, "atol": 4e-3} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
     torch.testing.assert_close(loss, plain_loss, **tolerance)
     assert grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():

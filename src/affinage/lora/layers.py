@@ -23,7 +23,14 @@ from torch import nn
 
 from affinage.errors import ConfigError
 from affinage.lora import dora
-from affinage.lora.fused import add_rank_up, compute_dtype, dropout_mask, keep_scale, masked_projection
+from affinage.lora.fused import (
+    add_rank_up,
+    base_and_projection,
+    compute_dtype,
+    dropout_mask,
+    keep_scale,
+    masked_projection,
+)
 from affinage.lora.loralib_layers import LoRALayer
 from affinage.lora.shared_input import InputGroup
 
@@ -178,13 +185,15 @@ class LoRALinear(WrapsBase, nn.Module):
         if self.lora_magnitude_vector is not None:
             return self._dora_forward(x)
         # Plain LoRA: the fused update (see ``fused``).
+        rows = x.reshape(-1, x.shape[-1])  # 2-D: B's product accumulates into the base output (add_rank_up)
         if self.input_group is not None:  # A(x) computed once for the layers reading x, its mask drawn there
             hidden = self.input_group.hidden(self, x, self._dropout_rate())
+            result = self.base_layer(rows)
+        elif self._plain_base(x):
+            result, hidden = base_and_projection(x, self.lora_A.weight, *self._keep_mask(x), self.base_layer)
         else:
-            keep, p = self._keep_mask(x)
-            hidden = masked_projection(x, self.lora_A.weight, keep, p)
-        # Rows of 2-D matrices, so that B's product accumulates into the base output itself (add_rank_up).
-        result = self.base_layer(x.reshape(-1, x.shape[-1]))
+            hidden = masked_projection(x, self.lora_A.weight, *self._keep_mask(x))
+            result = self.base_layer(rows)
         result = add_rank_up(result, hidden.reshape(-1, hidden.shape[-1]), self.lora_B.weight, self.scaling)
         return result.view(*x.shape[:-1], result.shape[-1])
 
@@ -195,6 +204,17 @@ class LoRALinear(WrapsBase, nn.Module):
         hidden = F.linear(dropped.to(compute), self.lora_A.weight.to(compute))
         update = F.linear(hidden, self.lora_B.weight.to(compute))
         return result + self._dora_extra(x, dropped, result, update, compute).to(result.dtype)
+
+    def _plain_base(self, x: torch.Tensor) -> bool:
+        """Whether the base is a frozen, unhooked ``nn.Linear`` in ``x``'s dtype, as is the update
+        (:func:`~affinage.lora.fused.base_and_projection` may compute both)."""
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and not base.weight.requires_grad
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and base.weight.dtype == x.dtype == compute_dtype(x, self.lora_A.weight)
+        )
 
     def _dropout_rate(self) -> float:
         return getattr(self.lora_dropout, "p", 0.0) if self.training else 0.0
