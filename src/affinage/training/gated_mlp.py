@@ -105,8 +105,11 @@ class _GatedProduct(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         if ctx.derivative is not None:
             grad_gate = ctx.derivative(grad * up, gate) if ctx.needs_input_grad[0] else None
-            activated, fresh = ctx.handoff.take(ctx.act, gate)
-            grad_up = (activated.mul_(grad) if fresh else activated * grad) if ctx.needs_input_grad[1] else None
+            grad_up = None
+            if ctx.needs_input_grad[1]:
+                activated, fresh = ctx.handoff.take(ctx.act, gate)
+                grad_up = activated.mul_(grad) if fresh else activated * grad
+            ctx.handoff.activated = None
             return grad_gate, grad_up, None, None
         ctx.handoff.activated = None
         with torch.enable_grad():
