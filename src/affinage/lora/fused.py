@@ -127,7 +127,6 @@ class _MaskedProjection(torch.autograd.Function):
         dropping = keep is not None or p > 0
         hidden, packed = _dropped_product(x, weight, keep, p) if dropping else (F.linear(x, weight), None)
         ctx.save_for_backward(weight, packed, base_weight, *kept)
-        ctx.mask_shape = x.shape if dropping else None
         ctx.scale = scale
         hidden = hidden.mul_(scale) if scale != 1.0 else hidden
         if base_weight is None:
@@ -138,8 +137,8 @@ class _MaskedProjection(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         weight, packed, base_weight, *kept = ctx.saved_tensors
         grad_base, grad = grads if base_weight is not None else (None, grads[0])
-        keep = None if packed is None else unpack_mask(packed, ctx.mask_shape)
         x = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
+        keep = None if packed is None else unpack_mask(packed, x.shape)
         grad = grad * ctx.scale if ctx.scale != 1.0 else grad
         rows = grad.reshape(-1, grad.shape[-1])
         grad_weight = rows.t() @ masked(x, keep).reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
@@ -155,11 +154,10 @@ def _input_grad(
 ) -> torch.Tensor:
     """``keep * (rows @ A)``, added to the base layer's input gradient ``base`` (2-D) when given: without a
     mask it accumulates into it within the product (``addmm_``), no input-size temporary nor sum."""
-    if base is None:
-        return masked(rows @ weight, None if keep is None else keep.reshape(rows.shape[0], -1))
-    if keep is None:
+    if base is not None and keep is None:
         return base.addmm_(rows, weight)
-    return base.add_(masked(rows @ weight, keep.reshape(rows.shape[0], -1)))
+    grad = masked(rows @ weight, None if keep is None else keep.reshape(rows.shape[0], -1))
+    return grad if base is None else base.add_(grad)
 
 
 def _dropped_product(

@@ -84,9 +84,10 @@ class _Handoff:
         self.activated = activated if fresh else None
         return activated * up
 
-    def take(self, act: Activation, gate: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def take(self) -> torch.Tensor | None:
+        """The handed-off act(gate) (fresh: free to overwrite), or None; the hand-off is dropped either way."""
         activated, self.activated = self.activated, None
-        return (activated, True) if activated is not None else _activated(act, gate)
+        return activated
 
 
 class _GatedProduct(torch.autograd.Function):
@@ -103,15 +104,14 @@ class _GatedProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
+        handed = ctx.handoff.take()
         if ctx.derivative is not None:
             grad_gate = ctx.derivative(grad * up, gate) if ctx.needs_input_grad[0] else None
             grad_up = None
             if ctx.needs_input_grad[1]:
-                activated, fresh = ctx.handoff.take(ctx.act, gate)
+                activated, fresh = (handed, True) if handed is not None else _activated(ctx.act, gate)
                 grad_up = activated.mul_(grad) if fresh else activated * grad
-            ctx.handoff.activated = None
             return grad_gate, grad_up, None, None
-        ctx.handoff.activated = None
         with torch.enable_grad():
             leaf = gate.detach().requires_grad_(True)
             activated = ctx.act(leaf)
