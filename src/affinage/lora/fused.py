@@ -49,9 +49,22 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return lanes >= _dropped_levels(p) - MASK_LEVELS // 2
 
 
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
 def masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    # torch.where with a boolean mask: 1.7x faster than multiplying by it on CPU.
-    return x if keep is None else torch.where(keep, x, 0.0)
+    """``x`` where ``keep``, +0.0 elsewhere (whatever ``x`` holds there: no NaN from 0 * inf).
+
+    Why bits: the kept elements' bits ANDed with all ones, the others with zeros, in integers of
+    ``x``'s width. ``torch.where`` runs a scalar loop on CPU: on 512 x 1536 it took 0.47 ms in fp32
+    and 0.44 ms in bf16, the AND with the mask made wide 0.17 and 0.10 ms, and backward applies a
+    mask twice per LoRA input."""
+    if keep is None:
+        return x
+    integer = _SAME_WIDTH_INT.get(x.dtype)
+    if integer is None:
+        return torch.where(keep, x, 0.0)
+    return (x.view(integer) & keep.to(integer).neg_()).view(x.dtype)
 
 
 def _int64(constant: int) -> int:
