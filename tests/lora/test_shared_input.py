@@ -49,7 +49,7 @@ def test_grouped_layers_give_the_loss_and_gradients_of_separate_ones(build, drop
     assert grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, **tolerance)
-    assert layer.self_attn.q_proj.input_group._hidden is None  # no graph kept once every member is served
+    assert layer.self_attn.q_proj.input_group._served is None  # no graph kept once every member is served
 
 
 def test_layers_with_their_own_dropout_masks_are_not_grouped(tokenizer):

@@ -49,7 +49,12 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return lanes >= _dropped_levels(p) - MASK_LEVELS // 2
 
 
-_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_SAME_WIDTH_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
 
 
 def masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -130,39 +135,30 @@ class _MaskedProjection(torch.autograd.Function):
         keep: torch.Tensor | None,
         p: float,
         scale: float,
-        base_weight: torch.Tensor | None = None,
-        base_bias: torch.Tensor | None = None,
     ):
         recipe = recipe_of(x)
         # Only the function on ctx: tensors go through save_for_backward (checkpointing's hooks see them).
         ctx.recompute = None if recipe is None else recipe.compute
         kept = (x,) if recipe is None else recipe.sources
         dropping = keep is not None or p > 0
-        hidden, packed = _dropped_product(x, weight, keep, p) if dropping else (F.linear(x, weight), None)
-        ctx.save_for_backward(weight, packed, base_weight, *kept)
+        hidden, packed = dropped_product(x, weight, keep, p) if dropping else (F.linear(x, weight), None)
+        ctx.save_for_backward(weight, packed, *kept)
         ctx.scale = scale
-        hidden = hidden.mul_(scale) if scale != 1.0 else hidden
-        if base_weight is None:
-            return hidden
-        return F.linear(x.reshape(-1, x.shape[-1]), base_weight, base_bias), hidden
+        return hidden.mul_(scale) if scale != 1.0 else hidden
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        weight, packed, base_weight, *kept = ctx.saved_tensors
-        grad_base, grad = grads if base_weight is not None else (None, grads[0])
+    def backward(ctx, grad: torch.Tensor):
+        weight, packed, *kept = ctx.saved_tensors
         x = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
         keep = None if packed is None else unpack_mask(packed, x.shape)
         grad = grad * ctx.scale if ctx.scale != 1.0 else grad
         rows = grad.reshape(-1, grad.shape[-1])
         grad_weight = rows.t() @ masked(x, keep).reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            base = None if grad_base is None else grad_base @ base_weight
-            grad_x = _input_grad(rows, weight, keep, base).view(x.shape)
-        return grad_x, grad_weight, None, None, None, None, None
+        grad_x = input_grad(rows, weight, keep, None).view(x.shape) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_weight, None, None, None
 
 
-def _input_grad(
+def input_grad(
     rows: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, base: torch.Tensor | None
 ) -> torch.Tensor:
     """``keep * (rows @ A)``, added to the base layer's input gradient ``base`` (2-D) when given: without a
@@ -173,7 +169,7 @@ def _input_grad(
     return grad if base is None else base.add_(grad)
 
 
-def _dropped_product(
+def dropped_product(
     x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x * keep) @ weight.T`` and the mask as bits, block of rows by block; ``keep=None``: drawn here."""
@@ -199,21 +195,11 @@ def masked_projection(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor 
     """``A(dropout(x))`` with inverted dropout's scale, in :func:`compute_dtype`. ``keep``: the mask, or
     None to draw one here (``p > 0``) or for no dropout (``p == 0``)."""
     compute = compute_dtype(x, weight)
-    return _MaskedProjection.apply(x.to(compute), weight.to(compute), keep, p, _scale(keep, p))
+    return _MaskedProjection.apply(x.to(compute), weight.to(compute), keep, p, applied_scale(keep, p))
 
 
-def _scale(keep: torch.Tensor | None, p: float) -> float:
+def applied_scale(keep: torch.Tensor | None, p: float) -> float:
     return keep_scale(p) if keep is not None or p > 0 else 1.0
-
-
-def base_and_projection(
-    x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, p: float, base: torch.nn.Linear
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``base(x)`` on rows (2-D) and :func:`masked_projection`, as one autograd node: backward adds the
-    LoRA's input gradient into the base's within one product instead of autograd summing the two
-    (an input-size pass and temporary less: ~2 % of a step for the MLP's down projection).
-    For a frozen ``nn.Linear`` of ``x``'s dtype, ``x`` in the compute dtype."""
-    return _MaskedProjection.apply(x, weight.to(x.dtype), keep, p, _scale(keep, p), base.weight, base.bias)
 
 
 def lora_update(

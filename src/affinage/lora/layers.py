@@ -25,12 +25,12 @@ from affinage.errors import ConfigError
 from affinage.lora import dora
 from affinage.lora.fused import (
     add_rank_up,
-    base_and_projection,
     compute_dtype,
     dropout_mask,
     keep_scale,
     masked_projection,
 )
+from affinage.lora.fused_linear import lora_linears, plain_base
 from affinage.lora.loralib_layers import LoRALayer
 from affinage.lora.shared_input import InputGroup
 
@@ -184,18 +184,26 @@ class LoRALinear(WrapsBase, nn.Module):
             return self.base_layer(x)
         if self.lora_magnitude_vector is not None:
             return self._dora_forward(x)
-        # Plain LoRA: the fused update (see ``fused``).
+        # Plain LoRA: the fused update (see ``fused`` and ``fused_linear``).
         rows = x.reshape(-1, x.shape[-1])  # 2-D: B's product accumulates into the base output (add_rank_up)
-        if self.input_group is not None:  # A(x) computed once for the layers reading x, its mask drawn there
-            hidden = self.input_group.hidden(self, x, self._dropout_rate())
-            result = self.base_layer(rows)
-        elif self._plain_base(x):
-            result, hidden = base_and_projection(x, self.lora_A.weight, *self._keep_mask(x), self.base_layer)
+        group, p = self.input_group, self._dropout_rate()
+        if group is not None:  # the layers reading x share one node (or, with other bases, one A product)
+            result = group.output(self, x, p)
+            if result is None:
+                result = add_rank_up(self.base_layer(rows), self._rows(group.hidden(self, x, p)), *self._factor())
+        elif plain_base(self, x):
+            result = lora_linears(x, [self], *self._keep_mask(x))[0]
         else:
             hidden = masked_projection(x, self.lora_A.weight, *self._keep_mask(x))
-            result = self.base_layer(rows)
-        result = add_rank_up(result, hidden.reshape(-1, hidden.shape[-1]), self.lora_B.weight, self.scaling)
+            result = add_rank_up(self.base_layer(rows), self._rows(hidden), *self._factor())
         return result.view(*x.shape[:-1], result.shape[-1])
+
+    @staticmethod
+    def _rows(hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.reshape(-1, hidden.shape[-1])
+
+    def _factor(self) -> tuple[torch.Tensor, float]:
+        return self.lora_B.weight, self.scaling
 
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -204,17 +212,6 @@ class LoRALinear(WrapsBase, nn.Module):
         hidden = F.linear(dropped.to(compute), self.lora_A.weight.to(compute))
         update = F.linear(hidden, self.lora_B.weight.to(compute))
         return result + self._dora_extra(x, dropped, result, update, compute).to(result.dtype)
-
-    def _plain_base(self, x: torch.Tensor) -> bool:
-        """Whether the base is a frozen, unhooked ``nn.Linear`` in ``x``'s dtype, as is the update
-        (:func:`~affinage.lora.fused.base_and_projection` may compute both)."""
-        base = self.base_layer
-        return (
-            type(base) is nn.Linear
-            and not base.weight.requires_grad
-            and not (base._forward_hooks or base._forward_pre_hooks)
-            and base.weight.dtype == x.dtype == compute_dtype(x, self.lora_A.weight)
-        )
 
     def _dropout_rate(self) -> float:
         return getattr(self.lora_dropout, "p", 0.0) if self.training else 0.0

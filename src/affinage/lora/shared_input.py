@@ -19,37 +19,60 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from affinage.lora.fused import masked_projection
+from affinage.lora.fused_linear import lora_linears, plain_base
 
 
 class InputGroup:
-    """LoRA layers fed the same tensor: one stacked ``A`` product, each layer's slice of it."""
+    """LoRA layers fed the same tensor: one stacked ``A`` product, each layer's slice of it; with plain bases
+    (:func:`~affinage.lora.fused_linear.plain_base`), every layer's whole output from one node."""
 
     def __init__(self, members: list[nn.Module]):
         self.members = members
         self._source: weakref.ref | None = None
-        self._hidden: torch.Tensor | None = None
+        self._served: tuple[torch.Tensor, ...] | None = None  # the stacked hidden, or every member's output
         self._waiting: set[int] = set()
 
     def hidden(self, member: nn.Module, x: torch.Tensor, p: float) -> torch.Tensor:
         """``A(dropout(x))`` of ``member`` in the compute dtype (scaled by the dropout's 1/(1-p)), one mask
         drawn for the group (the members share their dropout module)."""
-        index = next(i for i, m in enumerate(self.members) if m is member)
-        fresh = self._source is None or self._source() is not x or index not in self._waiting
-        if fresh:
-            weight = torch.cat([m.lora_A.weight for m in self.members])
-            self._hidden = masked_projection(x, weight, None, p)
-            self._source, self._waiting = weakref.ref(x), set(range(len(self.members)))
+
+        def stacked() -> tuple[torch.Tensor, ...]:
+            return (masked_projection(x, torch.cat([m.lora_A.weight for m in self.members]), None, p),)
+
+        index = self._index(member)
         start = sum(m.r for m in self.members[:index])
-        hidden = self._hidden[..., start : start + member.r]
+        return self._serve(index, x, stacked)[0][..., start : start + member.r]
+
+    def output(self, member: nn.Module, x: torch.Tensor, p: float) -> torch.Tensor | None:
+        """``member``'s output (base plus update) on ``x`` as rows, computed with every member's in one
+        node; None when a member's base is not plain for ``x`` (then :meth:`hidden` serves it)."""
+        if not all(plain_base(m, x) for m in self.members):
+            return None
+        index = self._index(member)
+        return self._serve(index, x, lambda: lora_linears(x, self.members, None, p))[index]
+
+    def _index(self, member: nn.Module) -> int:
+        return next(i for i, m in enumerate(self.members) if m is member)
+
+    def _serve(
+        self, index: int, x: torch.Tensor, compute: Callable[[], tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, ...]:
+        """What ``compute`` made for the group on ``x``: made when the first member asks, kept until every
+        member has taken it (a member asking again, or with another tensor, starts over)."""
+        if self._source is None or self._source() is not x or index not in self._waiting:
+            self._served = compute()
+            self._source, self._waiting = weakref.ref(x), set(range(len(self.members)))
+        served = self._served
         self._waiting.discard(index)
         if not self._waiting:  # everyone served: keep no graph alive until the next forward
-            self._source, self._hidden = None, None
-        return hidden
+            self._source, self._served = None, None
+        return served
 
 
 def _groupable(module: nn.Module) -> bool:
