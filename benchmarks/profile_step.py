@@ -3,7 +3,7 @@
 Runs affinage's plan and loop (as `affinage bench` does) on rows of exactly ``--seq-len`` tokens
 (random ids, a 3-token answer carrying the loss), LoRA on every linear layer of every block, and
 times ``--steps`` steps after a warm-up, then profiles ``--profiled`` more with torch.profiler.
-Prints the ceiling fraction (each timed step's useful FLOPs over its time and the rate of one big
+Prints the ceiling fraction (each timed step's model FLOPs over its time and the rate of one big
 matmul measured right after it, :mod:`affinage.bench.machine`; the median over the steps, the
 profiler's own cost left out) and the self time of the
 operators in the profiled ones, grouped: the decoder's matmuls, attention, LoRA's small matmuls, elementwise
@@ -71,7 +71,7 @@ def main() -> None:
     dtype = resolve_dtype(args.precision, torch.device("cpu"))
     loaded = load_base_model(args.model, dtype=dtype)
     model = loaded.model
-    shape = model_shape(model)
+    shape = model_shape(model, rank=16)
     torch.manual_seed(0)
     inject_lora(model, "all-linear", r=16, alpha=32, dropout=args.dropout)
     share_dropout(model)
@@ -101,14 +101,17 @@ def main() -> None:
     if args.profiled:
         profiler.stop()
     tokens = args.batch * args.seq_len
-    work = tokens * flops_per_token(shape, args.seq_len)
-    fractions = sorted(work / (seconds * ceiling) for seconds, ceiling in timed)
+    fractions, base_only = (
+        sorted(tokens * flops_per_token(shape, args.seq_len, adapter) / (s * c) for s, c in timed)
+        for adapter in (True, False)
+    )
     seconds = statistics.median(s for s, _ in timed)
     ceiling = statistics.median(c for _, c in timed)
     print(
         f"{args.model}, {dtype}, {threads} threads, {args.batch} x {args.seq_len} tokens: {seconds:.3f} s/step, "
         f"{tokens / seconds:.0f} tokens/s, {statistics.median(fractions):.1%} of the matmul ceiling "
-        f"(median of {len(timed)} steps, {fractions[0]:.1%}-{fractions[-1]:.1%}; ceiling {ceiling / 1e12:.3f} TFLOP/s)"
+        f"(median of {len(timed)} steps, {fractions[0]:.1%}-{fractions[-1]:.1%}; ceiling {ceiling / 1e12:.3f} TFLOP/s; "
+        f"without the adapter's FLOPs {statistics.median(base_only):.1%})"
     )
     if not args.profiled:
         return

@@ -68,3 +68,18 @@ def test_quick_scaling_grid_runs(capsys):
     (row,) = json.loads(capsys.readouterr().out)["rows"]
     assert row["seq_len"] == 64 and row["ratios"]["tokens_per_second"] > 0
     assert all(side["tokens_per_second"] > 0 for side in row["sides"].values())
+
+
+def test_model_flops_count_the_adapter_as_trained_weights():
+    from affinage.bench.machine import flops_per_token, model_shape
+    from affinage.lora.inject import inject_lora
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(64)
+    shape = model_shape(model, rank=8)
+    inject_lora(model, "all-linear", r=8, alpha=16)
+    factors = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    assert shape["adapter_weights"] == factors  # every decoder linear adapted, the head not
+    attention = 6 * 10 * shape["hidden"] * shape["blocks"]
+    assert flops_per_token(shape, 10) == 4 * shape["linear_weights"] + 6 * factors + attention
+    assert flops_per_token(shape, 10, adapter=False) == 4 * shape["linear_weights"] + attention

@@ -79,8 +79,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     ceiling = results["machine"]["matmul_tflops"] * 1e12
     for result in results["sides"].values():
         if "tokens_per_second" in result:
-            work = flops_per_token(result["shape"], result["attention_length"])
-            result["ceiling_fraction"] = round(result["tokens_per_second"] * work / ceiling, 4)
+            for key, adapter in (("ceiling_fraction", True), ("ceiling_fraction_without_adapter", False)):
+                work = flops_per_token(result["shape"], result["attention_length"], adapter)
+                result[key] = round(result["tokens_per_second"] * work / ceiling, 4)
     results["ratios"] = ratios(results["sides"])
     return results
 

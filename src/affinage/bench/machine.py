@@ -2,11 +2,14 @@
 
 The ceiling is one large square matrix product in the dtype the sides train in (fp32 on an
 AVX2 CPU, bf16 on a GPU), timed after a warm-up, the device synchronised. A side's fraction of
-it counts the useful work of a LoRA step only: forward + backward through the activations of
-the decoder's linear layers (≈ 4 FLOPs per weight per token; the frozen weights get no
-gradient) plus causal attention (≈ 6·L·d per token and block). The vocabulary head is left out:
-the peers run it at every position, affinage only at labelled ones, and that saving is not
-counted as work done.
+it counts the model FLOPs of a LoRA step, the work its maths needs whoever runs it: forward +
+backward through the activations of the decoder's frozen linear layers (≈ 4 FLOPs per weight
+per token: they get no gradient), the adapter's factors (6 per factor weight and token: forward,
+input gradient and their own gradient, as any trained weight), and causal attention (≈ 6·L·d
+per token and block). The vocabulary head is left out: the peers run it at every position,
+affinage only at labelled ones, and that saving is not counted as work done. Before 2026-11-30
+the adapter's FLOPs were left out too (~6 % of the work at rank 16 on SmolLM2):
+:func:`flops_per_token` with ``adapter=False`` gives that count.
 """
 
 from __future__ import annotations
@@ -60,12 +63,17 @@ def matmul_flops(dtype: torch.dtype, device: torch.device | str = "cpu", size: i
     return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 
-def model_shape(model: torch.nn.Module) -> dict[str, int]:
-    """Weights in the decoder's linear layers (the head excluded), hidden size, blocks."""
+def model_shape(model: torch.nn.Module, rank: int = 0) -> dict[str, int]:
+    """Weights in the decoder's linear layers (the head excluded), the weights of a rank-``rank`` LoRA on
+    every one of them (r·(in+out) each), hidden size, blocks."""
     config = model.config.get_text_config()
-    decoder = model.get_decoder()
-    linear = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
-    return {"linear_weights": linear, "hidden": config.hidden_size, "blocks": config.num_hidden_layers}
+    linears = [m for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
+    return {
+        "linear_weights": sum(m.weight.numel() for m in linears),
+        "adapter_weights": rank * sum(m.in_features + m.out_features for m in linears),
+        "hidden": config.hidden_size,
+        "blocks": config.num_hidden_layers,
+    }
 
 
 def attention_length(lengths: Iterable[int]) -> float:
@@ -74,8 +82,11 @@ def attention_length(lengths: Iterable[int]) -> float:
     return sum(n * n for n in lengths) / max(sum(lengths), 1)
 
 
-def flops_per_token(shape: dict[str, int], attention_len: float) -> float:
-    return 4 * shape["linear_weights"] + 6 * attention_len * shape["hidden"] * shape["blocks"]
+def flops_per_token(shape: dict[str, int], attention_len: float, adapter: bool = True) -> float:
+    """Model FLOPs of a LoRA training step per token (see the module's docstring); ``adapter=False``: the
+    count before 2026-11-30, without the adapter's own work."""
+    factors = 6 * shape.get("adapter_weights", 0) if adapter else 0
+    return 4 * shape["linear_weights"] + factors + 6 * attention_len * shape["hidden"] * shape["blocks"]
 
 
 CPU_FEATURES = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")

@@ -162,7 +162,7 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
         model_name = str(quick_model_dir(workdir, args.model)) if args.quick else args.model
         loaded = load_base_model(model_name, dtype=dtype, device=device)
         train_data, held_out = encoded_data(loaded.tokenizer, Path(args.data), args.seq_len, args.seed, args.held_out)
-        result["shape"] = model_shape(loaded.model)
+        result["shape"] = model_shape(loaded.model, rank=args.rank)
         result["attention_length"] = round(attention_length(len(e.input_ids) for e in train_data), 1)
         model, tokenizer = loaded.model, loaded.tokenizer
         try:
