@@ -77,7 +77,7 @@ def test_model_flops_count_the_adapter_as_trained_weights():
 
     model = tiny_llama(64)
     shape = model_shape(model, rank=8)
-    inject_lora(model, "all-linear", r=8, alpha=16)
+    inject_lora(model, "all-linear", r=8, alpha=16, dropout=0.0)
     factors = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
     assert shape["adapter_weights"] == factors  # every decoder linear adapted, the head not
     attention = 6 * 10 * shape["hidden"] * shape["blocks"]
