@@ -44,72 +44,88 @@ def saved_bytes(batch: int, heads: int, length: int, itemsize: int = 4) -> int:
 
 
 def _blocked_masks(mask: torch.Tensor | None, length: int, device: torch.device) -> list[torch.Tensor]:
-    """Per block, where scores are masked, shaped to broadcast over (batch, kv heads, group, rows, keys)."""
+    """Per block, where scores are masked, shaped to broadcast over (batch, kv heads, rows, group, keys)."""
     if mask is None:  # causal only: the block's own square, where later keys are
-        later = torch.ones(BLOCK, BLOCK, dtype=torch.bool, device=device).triu_(1)
-        return [later[: end - start, : end - start] for start, end in _blocks(length)]
-    hidden = ~mask[:, :, None]  # (batch, 1, 1, rows, keys)
-    return [hidden[..., start:end, :end] for start, end in _blocks(length)]
+        later = torch.ones(BLOCK, BLOCK, dtype=torch.bool, device=device).triu_(1)[:, None]
+        return [later[: end - start, :, : end - start] for start, end in _blocks(length)]
+    hidden = ~mask[:, :, :, None]  # (batch, 1, rows, 1, keys)
+    return [hidden[:, :, start:end, :, :end] for start, end in _blocks(length)]
+
+
+def _by_position(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, H, L, D) as (B·Hkv, L·group, D): the query heads sharing a KV head side by side at each position,
+    so a block of positions is a contiguous block of rows (no copy per block). One copy in all."""
+    batch, heads, length, dim = tensor.shape
+    grouped = tensor.reshape(batch, kv_heads, heads // kv_heads, length, dim).transpose(2, 3)
+    return grouped.reshape(batch * kv_heads, length * (heads // kv_heads), dim)
+
+
+def _by_head(rows: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """:func:`_by_position`'s layout back to (B, H, L, D), as a view of a contiguous (B, L, H, D) tensor: the
+    layout SDPA's caller wants next (its ``transpose(1, 2).contiguous()`` is then free). One copy."""
+    kv_rows, total, dim = rows.shape
+    kv_heads = kv_rows // batch
+    length = total * kv_heads // heads
+    by_token = rows.view(batch, kv_heads, length, heads // kv_heads, dim).transpose(1, 2)
+    return by_token.reshape(batch, length, heads, dim).transpose(1, 2)
 
 
 class _BlockCausalAttention(torch.autograd.Function):
-    """softmax(scale · Q Kᵀ + mask) V over query blocks; Q (B, H, L, D), K/V (B, Hkv, L, D)."""
+    """softmax(scale · Q Kᵀ + mask) V over query blocks; Q (B, H, L, D), K/V (B, Hkv, L, D).
+
+    The scale is applied inside the score and gradient products (their ``alpha``), not by a pass
+    over the queries or the gradients."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, scale):
         batch, heads, length, dim = query.shape
         kv_heads = key.shape[1]
         group = heads // kv_heads
-        # The scale goes on the queries (L x D values), not on the scores (L x L).
-        queries = (query * scale).reshape(batch, kv_heads, group, length, dim)
+        queries = _by_position(query, kv_heads)
         keys, values = key.reshape(batch * kv_heads, length, dim), value.reshape(batch * kv_heads, length, dim)
-        out = query.new_empty(batch, kv_heads, group, length, dim)
+        out = torch.empty_like(queries)
         probs = []
         lowest = torch.finfo(query.dtype).min  # not -inf: a row with every key masked stays finite
         for (start, end), hidden in zip(_blocks(length), _blocked_masks(mask, length, query.device)):
-            rows = queries[:, :, :, start:end].reshape(batch * kv_heads, group * (end - start), dim)
-            scores = torch.bmm(rows, keys[:, :end].transpose(1, 2)).view(batch, kv_heads, group, end - start, end)
+            rows = queries[:, start * group : end * group]
+            scores = torch.baddbmm(rows.new_empty(()), rows, keys[:, :end].transpose(1, 2), beta=0, alpha=scale)
+            blocked = scores.view(batch, kv_heads, end - start, group, end)
             if mask is None:  # causal: only the block's own square has later keys
-                scores[..., start:].masked_fill_(hidden, lowest)
+                blocked[..., start:].masked_fill_(hidden, lowest)
             else:
-                scores.masked_fill_(hidden, lowest)
-            prob = torch.softmax(scores, dim=-1).view(batch * kv_heads, group * (end - start), end)
-            out[:, :, :, start:end] = torch.bmm(prob, values[:, :end]).view(batch, kv_heads, group, end - start, dim)
+                blocked.masked_fill_(hidden, lowest)
+            prob = torch.softmax(scores, dim=-1)
+            out[:, start * group : end * group] = torch.bmm(prob, values[:, :end])  # not out=: a slice runs per batch
             probs.append(prob)
-        ctx.save_for_backward(query, key, value, out, *probs)
-        ctx.scale = scale
-        return out.view(batch, heads, length, dim)
+        ctx.save_for_backward(queries, key, value, out, *probs)
+        ctx.scale, ctx.heads = scale, heads
+        return _by_head(out, batch, heads)
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, out, *probs = ctx.saved_tensors
-        batch, heads, length, dim = query.shape
-        kv_heads = key.shape[1]
-        group = heads // kv_heads
-        queries = query.reshape(batch, kv_heads, group, length, dim)
+        queries, key, value, out, *probs = ctx.saved_tensors
+        batch, kv_heads, length, dim = key.shape
+        group = ctx.heads // kv_heads
         keys, values = key.reshape(batch * kv_heads, length, dim), value.reshape(batch * kv_heads, length, dim)
-        grad_out = grad_out.reshape(batch, kv_heads, group, length, dim)
+        grad_rows_all = _by_position(grad_out, kv_heads)
         # softmax backward needs Σ_k dP·P per row, which is dO·O (L x D values instead of L x L)
-        row_dots = (grad_out * out).sum(-1, keepdim=True)
-        grad_query = torch.empty_like(queries)
+        row_dots = (grad_rows_all * out).sum(-1, keepdim=True)
+        grad_queries = torch.empty_like(queries)
         grad_key = torch.zeros_like(keys)
         grad_value = torch.zeros_like(values)
         for (start, end), prob in zip(_blocks(length), probs):
-            count = group * (end - start)
-            rows = queries[:, :, :, start:end].reshape(batch * kv_heads, count, dim)
-            grad_rows = grad_out[:, :, :, start:end].reshape(batch * kv_heads, count, dim)
+            span = slice(start * group, end * group)
+            rows, grad_rows = queries[:, span], grad_rows_all[:, span]
             grad_value[:, :end].baddbmm_(prob.transpose(1, 2), grad_rows)
             grad_prob = torch.bmm(grad_rows, values[:, :end].transpose(1, 2))
             # dS = P ⊙ (dP − Σ_k dP·P)
-            grad_scores = grad_prob.sub_(row_dots[:, :, :, start:end].reshape(batch * kv_heads, count, 1)).mul_(prob)
-            grad_query[:, :, :, start:end] = torch.bmm(grad_scores, keys[:, :end]).view(
-                batch, kv_heads, group, end - start, dim
+            grad_scores = grad_prob.sub_(row_dots[:, span]).mul_(prob)
+            grad_queries[:, span] = torch.baddbmm(
+                grad_scores.new_empty(()), grad_scores, keys[:, :end], beta=0, alpha=ctx.scale
             )
-            grad_key[:, :end].baddbmm_(grad_scores.transpose(1, 2), rows)
-        grad_query.mul_(ctx.scale)
-        grad_key.mul_(ctx.scale)
+            grad_key[:, :end].baddbmm_(grad_scores.transpose(1, 2), rows, alpha=ctx.scale)
         return (
-            grad_query.view(batch, heads, length, dim),
+            _by_head(grad_queries, batch, ctx.heads),
             grad_key.view(batch, kv_heads, length, dim),
             grad_value.view(batch, kv_heads, length, dim),
             None,
