@@ -3,12 +3,15 @@
 CI has no GPU; these run on a lent GPU machine (benchmarks/gpu.sh runs them first).
 """
 
+import copy
+
 import pytest
 import torch
 
 from affinage.config import TrainerConfig
 from affinage.lora import inject_lora
 from affinage.lora.fused import dropout_mask, lora_update
+from affinage.lora.fused_linear import lora_linears
 from affinage.training import BatchPlan, History, lora_optimizer, peak_memory_mb, resolve_forward_budget, run_plan
 from tests.conftest import tiny_llama
 from tests.test_train import TINY_RUN, _encoded
@@ -37,6 +40,29 @@ def test_fused_update_on_the_gpu_matches_the_cpu(dtype):
         out = lora_update(*leaves, 2.0, keep.to(device), 0.1)
         out.backward(grad.to(device, out.dtype))
         results.append([t.detach().float().cpu() for t in (out, *(leaf.grad for leaf in leaves))])
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
+    for on_gpu, on_cpu in zip(results[1], results[0]):
+        torch.testing.assert_close(on_gpu, on_cpu, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_in_one_node_on_the_gpu_match_the_cpu(dtype):
+    from tests.lora.test_fused_linear import _layers
+
+    layers = _layers()
+    x = torch.randn(3, 7, 32)
+    keep = dropout_mask(x, 0.1)
+    grads = [torch.randn(21, layer.out_features) for layer in layers]
+    results = []
+    for device in ("cpu", "cuda"):
+        moved = [copy.deepcopy(layer).to(device) for layer in layers]
+        for layer in moved:
+            layer.base_layer.to(dtype)  # a plain base is in the input's dtype; the factors stay fp32
+        leaf = x.to(device, dtype).clone().requires_grad_()
+        outs = lora_linears(leaf, moved, keep.to(device), 0.1)
+        torch.autograd.backward(outs, [g.to(device, dtype) for g in grads])
+        factors = [t.grad for layer in moved for t in (layer.lora_A.weight, layer.lora_B.weight)]
+        results.append([t.detach().float().cpu() for t in (*outs, leaf.grad, *factors)])
     tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
     for on_gpu, on_cpu in zip(results[1], results[0]):
         torch.testing.assert_close(on_gpu, on_cpu, **tolerance)
