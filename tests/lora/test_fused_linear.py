@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from affinage.lora.fused import dropout_mask, masked
+from affinage.lora.fused import dropout_mask, masked, masked_
 from affinage.lora.fused_linear import lora_linears, plain_base
 from affinage.lora.layers import LoRALinear
 from tests.lora.test_fused import _stock
@@ -104,6 +104,8 @@ def test_only_frozen_unhooked_linear_bases_of_the_input_dtype_are_plain():
 def test_masked_keeps_bits_and_zeroes_the_rest_whatever_they_hold():
     x = torch.tensor([1.5, float("inf"), float("nan"), -2.0])
     keep = torch.tensor([True, False, False, True])
-    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.complex64):
         out = masked(x.to(dtype), keep)
         assert out.dtype == dtype and out.tolist() == [1.5, 0.0, 0.0, -2.0]
+        fresh = x.to(dtype)
+        assert masked_(fresh, keep).data_ptr() == fresh.data_ptr() and fresh.tolist() == [1.5, 0.0, 0.0, -2.0]

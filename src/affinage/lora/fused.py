@@ -64,12 +64,22 @@ def masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     ``x``'s width. ``torch.where`` runs a scalar loop on CPU: on 512 x 1536 it took 0.47 ms in fp32
     and 0.44 ms in bf16, the AND with the mask made wide 0.17 and 0.10 ms, and backward applies a
     mask twice per LoRA input."""
+    return _masked(x, keep, in_place=False)
+
+
+def masked_(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """:func:`masked` into ``x`` itself (a fresh tensor nobody else reads): no second tensor of its size."""
+    return _masked(x, keep, in_place=True)
+
+
+def _masked(x: torch.Tensor, keep: torch.Tensor | None, in_place: bool) -> torch.Tensor:
     if keep is None:
         return x
     integer = _SAME_WIDTH_INT.get(x.dtype)
     if integer is None:
-        return torch.where(keep, x, 0.0)
-    return (x.view(integer) & keep.to(integer).neg_()).view(x.dtype)
+        return x.masked_fill_(~keep, 0.0) if in_place else torch.where(keep, x, 0.0)
+    bits, mask = x.view(integer), keep.to(integer).neg_()
+    return (bits.bitwise_and_(mask) if in_place else bits & mask).view(x.dtype)
 
 
 def _int64(constant: int) -> int:
@@ -165,7 +175,7 @@ def input_grad(
     mask it accumulates into it within the product (``addmm_``), no input-size temporary nor sum."""
     if base is not None and keep is None:
         return base.addmm_(rows, weight)
-    grad = masked(rows @ weight, None if keep is None else keep.reshape(rows.shape[0], -1))
+    grad = masked_(rows @ weight, None if keep is None else keep.reshape(rows.shape[0], -1))
     return grad if base is None else base.add_(grad)
 
 
