@@ -9,6 +9,7 @@ from torch import nn
 from affinage.lora.fused import dropout_mask, masked, masked_
 from affinage.lora.fused_linear import lora_linears, plain_base
 from affinage.lora.layers import LoRALinear
+from affinage.lora.shared_input import InputGroup
 from tests.lora.test_fused import _stock
 
 
@@ -96,9 +97,34 @@ def test_only_frozen_unhooked_linear_bases_of_the_input_dtype_are_plain():
     layer.base_layer.weight.requires_grad_(True)
     assert not plain_base(layer, x)
     layer.base_layer.weight.requires_grad_(False)
-    handle = layer.base_layer.register_forward_hook(lambda *args: None)
+    layer.base_layer.bias.requires_grad_(True)  # a trained bias gets its gradient from the base module's own node
     assert not plain_base(layer, x)
-    handle.remove()
+    layer.base_layer.bias.requires_grad_(False)
+    for hooked in (
+        layer.base_layer.register_forward_hook(lambda *args: None),
+        layer.base_layer.register_full_backward_hook(lambda *args: None),
+        nn.modules.module.register_module_forward_hook(lambda *args: None),  # every module's calls
+    ):
+        assert not plain_base(layer, x)  # the base module is called, so its hooks run
+        hooked.remove()
+    assert plain_base(layer, x)
+
+
+def test_a_grouped_layer_with_a_trained_bias_gives_it_its_gradient():
+    layers = _layers(bias=(True, True, True))
+    for layer in layers:
+        layer.base_layer.bias.requires_grad_(True)
+    group = InputGroup(layers)
+    for layer in layers:
+        layer.input_group = group
+    x = torch.randn(4, 32)
+    sum(layer(x).square().sum() for layer in layers).backward()
+    ours = [layer.base_layer.bias.grad.clone() for layer in layers]
+    for layer in layers:
+        layer.zero_grad()
+    sum(out.square().sum() for out in _separate(x, layers, None, 0.0)).backward()
+    for got, layer in zip(ours, layers):
+        torch.testing.assert_close(got, layer.base_layer.bias.grad)
 
 
 def test_masked_keeps_bits_and_zeroes_the_rest_whatever_they_hold():

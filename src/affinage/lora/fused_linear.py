@@ -28,15 +28,21 @@ from torch import nn
 from affinage.lora.fused import applied_scale, compute_dtype, dropped_product, input_grad, masked, unpack_mask
 from affinage.recompute import recipe_of
 
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = tuple(f"_global{name}" for name in _MODULE_HOOKS)
+
 
 def plain_base(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``layer`` (a LoRA wrapper) has a frozen, unhooked ``nn.Linear`` base in ``x``'s dtype, the
-    dtype its update runs in too: the base's product may then join the update's node."""
+    """Whether ``layer`` (a LoRA wrapper) has a frozen ``nn.Linear`` base (weight and bias) in ``x``'s dtype,
+    the dtype its update runs in too, with no hook of its own nor any global module hook: the base's
+    product may then join the update's node (the base module itself is not called)."""
     base = layer.base_layer
     return (
         type(base) is nn.Linear
         and not base.weight.requires_grad
-        and not (base._forward_hooks or base._forward_pre_hooks)
+        and (base.bias is None or not base.bias.requires_grad)
+        and not any(getattr(base, name) for name in _MODULE_HOOKS)
+        and not any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
         and base.weight.dtype == x.dtype == compute_dtype(x, layer.lora_A.weight)
     )
 

@@ -185,25 +185,23 @@ class LoRALinear(WrapsBase, nn.Module):
         if self.lora_magnitude_vector is not None:
             return self._dora_forward(x)
         # Plain LoRA: the fused update (see ``fused`` and ``fused_linear``).
-        rows = x.reshape(-1, x.shape[-1])  # 2-D: B's product accumulates into the base output (add_rank_up)
         group, p = self.input_group, self._dropout_rate()
         if group is not None:  # the layers reading x share one node (or, with other bases, one A product)
             result = group.output(self, x, p)
             if result is None:
-                result = add_rank_up(self.base_layer(rows), self._rows(group.hidden(self, x, p)), *self._factor())
+                result = self._separate(x, group.hidden(self, x, p))
         elif plain_base(self, x):
             result = lora_linears(x, [self], *self._keep_mask(x))[0]
         else:
-            hidden = masked_projection(x, self.lora_A.weight, *self._keep_mask(x))
-            result = add_rank_up(self.base_layer(rows), self._rows(hidden), *self._factor())
+            result = self._separate(x, masked_projection(x, self.lora_A.weight, *self._keep_mask(x)))
         return result.view(*x.shape[:-1], result.shape[-1])
 
-    @staticmethod
-    def _rows(hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.reshape(-1, hidden.shape[-1])
-
-    def _factor(self) -> tuple[torch.Tensor, float]:
-        return self.lora_B.weight, self.scaling
+    def _separate(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The base layer called on rows (2-D, so B's product accumulates into its output), plus ``B(hidden)``."""
+        rows = x.reshape(-1, x.shape[-1])
+        return add_rank_up(
+            self.base_layer(rows), hidden.reshape(-1, hidden.shape[-1]), self.lora_B.weight, self.scaling
+        )
 
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

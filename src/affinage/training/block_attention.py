@@ -67,7 +67,7 @@ def _by_head(rows: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     kv_heads = kv_rows // batch
     length = total * kv_heads // heads
     by_token = rows.view(batch, kv_heads, length, heads // kv_heads, dim).transpose(1, 2)
-    return by_token.reshape(batch, length, heads, dim).transpose(1, 2)
+    return by_token.contiguous().view(batch, length, heads, dim).transpose(1, 2)
 
 
 class _BlockCausalAttention(torch.autograd.Function):
