@@ -146,26 +146,45 @@ class _MaskedProjection(torch.autograd.Function):
         p: float,
         scale: float,
     ):
-        recipe = recipe_of(x)
-        # Only the function on ctx: tensors go through save_for_backward (checkpointing's hooks see them).
-        ctx.recompute = None if recipe is None else recipe.compute
-        kept = (x,) if recipe is None else recipe.sources
-        dropping = keep is not None or p > 0
-        hidden, packed = dropped_product(x, weight, keep, p) if dropping else (F.linear(x, weight), None)
-        ctx.save_for_backward(weight, packed, *kept)
+        hidden, packed = projected(x, weight, keep, p, scale)
+        ctx.save_for_backward(weight, packed, *keep_for_backward(ctx, x))
         ctx.scale = scale
-        return hidden.mul_(scale) if scale != 1.0 else hidden
+        return hidden
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight, packed, *kept = ctx.saved_tensors
-        x = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
-        keep = None if packed is None else unpack_mask(packed, x.shape)
+        x, keep = kept_input(ctx, kept, packed)
         grad = grad * ctx.scale if ctx.scale != 1.0 else grad
         rows = grad.reshape(-1, grad.shape[-1])
         grad_weight = rows.t() @ masked(x, keep).reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         grad_x = input_grad(rows, weight, keep, None).view(x.shape) if ctx.needs_input_grad[0] else None
         return grad_x, grad_weight, None, None, None
+
+
+def projected(
+    x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, p: float, scale: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``scale * (x * keep) @ weight.T`` (no mask when ``keep`` is None and ``p == 0``) and the mask as bits."""
+    if keep is None and p == 0:
+        hidden, packed = F.linear(x, weight), None
+    else:
+        hidden, packed = dropped_product(x, weight, keep, p)
+    return (hidden.mul_(scale) if scale != 1.0 else hidden), packed
+
+
+def keep_for_backward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What a node keeps to get ``x`` back in backward: ``x``, or the sources of a recomputable ``x``
+    (its recipe then on ``ctx``; tensors go through save_for_backward, which checkpointing's hooks see)."""
+    recipe = recipe_of(x)
+    ctx.recompute = None if recipe is None else recipe.compute
+    return (x,) if recipe is None else recipe.sources
+
+
+def kept_input(ctx, kept: list[torch.Tensor], packed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`keep_for_backward`'s ``x`` back, and the dropout mask unpacked from its bits (or None)."""
+    x = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
+    return x, (None if packed is None else unpack_mask(packed, x.shape))
 
 
 def input_grad(

@@ -25,8 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from affinage.lora.fused import applied_scale, compute_dtype, dropped_product, input_grad, masked, unpack_mask
-from affinage.recompute import recipe_of
+from affinage.lora.fused import (
+    applied_scale,
+    compute_dtype,
+    input_grad,
+    keep_for_backward,
+    kept_input,
+    masked,
+    projected,
+)
 
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOKS = tuple(f"_global{name}" for name in _MODULE_HOOKS)
@@ -62,22 +69,16 @@ class _Members:
 class _LoRALinears(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight_a: torch.Tensor, keep: torch.Tensor | None, members: _Members, *factors):
-        recipe = recipe_of(x)
-        ctx.recompute = None if recipe is None else recipe.compute
-        kept = (x,) if recipe is None else recipe.sources
         rows = x.reshape(-1, x.shape[-1])
-        if keep is not None or members.p > 0:
-            hidden, packed = dropped_product(x, weight_a, keep, members.p)
-            hidden = hidden.reshape(rows.shape[0], -1).mul_(members.dropout_scale)
-        else:
-            hidden, packed = rows @ weight_a.t(), None
+        hidden, packed = projected(x, weight_a, keep, members.p, members.dropout_scale)
+        hidden = hidden.reshape(rows.shape[0], -1)
         outputs = []
         for base, factor, (start, stop), scaling in zip(members.bases, factors, members.columns, members.scalings):
             out = F.linear(rows, base.weight, base.bias)
             outputs.append(out.addmm_(hidden[:, start:stop], factor.t(), alpha=scaling))
         ctx.members = members
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros to multiply
-        ctx.save_for_backward(weight_a, packed, hidden, *factors, *kept)
+        ctx.save_for_backward(weight_a, packed, hidden, *factors, *keep_for_backward(ctx, x))
         return tuple(outputs)
 
     @staticmethod
@@ -100,8 +101,7 @@ class _LoRALinears(torch.autograd.Function):
             if needs_x:
                 grad_x = grad @ base.weight if grad_x is None else grad_x.addmm_(grad, base.weight)
         grad_hidden = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        x = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
-        keep = None if packed is None else unpack_mask(packed, x.shape)
+        x, keep = kept_input(ctx, kept, packed)
         grad_a = grad_hidden.t() @ masked(x, keep).reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         if needs_x:
             grad_x = input_grad(grad_hidden, weight_a, keep, grad_x).view(x.shape)
