@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--profiled", type=int, default=2, help="steps profiled after the timed ones")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument(
+        "--tokens-per-forward", default="auto", help="trainer.max_tokens_per_forward: auto, or a number of tokens"
+    )
     parser.add_argument("--top", type=int, default=20, help="operators listed")
     parser.add_argument("--shapes", action="store_true", help="list operators by their input shapes too")
     args = parser.parse_args()
@@ -82,6 +85,9 @@ def main() -> None:
         learning_rate=2e-4,
         lr_scheduler="constant",
         warmup_ratio=0.0,
+        max_tokens_per_forward=args.tokens_per_forward
+        if args.tokens_per_forward == "auto"
+        else int(args.tokens_per_forward),
     )
     data = rows(len(loaded.tokenizer), args.seq_len, args.batch * (1 + args.steps + args.profiled), seed=0)
     plan = BatchPlan.build(model, data, [], cfg, pad_id=loaded.tokenizer.pad_token_id, device=torch.device("cpu"))

@@ -249,5 +249,11 @@ def contiguous_head_input(model: Any) -> Any:
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Module):
-        return head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+        return head.register_forward_pre_hook(contiguous_first_input)
     return None
+
+
+def contiguous_first_input(_module: torch.nn.Module, args: tuple) -> tuple:
+    """The head's pre-hook (:func:`contiguous_head_input`); named so that code reading the head's weight
+    directly knows this hook changes no value."""
+    return (args[0].contiguous(), *args[1:])

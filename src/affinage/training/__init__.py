@@ -3,6 +3,7 @@ holds, the loop, its listeners, and the recipe that wires them.
 
     schedule   get_lr, lr_schedule                  pure functions of the step
     losses     causal_lm_loss, evaluate_loss, ...   a batch's summed loss and labelled-token count
+    head_loss  head_cross_entropy                   the head + cross-entropy at labels, chunked over the vocabulary
     plan       BatchPlan                            packing / frozen-prefix cache / token budget, the batch stream
     state      TrainState                           counters, best validation, non-finite counts, metrics (JSON)
     checkpoint capture, save, load, restore, latest     numbered resume checkpoints: safetensors + JSON, atomic

@@ -17,15 +17,11 @@ from torch import nn
 from affinage import distributed
 from affinage.data.batching import collate
 from affinage.data.template import Encoded
+from affinage.training.head_loss import head_cross_entropy
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int]]
 
 CPU = torch.device("cpu")  # the default device of every training function
-
-
-def _softcap(logits: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def model_inputs(batch: dict) -> dict:
@@ -41,8 +37,8 @@ def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     selected = hidden[:, :-1][mask]  # (n_labelled, hidden): the head never sees prompt tokens
-    logits = _softcap(model.get_output_embeddings()(selected).float(), model)
-    return F.cross_entropy(logits, targets[mask], reduction="sum"), int(mask.sum())
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return head_cross_entropy(selected, model.get_output_embeddings(), targets[mask], cap), int(mask.sum())
 
 
 def full_logits_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
