@@ -53,7 +53,8 @@ def test_gradcheck_in_double(monkeypatch):
     assert torch.autograd.gradcheck(lambda r: _ChunkedHeadLoss.apply(r, head.weight, head.bias, targets, 2.0), rows)
 
 
-def test_bf16_is_as_close_to_fp32_as_the_stock_head():
+def test_bf16_is_as_close_to_fp32_as_the_stock_head(monkeypatch):
+    monkeypatch.setattr(head_loss, "CHUNK_HALF", 300)  # several chunks in bf16 too
     head = _head(2000, 64)
     rows, targets = torch.randn(12, 64), torch.randint(0, 2000, (12,))
     reference, reference_grad = _loss_and_grad(_stock, rows.double(), head.double(), targets)
@@ -87,3 +88,19 @@ def test_which_heads_run_chunked():
     loss = head_cross_entropy(rows, trained, torch.tensor([1, 2]))
     loss.backward()
     assert trained.weight.grad is not None and rows.grad is not None  # the stock ops: the head trains
+
+
+def test_what_backward_keeps_is_the_rows_gradient_not_the_logits():
+    from tests.conftest import saved_bytes
+
+    head = _head(5000, 32)
+    rows = torch.randn(20, 32, requires_grad=True)
+    targets = torch.randint(0, 5000, (20,))
+    _, chunked = saved_bytes(lambda: head_cross_entropy(rows, head, targets), skip=[head.weight])
+    _, stock = saved_bytes(lambda: _stock(rows, head, targets), skip=[head.weight])
+    assert chunked == 20 * 32 * 4  # the fp32 gradient of the rows, nothing vocabulary-sized
+    assert stock >= 20 * 5000 * 4
+    assert (
+        head_loss.transient_bytes(20, 5000, 32, 4, chunked=True)
+        < head_loss.transient_bytes(20, 5000, 32, 4, chunked=False) / 4
+    )

@@ -31,7 +31,7 @@ from affinage.config import Config
 from affinage.data.batching import padding_share
 from affinage.lora.inject import inject_lora, resolve_layers
 from affinage.lora.layers import mark_only_lora_as_trainable
-from affinage.training import block_attention
+from affinage.training import block_attention, head_loss
 from affinage.training.loop import training_forms
 from affinage.training.losses import CPU
 from affinage.training.plan import PACK_WHEN_PADDING_ABOVE, resolve_forward_budget
@@ -353,10 +353,11 @@ def estimate_memory(
     else:
         activations = (depth + 1) * block  # + one block's worth of gradients in flight
     vocab = text_config.vocab_size
-    logits = labels * vocab * (element + 3 * 4)  # head output, fp32 copy, log-softmax, gradient
-    # The validation loss runs whole micro-batches (no token budget), without grad: head output, fp32, log-softmax.
+    chunked = head_loss.chunkable_head(model.get_output_embeddings(), dtype, device)
+    logits = head_loss.transient_bytes(labels, vocab, hidden, element, chunked)
+    # The validation loss runs whole micro-batches (no token budget), without grad.
     valid_labels = sum(sorted(lengths.valid_labels, reverse=True)[: cfg.batch_size])
-    validation = valid_labels * vocab * (element + 2 * 4)
+    validation = head_loss.transient_bytes(valid_labels, vocab, hidden, element, chunked, gradient=False)
     prefix = (sum(lengths.train) + sum(lengths.valid)) * hidden * element if cached else 0
     loaded = weights if config.quantization is not None else file_bytes(model_path)  # QLoRA: the 4-bit checkpoint
     converts = config.quantization is not None or stored_dtype(model_path) != str(dtype).removeprefix("torch.")
@@ -373,7 +374,9 @@ def estimate_memory(
         logits_mb=logits / MB,
         prefix_cache_mb=prefix / MB,
         validation_mb=max(0.0, validation - activations - logits) / MB,
-        heap_mb=HEAP_GROWTH * (activations + prefix + heap_served(labels * vocab, element)) / MB,
+        heap_mb=HEAP_GROWTH
+        * (activations + prefix + (logits if chunked else heap_served(labels * vocab, element)))
+        / MB,
         load_peak_mb=load_peak / MB,
         tokens_per_forward=tokens,
         checkpointing=checkpointing,

@@ -5,12 +5,13 @@ whole vocabulary matrix (SmolLM2: 49,152 x 576, 113 MB in fp32), once in forward
 backward. With few rows neither product is compute-bound, and on CPU MKL runs them far below the
 rate of reading the matrix: 3 rows took 23 ms forward + 14 ms backward, 2.2 % of a 4 x 512-token
 LoRA step at fp32, work the model FLOPs do not count. Here the matrix is read once, in chunks of
-:data:`CHUNK` rows that stay in cache for both products: each chunk's logits, then the softmax
+:func:`chunk_rows` rows that stay in cache for both products: each chunk's logits, then the softmax
 numerators times the same chunk, accumulated with an online softmax (the running maximum rescales
 what came before, as in flash attention). Forward thus returns the loss and keeps the gradient of
 its input (rows x hidden) for backward, which only scales it; the rows x vocabulary logits are
-never materialised (400 MB for 2,048 labelled fp32 tokens on SmolLM2). Measured on 2 cores, fp32,
-forward + backward: 3 rows 46 -> 14 ms, 48 rows 52 -> 38 ms, 1,024 rows 850 -> 605 ms.
+never materialised (400 MB for 2,048 labelled fp32 tokens on SmolLM2). Measured on 2 cores,
+forward + backward, fp32: 3 rows 43 -> 12 ms, 48 rows 50 -> 38 ms, 1,024 rows 849 -> 599 ms;
+bf16: 3 rows 5.3 -> 4.6 ms, 48 rows 15.1 -> 11.9 ms, 1,024 rows 416 -> 165 ms.
 
 Values are those of ``F.cross_entropy(head(x).float(), targets, reduction="sum")`` with the
 model's final-logit soft-capping (``tests/test_head_loss.py``). Only a frozen ``nn.Linear`` head on
@@ -25,29 +26,53 @@ from torch import nn
 
 from affinage.models import contiguous_first_input
 
-CHUNK = 1024  # vocabulary rows per chunk: 2.4 MB in fp32 (measured best of 512-8192 at 3-1,024 rows, 2 cores)
-FEW_ROWS = 8  # below this many rows a chunk's logits run faster as (W_c xᵀ)ᵀ than as x W_cᵀ (MKL, measured)
+# Vocabulary rows per chunk, measured best on 2 cores at 3-1,024 labelled rows: fp32 1,024 (2.4 MB;
+# 512-8,192 tried), bf16 4,096 (4.7 MB; 1,024-8,192 tried, oneDNN's products amortise a larger chunk).
+CHUNK = 1024
+CHUNK_HALF = 4096  # for 2-byte dtypes
+FEW_ROWS = 8  # fp32 below this many rows: a chunk's logits run faster as (W_c xᵀ)ᵀ than as x W_cᵀ (MKL)
+
+
+def chunk_rows(element: int) -> int:
+    """Vocabulary rows per chunk for weights of ``element`` bytes."""
+    return CHUNK if element >= 4 else CHUNK_HALF
 
 
 def chunked_head_applies(head: nn.Module, hidden: torch.Tensor) -> bool:
-    """Whether ``head`` on ``hidden`` may run chunked: a frozen CPU ``nn.Linear`` (bias frozen or absent) in
-    ``hidden``'s dtype, with no hook but affinage's own (which changes no value). A head whose weight
-    trains needs its own gradient, which this path does not make."""
+    """Whether ``head`` on ``hidden`` may run chunked: :func:`chunkable_head` on ``hidden``'s device and dtype."""
+    return chunkable_head(head, hidden.dtype, hidden.device)
+
+
+def chunkable_head(head: nn.Module | None, dtype: torch.dtype, device: torch.device) -> bool:
+    """A frozen ``nn.Linear`` head (bias frozen or absent) of ``dtype`` on the CPU, with no hook but affinage's
+    own (which changes no value). A head whose weight trains needs its own gradient, which this path does
+    not make."""
     return (
         type(head) is nn.Linear
-        and hidden.device.type == "cpu"
+        and device.type == "cpu"
         and not head.weight.requires_grad
         and (head.bias is None or not head.bias.requires_grad)
-        and head.weight.dtype == hidden.dtype
+        and head.weight.dtype == dtype
         and not head._forward_hooks
         and all(hook is contiguous_first_input for hook in head._forward_pre_hooks.values())
     )
 
 
+def transient_bytes(rows: int, vocab: int, hidden: int, element: int, chunked: bool, gradient: bool = True) -> int:
+    """The bytes the head and its loss hold at once for ``rows`` labelled rows (what ``--estimate`` counts).
+
+    Stock: the head's output in the run's dtype (``element`` bytes), its fp32 copy, the log-softmax and,
+    when training, the gradient. Chunked: one chunk's logits (the run's dtype and fp32, twice for the
+    numerators), and, when training, the fp32 accumulators of the rows' gradient (two of ``hidden``)."""
+    if not chunked:
+        return rows * vocab * (element + (3 if gradient else 2) * 4)
+    return rows * (min(chunk_rows(element), vocab) * (element + 8) + (2 * hidden * 4 if gradient else 0))
+
+
 def _chunk_logits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``rows @ weight.T + bias`` in fp32 or wider (rounded in the weight's dtype first, as the stock head's
     output is before its ``float()``)."""
-    if rows.shape[0] < FEW_ROWS:
+    if rows.shape[0] < FEW_ROWS and weight.element_size() >= 4:  # bf16 runs in oneDNN: no such gap
         logits = (weight @ rows.t()).t() if bias is None else torch.addmm(bias[:, None], weight, rows.t()).t()
     else:
         logits = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
@@ -74,9 +99,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         running_max = rows.new_full((count, 1), float("-inf"), dtype=wide)
         total = rows.new_zeros((count, 1), dtype=wide)  # Σ exp(logit - running_max)
         weighted = rows.new_zeros(rows.shape, dtype=wide) if want_grad else None  # Σ that · dlogit/dz · W_v
-        for start in range(0, weight.shape[0], CHUNK):
-            chunk = weight[start : start + CHUNK]
-            chunk_bias = None if bias is None else bias[start : start + CHUNK]
+        step = chunk_rows(weight.element_size())
+        for start in range(0, weight.shape[0], step):
+            chunk = weight[start : start + step]
+            chunk_bias = None if bias is None else bias[start : start + step]
             logits, slope = _capped(_chunk_logits(rows, chunk, chunk_bias), cap)
             new_max = torch.maximum(running_max, logits.amax(dim=1, keepdim=True))
             rescale = (running_max - new_max).exp_()
