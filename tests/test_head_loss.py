@@ -80,6 +80,12 @@ def test_which_heads_run_chunked():
     contiguous_head_input(type("M", (), {"get_output_embeddings": lambda self: head})())  # affinage's own hook
     assert chunked_head_applies(head, rows)
     assert not chunked_head_applies(head, rows.double())  # another dtype than the weight
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert not chunked_head_applies(head, rows)  # a global hook expects to see the head called
+    finally:
+        handle.remove()
+    assert chunked_head_applies(head, rows)
     head.register_forward_hook(lambda *args: None)
     assert not chunked_head_applies(head, rows)  # a user's hook could change the logits
     trained = _head(40, 16).requires_grad_(True)

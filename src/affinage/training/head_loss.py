@@ -44,9 +44,9 @@ def chunked_head_applies(head: nn.Module, hidden: torch.Tensor) -> bool:
 
 
 def chunkable_head(head: nn.Module | None, dtype: torch.dtype, device: torch.device) -> bool:
-    """A frozen ``nn.Linear`` head (bias frozen or absent) of ``dtype`` on the CPU, with no hook but affinage's
-    own (which changes no value). A head whose weight trains needs its own gradient, which this path does
-    not make."""
+    """A frozen ``nn.Linear`` head (bias frozen or absent) of ``dtype`` on the CPU, with no hook but
+    affinage's own (which changes no value), nor any global module hook (the head module itself is not
+    called). A head whose weight trains needs its own gradient, which this path does not make."""
     return (
         type(head) is nn.Linear
         and device.type == "cpu"
@@ -55,6 +55,7 @@ def chunkable_head(head: nn.Module | None, dtype: torch.dtype, device: torch.dev
         and head.weight.dtype == dtype
         and not head._forward_hooks
         and all(hook is contiguous_first_input for hook in head._forward_pre_hooks.values())
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
     )
 
 
