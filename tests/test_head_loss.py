@@ -50,7 +50,9 @@ def test_gradcheck_in_double(monkeypatch):
     head = _head(30, 6, bias=True, dtype=torch.float64)
     rows = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 30, (5,))
-    assert torch.autograd.gradcheck(lambda r: _ChunkedHeadLoss.apply(r, head.weight, head.bias, targets, 2.0), rows)
+    assert torch.autograd.gradcheck(
+        lambda r: _ChunkedHeadLoss.apply(r, head.weight, head.bias, targets, 2.0, True), rows
+    )
 
 
 def test_bf16_is_as_close_to_fp32_as_the_stock_head(monkeypatch):
@@ -86,6 +88,14 @@ def test_which_heads_run_chunked():
     finally:
         handle.remove()
     assert chunked_head_applies(head, rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not chunked_head_applies(head, rows)  # bf16 chunks against an fp32 target logit
+    head.forward = lambda x: x  # what accelerate's hooks do: an instance forward the path would skip
+    assert not chunked_head_applies(head, rows)
+    del head.forward
+    hook = head.register_full_backward_hook(lambda *args: None)
+    assert not chunked_head_applies(head, rows)  # it would never fire
+    hook.remove()
     head.register_forward_hook(lambda *args: None)
     assert not chunked_head_applies(head, rows)  # a user's hook could change the logits
     trained = _head(40, 16).requires_grad_(True)
@@ -110,3 +120,34 @@ def test_what_backward_keeps_is_the_rows_gradient_not_the_logits():
         head_loss.transient_bytes(20, 5000, 32, 4, chunked=True)
         < head_loss.transient_bytes(20, 5000, 32, 4, chunked=False) / 4
     )
+
+
+def test_ignored_targets_are_refused_and_second_derivatives_raise():
+    head = _head(100, 8)
+    rows = torch.randn(3, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="drop -100"):
+        head_cross_entropy(rows, head, torch.tensor([1, -100, 2]))
+    weight = torch.tensor(2.0, requires_grad=True)  # the first gradient then requires grad: a graph to go on
+    loss = head_cross_entropy(rows, head, torch.tensor([1, 5, 2])) * weight
+    (grad,) = torch.autograd.grad(loss, rows, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):  # not a silently missing second-order term
+        grad.square().sum().backward()
+
+
+def test_no_gradient_work_under_no_grad():
+    from tests.conftest import saved_bytes
+
+    head = _head(500, 16)
+    rows = torch.randn(4, 16, requires_grad=True)
+    targets = torch.randint(0, 500, (4,))
+    with torch.no_grad():
+        loss, kept = saved_bytes(lambda: head_cross_entropy(rows, head, targets))
+    assert kept == 0 and not loss.requires_grad
+    torch.testing.assert_close(loss, _stock(rows.detach(), head, targets))
+
+
+def test_the_estimate_counts_chunk_buffers_on_the_heap_only_under_the_mmap_threshold():
+    from affinage.training.estimate import heap_served_head
+
+    assert heap_served_head(20, 49152, 2, chunked=True, transient=1234) == 1234
+    assert heap_served_head(8192, 49152, 2, chunked=True, transient=1234) == 0  # 128 MiB chunks are mapped

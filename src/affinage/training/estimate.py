@@ -292,6 +292,14 @@ def heap_served(logit_count: int, element: int) -> int:
     return low + (logit_count * 12 if logit_count * 4 < MMAP_THRESHOLD_MAX else 0)
 
 
+def heap_served_head(labels: int, vocab: int, element: int, chunked: bool, transient: int) -> int:
+    """The head's transients glibc serves from its heap: the stock logits (:func:`heap_served`), or the chunked
+    head's ``transient`` bytes when one chunk's fp32 logits are under the mmap threshold."""
+    if not chunked:
+        return heap_served(labels * vocab, element)
+    return transient if labels * head_loss.chunk_rows(element) * 4 < MMAP_THRESHOLD_MAX else 0
+
+
 def stored_dtype(model_path: Path | str) -> str | None:
     """The checkpoint's dtype as config.json names it (``float32``): loading in another one builds a copy."""
     path = Path(model_path) / "config.json"
@@ -353,7 +361,7 @@ def estimate_memory(
     else:
         activations = (depth + 1) * block  # + one block's worth of gradients in flight
     vocab = text_config.vocab_size
-    chunked = head_loss.chunkable_head(model.get_output_embeddings(), dtype, device)
+    chunked = cfg.logits_only_on_labels and head_loss.chunkable_head(model.get_output_embeddings(), dtype, device)
     logits = head_loss.transient_bytes(labels, vocab, hidden, element, chunked)
     # The validation loss runs whole micro-batches (no token budget), without grad.
     valid_labels = sum(sorted(lengths.valid_labels, reverse=True)[: cfg.batch_size])
@@ -374,9 +382,7 @@ def estimate_memory(
         logits_mb=logits / MB,
         prefix_cache_mb=prefix / MB,
         validation_mb=max(0.0, validation - activations - logits) / MB,
-        heap_mb=HEAP_GROWTH
-        * (activations + prefix + (logits if chunked else heap_served(labels * vocab, element)))
-        / MB,
+        heap_mb=HEAP_GROWTH * (activations + prefix + heap_served_head(labels, vocab, element, chunked, logits)) / MB,
         load_peak_mb=load_peak / MB,
         tokens_per_forward=tokens,
         checkpointing=checkpointing,

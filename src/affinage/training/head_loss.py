@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from affinage.models import contiguous_first_input
 
@@ -43,19 +44,27 @@ def chunked_head_applies(head: nn.Module, hidden: torch.Tensor) -> bool:
     return chunkable_head(head, hidden.dtype, hidden.device)
 
 
+_MODULE_HOOKS = ("_forward_hooks", "_backward_hooks", "_backward_pre_hooks")  # torch's own (private) dicts
+_GLOBAL_HOOKS = tuple(f"_global{name}" for name in (*_MODULE_HOOKS, "_forward_pre_hooks"))
+
+
 def chunkable_head(head: nn.Module | None, dtype: torch.dtype, device: torch.device) -> bool:
-    """A frozen ``nn.Linear`` head (bias frozen or absent) of ``dtype`` on the CPU, with no hook but
-    affinage's own (which changes no value), nor any global module hook (the head module itself is not
-    called). A head whose weight trains needs its own gradient, which this path does not make."""
+    """A frozen ``nn.Linear`` head (bias frozen or absent) of ``dtype`` on the CPU, outside autocast (whose
+    products would round the chunks but not the target's logit), with its own ``forward`` and no hook but
+    affinage's own (which changes no value), nor any global module hook: the head module itself is not
+    called. A head whose weight trains needs its own gradient, which this path does not make."""
     return (
         type(head) is nn.Linear
         and device.type == "cpu"
+        and head.weight.device == device
+        and not torch.is_autocast_enabled("cpu")
         and not head.weight.requires_grad
         and (head.bias is None or not head.bias.requires_grad)
         and head.weight.dtype == dtype
-        and not head._forward_hooks
+        and "forward" not in vars(head)  # accelerate's hooks replace the instance's forward
+        and not any(getattr(head, name) for name in _MODULE_HOOKS)
         and all(hook is contiguous_first_input for hook in head._forward_pre_hooks.values())
-        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        and not any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
     )
 
 
@@ -64,16 +73,18 @@ def transient_bytes(rows: int, vocab: int, hidden: int, element: int, chunked: b
 
     Stock: the head's output in the run's dtype (``element`` bytes), its fp32 copy, the log-softmax and,
     when training, the gradient. Chunked: one chunk's logits (the run's dtype and fp32, twice for the
-    numerators), and, when training, the fp32 accumulators of the rows' gradient (two of ``hidden``)."""
+    numerators, once more for a soft cap's slope), and, when training, the fp32 accumulators of the rows'
+    gradient (two of ``hidden``)."""
     if not chunked:
         return rows * vocab * (element + (3 if gradient else 2) * 4)
-    return rows * (min(chunk_rows(element), vocab) * (element + 8) + (2 * hidden * 4 if gradient else 0))
+    return rows * (min(chunk_rows(element), vocab) * (element + 12) + (2 * hidden * 4 if gradient else 0))
 
 
 def _chunk_logits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``rows @ weight.T + bias`` in fp32 or wider (rounded in the weight's dtype first, as the stock head's
     output is before its ``float()``)."""
-    if rows.shape[0] < FEW_ROWS and weight.element_size() >= 4:  # bf16 runs in oneDNN: no such gap
+    # fp32 with few rows: MKL runs W_c xᵀ 7x faster than x W_cᵀ at 3 rows; bf16 runs in oneDNN, no such gap
+    if rows.shape[0] < FEW_ROWS and weight.element_size() >= 4:
         logits = (weight @ rows.t()).t() if bias is None else torch.addmm(bias[:, None], weight, rows.t()).t()
     else:
         logits = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
@@ -84,18 +95,19 @@ def _wide(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def _capped(logits: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Soft-capped logits ``cap·tanh(z/cap)`` and their derivative ``1 - tanh²`` (None without a cap)."""
+def _capped_(logits: torch.Tensor, cap: float | None, slope: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Soft-capped logits ``cap·tanh(z/cap)``, in place (``logits`` is a fresh tensor), and with ``slope``
+    their derivative ``1 - tanh²`` (None without a cap)."""
     if not cap:
         return logits, None
-    squashed = torch.tanh(logits / cap)
-    return squashed * cap, 1 - squashed * squashed
+    squashed = logits.div_(cap).tanh_()
+    derivative = 1 - squashed * squashed if slope else None
+    return squashed.mul_(cap), derivative
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, weight, bias, targets, cap):
-        want_grad = ctx.needs_input_grad[0]
+    def forward(ctx, rows, weight, bias, targets, cap, want_grad):
         count, wide = rows.shape[0], _wide(rows)
         running_max = rows.new_full((count, 1), float("-inf"), dtype=wide)
         total = rows.new_zeros((count, 1), dtype=wide)  # Σ exp(logit - running_max)
@@ -104,7 +116,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for start in range(0, weight.shape[0], step):
             chunk = weight[start : start + step]
             chunk_bias = None if bias is None else bias[start : start + step]
-            logits, slope = _capped(_chunk_logits(rows, chunk, chunk_bias), cap)
+            logits, slope = _capped_(_chunk_logits(rows, chunk, chunk_bias), cap, want_grad)
             new_max = torch.maximum(running_max, logits.amax(dim=1, keepdim=True))
             rescale = (running_max - new_max).exp_()
             numerators = logits.sub_(new_max).exp_()
@@ -118,7 +130,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         target_logits = (rows.to(wide) * target_rows).sum(dim=1, keepdim=True)
         if bias is not None:
             target_logits += bias[targets, None].to(wide)
-        target_logits, target_slope = _capped(target_logits.to(rows.dtype).to(wide), cap)
+        target_logits, target_slope = _capped_(target_logits.to(rows.dtype).to(wide), cap, want_grad)
         loss = (running_max + total.log() - target_logits).sum()
         if want_grad:
             # d loss / d rows = Σ_v softmax_v · dz_v · W_v - dz_target · W_target
@@ -128,18 +140,26 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # the gradient is made in forward: no graph of it for a second derivative
     def backward(ctx, grad):
         (grad_rows,) = ctx.saved_tensors
-        return (grad_rows * grad).to(ctx.dtype), None, None, None, None
+        return (grad_rows * grad).to(ctx.dtype), None, None, None, None, None
 
 
 def head_cross_entropy(
     rows: torch.Tensor, head: nn.Module, targets: torch.Tensor, cap: float | None = None
 ) -> torch.Tensor:
-    """Summed next-token cross-entropy of ``head(rows)`` (fp32 logits, soft-capped at ``cap`` if set) against
-    ``targets``: chunked where :func:`chunked_head_applies`, the stock ops otherwise."""
+    """Summed next-token cross-entropy of ``head(rows)`` (logits in fp32, or fp64 for fp64 rows; soft-capped at
+    ``cap`` if set) against ``targets``, vocabulary ids (drop ignored positions first): chunked where
+    :func:`chunked_head_applies`, the stock ops otherwise."""
     if chunked_head_applies(head, rows):
-        return _ChunkedHeadLoss.apply(rows, head.weight, head.bias, targets, cap)
+        targets = targets.long()
+        if targets.numel() and int(targets.min()) < 0:
+            raise ValueError(
+                f"head_cross_entropy: target {int(targets.min())} is not a vocabulary id (drop -100 first)"
+            )
+        want_grad = torch.is_grad_enabled() and rows.requires_grad
+        return _ChunkedHeadLoss.apply(rows, head.weight, head.bias, targets, cap, want_grad)
     logits = head(rows).float()
     if cap:
         logits = torch.tanh(logits / cap) * cap
