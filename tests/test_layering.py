@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # A module may import modules of its own layer or of lower ones.
 LAYERS: list[list[str]] = [
     # foundations: errors, atomic writes, the cache directory, user functions, the process group, threads and device,
-    # tensors backward recomputes
+    # tensors backward recomputes, whether a module's weights may be used without calling it
     [
         "affinage.errors",
         "affinage.atomic",
@@ -35,6 +35,7 @@ LAYERS: list[list[str]] = [
         "affinage.distributed",
         "affinage.runtime",
         "affinage.recompute",
+        "affinage.module_hooks",
     ],
     # rows and their text (the config validates template names against data.template)
     [

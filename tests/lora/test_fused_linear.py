@@ -108,6 +108,10 @@ def test_only_frozen_unhooked_linear_bases_of_the_input_dtype_are_plain():
         assert not plain_base(layer, x)  # the base module is called, so its hooks run
         hooked.remove()
     assert plain_base(layer, x)
+    layer.base_layer.forward = lambda x: x  # an instance forward (accelerate's hooks): it must run
+    assert not plain_base(layer, x)
+    del layer.base_layer.forward
+    assert plain_base(layer, x)
 
 
 def test_a_grouped_layer_with_a_trained_bias_gives_it_its_gradient():

@@ -34,22 +34,19 @@ from affinage.lora.fused import (
     masked,
     projected,
 )
-
-_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOKS = tuple(f"_global{name}" for name in _MODULE_HOOKS)
+from affinage.module_hooks import bypassable
 
 
 def plain_base(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``layer`` (a LoRA wrapper) has a frozen ``nn.Linear`` base (weight and bias) in ``x``'s dtype,
-    the dtype its update runs in too, with no hook of its own nor any global module hook: the base's
-    product may then join the update's node (the base module itself is not called)."""
+    the dtype its update runs in too, :func:`~affinage.module_hooks.bypassable` (no hook, no instance
+    ``forward``): the base's product may then join the update's node (the base module is not called)."""
     base = layer.base_layer
     return (
         type(base) is nn.Linear
         and not base.weight.requires_grad
         and (base.bias is None or not base.bias.requires_grad)
-        and not any(getattr(base, name) for name in _MODULE_HOOKS)
-        and not any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
+        and bypassable(base)
         and base.weight.dtype == x.dtype == compute_dtype(x, layer.lora_A.weight)
     )
 

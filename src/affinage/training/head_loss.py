@@ -26,6 +26,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from affinage.models import contiguous_first_input
+from affinage.module_hooks import bypassable
 
 # Vocabulary rows per chunk, measured best on 2 cores at 3-1,024 labelled rows: fp32 1,024 (2.4 MB;
 # 512-8,192 tried), bf16 4,096 (4.7 MB; 1,024-8,192 tried, oneDNN's products amortise a larger chunk).
@@ -44,10 +45,6 @@ def chunked_head_applies(head: nn.Module, hidden: torch.Tensor) -> bool:
     return chunkable_head(head, hidden.dtype, hidden.device)
 
 
-_MODULE_HOOKS = ("_forward_hooks", "_backward_hooks", "_backward_pre_hooks")  # torch's own (private) dicts
-_GLOBAL_HOOKS = tuple(f"_global{name}" for name in (*_MODULE_HOOKS, "_forward_pre_hooks"))
-
-
 def chunkable_head(head: nn.Module | None, dtype: torch.dtype, device: torch.device) -> bool:
     """A frozen ``nn.Linear`` head (bias frozen or absent) of ``dtype`` on the CPU, outside autocast (whose
     products would round the chunks but not the target's logit), with its own ``forward`` and no hook but
@@ -61,10 +58,7 @@ def chunkable_head(head: nn.Module | None, dtype: torch.dtype, device: torch.dev
         and not head.weight.requires_grad
         and (head.bias is None or not head.bias.requires_grad)
         and head.weight.dtype == dtype
-        and "forward" not in vars(head)  # accelerate's hooks replace the instance's forward
-        and not any(getattr(head, name) for name in _MODULE_HOOKS)
-        and all(hook is contiguous_first_input for hook in head._forward_pre_hooks.values())
-        and not any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
+        and bypassable(head, harmless_pre_hooks=(contiguous_first_input,))
     )
 
 
