@@ -34,10 +34,23 @@ def _masks(length):
     return {"causal": None, "padded": padded, "packed": packed, "sliding": sliding}
 
 
+@pytest.fixture
+def two_threads():
+    """Two threads, as on the machines measured: an odd count of KV-head matrices is then cut in halves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("kind", ["causal", "padded", "packed", "sliding"])
-def test_values_and_gradients_are_sdpas_for_every_decoder_mask(kind):
+@pytest.mark.parametrize("batch,kv_heads", [(2, 2), (1, 3)])  # 4 matrices per block; 3, each cut in 2
+def test_values_and_gradients_are_sdpas_for_every_decoder_mask(kind, batch, kv_heads, two_threads):
     mask = _masks(150)[kind]
-    query, key, value = _inputs()
+    mask = None if mask is None else mask[:batch]
+    query, key, value = _inputs(batch=batch, kv_heads=kv_heads)
+    rows = block_attention.BLOCK * query.shape[1] // kv_heads
+    assert block_attention._parts(batch * kv_heads, rows) == (2 if batch * kv_heads % 2 else 1)
     grad_out = torch.randn(query.shape, dtype=query.dtype)
     expected = _sdpa(query, key, value, mask)
     expected_grads = torch.autograd.grad(expected, (query, key, value), grad_out)
@@ -48,7 +61,15 @@ def test_values_and_gradients_are_sdpas_for_every_decoder_mask(kind):
         torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-9)
 
 
-def test_gradcheck_on_a_length_that_is_not_a_multiple_of_the_block():
+def test_parts_make_the_matrices_a_multiple_of_the_threads(two_threads):
+    assert [block_attention._parts(matrices, 192) for matrices in (1, 2, 3, 4, 6)] == [2, 1, 2, 1, 1]
+    assert block_attention._parts(3, 2 * block_attention.MIN_PART_ROWS - 2) == 1  # halves too short
+    assert block_attention._parts(3, 191) == 1  # rows that do not halve
+    torch.set_num_threads(4)
+    assert [block_attention._parts(matrices, 192) for matrices in (2, 3, 4)] == [2, 4, 1]
+
+
+def test_gradcheck_on_a_length_that_is_not_a_multiple_of_the_block(two_threads):
     query, key, value = _inputs(batch=1, heads=2, kv_heads=1, length=block_attention.BLOCK + 5, dim=4)
     assert torch.autograd.gradcheck(lambda q, k, v: block_causal_attention(q, k, v, None, 0.5), (query, key, value))
 
