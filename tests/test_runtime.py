@@ -64,3 +64,39 @@ def test_heap_trim_listener_trims_every_n_steps(monkeypatch):
         state.step = step
         trim.on_step_end(state, None)
     assert len(calls) == 3
+
+
+def test_frozen_objects_leaves_what_was_alive_out_of_collections_and_thaws_it():
+    import gc
+    import weakref
+
+    from affinage.runtime import frozen_objects
+
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    with frozen_objects() as froze:
+        assert froze and gc.get_freeze_count() > 0  # what was alive is frozen
+        cycle = Node()
+        cycle.self = cycle  # garbage made inside is still collected
+        alive = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert alive() is None
+    assert gc.get_freeze_count() == 0
+
+
+def test_frozen_objects_inside_another_freeze_leaves_it_as_it_was():
+    import gc
+
+    from affinage.runtime import frozen_objects
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with frozen_objects() as froze:
+            assert not froze
+        assert gc.get_freeze_count() == frozen  # not thawed by the inner block
+    finally:
+        gc.unfreeze()

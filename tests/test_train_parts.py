@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ from affinage.lora import inject_lora
 from affinage.training import (
     BatchPlan,
     History,
+    Listener,
     lora_optimizer,
     lr_schedule,
     run_plan,
@@ -33,6 +35,16 @@ def _model(tokenizer, dropout=0.0):
     return model
 
 
+class FrozenDuringSteps(Listener):
+    """Whether the objects alive before training were frozen out of collections at each step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_step(self, state, report):
+        self.seen.append(gc.get_freeze_count() > 0)
+
+
 def test_the_loop_writes_no_file(tokenizer, tmp_path, monkeypatch):
     """Steps, validations and listeners that only keep things in memory: the working directory stays empty."""
     monkeypatch.chdir(tmp_path)
@@ -41,7 +53,7 @@ def test_the_loop_writes_no_file(tokenizer, tmp_path, monkeypatch):
     torch.manual_seed(cfg.seed)
     optimizer = lora_optimizer(model, cfg)
     plan = BatchPlan.build(model, data, data[:4], cfg, pad_id=tokenizer.pad_token_id)
-    history = History()
+    history, frozen = History(), FrozenDuringSteps()
     state = run_steps(
         model,
         plan.batches(),
@@ -51,11 +63,12 @@ def test_the_loop_writes_no_file(tokenizer, tmp_path, monkeypatch):
         lr_at=lr_schedule(cfg, plan.total_steps),
         validate=validation(plan, torch.device("cpu")),
         eval_every=plan.eval_every,
-        listeners=[history],
+        listeners=[history, frozen],
     )
     assert state.step == 4 and state.batches == 4 and state.tokens > 0
     assert [r["step"] for r in history.records if "valid_loss" in r] == [2, 4]
     assert os.listdir(tmp_path) == []
+    assert frozen.seen == [True] * 4 and gc.get_freeze_count() == 0  # the collector skipped the model; thawed
 
 
 def test_plan_and_loop_give_the_recipe_s_losses(tokenizer, tmp_path):

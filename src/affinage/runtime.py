@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,3 +97,23 @@ def trim_heap() -> bool:
         return False
     _MALLOC_TRIM(0)
     return True
+
+
+@contextmanager
+def frozen_objects() -> Iterator[bool]:
+    """Within the block, Python's collector ignores the objects alive when it starts; yields whether it froze.
+
+    Why: a full collection walks every tracked object, and a loaded model, its tokenizer and the
+    planned rows are ~400,000 of them (SmolLM2): 214 ms each time, about every third 4 x 512-token
+    step, ~1 % of training spent walking objects that live through it. Frozen, a collection walks
+    only what the steps made. Reference counting still frees everything as before; a cycle among
+    the frozen objects (garbage from before training included) waits for the block's end. Inside
+    an outer freeze (another library's) it does nothing, so it never thaws what it did not freeze."""
+    if gc.get_freeze_count() or not gc.isenabled():
+        yield False
+        return
+    gc.freeze()  # not after a collect: in a big process (a notebook, a test session) that would take seconds
+    try:
+        yield True
+    finally:
+        gc.unfreeze()

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from affinage import distributed
 from affinage.data.batching import split_rows
+from affinage.runtime import frozen_objects
 from affinage.training.block_attention import blockwise_causal_attention
 from affinage.training.faults import StopRequests, nonfinite, too_many_nonfinite
 from affinage.training.gated_mlp import recompute_gated_activations
@@ -217,7 +218,7 @@ def run_steps(
         listener.on_start(state)
     stopped = any(listener.should_stop(state) for listener in listeners)  # it had stopped before a kill
     model.train()
-    with training_forms(model), StopRequests() as stop:
+    with training_forms(model), StopRequests() as stop, frozen_objects():
         while state.step < steps and not stopped:
             report = train_step(model, batches, loss_fn, optimizer, lr_at(state.step), options)
             state.step += 1
