@@ -143,7 +143,7 @@ class _BlockCausalAttention(torch.autograd.Function):
         queries = _Blocks.of(query, kv_heads)
         out = _Blocks(queries.shape, torch.empty_like(queries.buffer))
         keys, values = key.reshape(batch * kv_heads, length, dim), value.reshape(batch * kv_heads, length, dim)
-        parts = _parts(batch * kv_heads, BLOCK * group)
+        parts = _parts(batch * kv_heads, BLOCK * group) if length >= BLOCK else 1  # only whole blocks are cut
         split = _repeated(parts, keys, values)
         probs = []
         lowest = torch.finfo(query.dtype).min  # not -inf: a row with every key masked stays finite
