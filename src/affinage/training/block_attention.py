@@ -148,7 +148,7 @@ class _BlockCausalAttention(torch.autograd.Function):
         probs = []
         lowest = torch.finfo(query.dtype).min  # not -inf: a row with every key masked stays finite
         for index, ((start, end), hidden) in enumerate(zip(queries.spans, _blocked_masks(mask, length, query.device))):
-            cut = parts if end - start == BLOCK else 1
+            cut = _cut(start, end, parts)
             keys_, values_ = split if cut > 1 else (keys, values)
             rows = queries.block(index, cut)
             scores = torch.baddbmm(rows.new_empty(()), rows, keys_[:, :end].transpose(1, 2), beta=0, alpha=scale)
@@ -179,12 +179,12 @@ class _BlockCausalAttention(torch.autograd.Function):
         row_dots = (grad_rows.buffer.view(-1, dim) * out_buffer.view(-1, dim)).sum(-1)
         dots = _Blocks((*grad_rows.shape[:4], 1), row_dots)
         split = _repeated(parts, keys, values)
-        whole = (torch.zeros_like(keys), torch.zeros_like(values))
+        kv_grads = (torch.zeros_like(keys), torch.zeros_like(values))
         split_grads = tuple(torch.zeros_like(t) for t in split) if split else None
         for index, ((start, end), prob) in enumerate(zip(queries.spans, probs)):
-            cut = parts if end - start == BLOCK else 1
+            cut = _cut(start, end, parts)
             keys_, values_ = split if cut > 1 else (keys, values)
-            grad_key, grad_value = split_grads if cut > 1 else whole
+            grad_key, grad_value = split_grads if cut > 1 else kv_grads
             rows, grad_block = queries.block(index, cut), grad_rows.block(index, cut)
             grad_value[:, :end] += torch.bmm(prob.transpose(1, 2), grad_block)
             grad_prob = torch.bmm(grad_block, values_[:, :end].transpose(1, 2))
@@ -201,7 +201,7 @@ class _BlockCausalAttention(torch.autograd.Function):
             grad_key[:, :end] += torch.baddbmm(
                 grad_scores.new_empty(()), grad_scores.transpose(1, 2), rows, beta=0, alpha=ctx.scale
             )
-        grad_key, grad_value = whole
+        grad_key, grad_value = kv_grads
         if split_grads:
             grad_key += split_grads[0].view(batch * kv_heads, parts, length, dim).sum(1)
             grad_value += split_grads[1].view(batch * kv_heads, parts, length, dim).sum(1)
@@ -212,6 +212,12 @@ class _BlockCausalAttention(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _cut(start: int, end: int, parts: int) -> int:
+    """Into how many row ranges block ``start:end`` is cut: ``parts`` for a whole block, none for the shorter
+    last one (forward and backward must agree: the kept probabilities have the cut's shape)."""
+    return parts if end - start == BLOCK else 1
 
 
 def _repeated(parts: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
