@@ -9,28 +9,46 @@ profiler's own cost left out) and the self time of the
 operators in the profiled ones, grouped: the decoder's matmuls, attention, LoRA's small matmuls, elementwise
 work (norms, RoPE, activations), the optimizer, and the rest.
 
+``--parts`` times affinage's own autograd nodes (LoRA linears, attention, norm, gated product,
+head loss; forward and backward apart) with a clock around each call during the timed steps,
+and prints each one's share of them, the rest being stock operators, autograd and the optimizer.
+Why beside the profiler: on a 2-vCPU virtual machine the profiler's per-operator cost made
+elementwise operators look 4-6x slower than a clock around them showed.
+
     python benchmarks/profile_step.py --seq-len 256 --batch 8 --precision fp32
     python benchmarks/profile_step.py --seq-len 512 --batch 4 --top 30
+    python benchmarks/profile_step.py --seq-len 256 --batch 8 --profiled 0 --parts
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
+import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 
 from affinage.bench.machine import flops_per_token, matmul_flops, model_shape
 from affinage.config import TrainerConfig
 from affinage.data.template import Encoded
+from affinage.lora.fused import _MaskedProjection
+from affinage.lora.fused_linear import _LoRALinears
 from affinage.lora.inject import inject_lora
 from affinage.lora.layers import share_dropout
 from affinage.lora.shared_input import share_inputs
 from affinage.models import load_base_model, resolve_dtype
 from affinage.runtime import set_threads
 from affinage.training import BatchPlan, Listener, TrainState, lora_optimizer, run_plan
+from affinage.training.block_attention import _BlockCausalAttention
+from affinage.training.gated_mlp import _GatedProduct
+from affinage.training.head_loss import _ChunkedHeadLoss
+from affinage.training.rms_norm import _RMSNorm
+
+NODES = (_LoRALinears, _MaskedProjection, _BlockCausalAttention, _RMSNorm, _GatedProduct, _ChunkedHeadLoss)
 
 GROUPS = (  # (group, substrings of operator names), the first match wins
     ("attention", ("scaled_dot_product", "_flash_attention", "softmax")),
@@ -48,6 +66,42 @@ def rows(vocab: int, seq_len: int, count: int, seed: int) -> list[Encoded]:
         ids = [rng.randrange(100, vocab) for _ in range(seq_len)]
         data.append(Encoded(input_ids=ids, labels=[-100] * (seq_len - 3) + ids[-3:], truncated=False))
     return data
+
+
+@contextlib.contextmanager
+def timed_nodes(seconds: dict[str, float]) -> Iterator[None]:
+    """Within the block, every call of :data:`NODES`' forward and backward adds its wall-clock to
+    ``seconds[name]`` (nested calls count in both: none of these nodes calls another)."""
+
+    def clocked(name: str, method):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - started
+
+        return staticmethod(call)
+
+    originals = [(node, vars(node)["forward"], vars(node)["backward"]) for node in NODES]
+    for node, forward, backward in originals:
+        node.forward = clocked(f"{node.__name__} forward", forward.__func__)
+        node.backward = clocked(f"{node.__name__} backward", backward.__func__)
+    try:
+        yield
+    finally:
+        for node, forward, backward in originals:
+            node.forward, node.backward = forward, backward
+
+
+def print_parts(seconds: dict[str, float], step_seconds: float, steps: int) -> None:
+    """Each node's seconds per timed step and share of the step; the rest is everything else."""
+    print(f"affinage's nodes per timed step ({steps} steps, {step_seconds:.3f} s each, a clock around each call):")
+    rest = step_seconds
+    for name, total in sorted(seconds.items(), key=lambda item: -item[1]):
+        print(f"  {total / steps * 1e3:8.0f} ms  {total / steps / step_seconds:6.1%}  {name}")
+        rest -= total / steps
+    print(f"  {rest * 1e3:8.0f} ms  {rest / step_seconds:6.1%}  the rest: stock operators, autograd, optimizer, loop")
 
 
 def group_of(name: str) -> str:
@@ -68,6 +122,7 @@ def main() -> None:
     )
     parser.add_argument("--top", type=int, default=20, help="operators listed")
     parser.add_argument("--shapes", action="store_true", help="list operators by their input shapes too")
+    parser.add_argument("--parts", action="store_true", help="time affinage's autograd nodes in the timed steps")
     args = parser.parse_args()
 
     threads = set_threads()
@@ -93,6 +148,8 @@ def main() -> None:
     plan = BatchPlan.build(model, data, [], cfg, pad_id=loaded.tokenizer.pad_token_id, device=torch.device("cpu"))
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes)
     timed: list[tuple[float, float]] = []  # (seconds of a timed step, the ceiling measured right after it)
+    parts: dict[str, float] = defaultdict(float)  # node -> seconds over the timed steps (--parts)
+    step_parts: dict[str, float] = defaultdict(float)  # the same for the step running now
 
     class Profiled(Listener):
         def on_step(self, state, report):
@@ -100,10 +157,14 @@ def main() -> None:
                 # The machine's rate drifts by ±10 % over minutes here (shared cores): each step is
                 # set against a ceiling measured next to it, not one measured once.
                 timed.append((report.seconds, matmul_flops(dtype)))
+                for name, seconds in step_parts.items():
+                    parts[name] += seconds
+            step_parts.clear()
             if state.step == 1 + args.steps and args.profiled:
                 profiler.start()
 
-    run_plan(model, plan, lora_optimizer(model, cfg), cfg, state=TrainState(), listeners=[Profiled()])
+    with timed_nodes(step_parts) if args.parts else contextlib.nullcontext():
+        run_plan(model, plan, lora_optimizer(model, cfg), cfg, state=TrainState(), listeners=[Profiled()])
     if args.profiled:
         profiler.stop()
     tokens = args.batch * args.seq_len
@@ -119,6 +180,8 @@ def main() -> None:
         f"(median of {len(timed)} steps, {fractions[0]:.1%}-{fractions[-1]:.1%}; ceiling {ceiling / 1e12:.3f} TFLOP/s; "
         f"without the adapter's FLOPs {statistics.median(base_only):.1%})"
     )
+    if args.parts:
+        print_parts(parts, sum(s for s, _ in timed) / len(timed), len(timed))
     if not args.profiled:
         return
     events = profiler.key_averages(group_by_input_shape=args.shapes)

@@ -39,15 +39,40 @@ def test_ratios_are_against_the_fastest_and_the_lightest_peer():
     assert ratios({"affinage": sides["affinage"], "peft-loop": sides["peft-loop"]}) == {}
 
 
-def _scaling_module():
+def _benchmark_module(name: str):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
-    spec = importlib.util.spec_from_file_location("scaling", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _scaling_module():
+    return _benchmark_module("scaling")
+
+
+def test_profile_parts_clock_a_node_and_put_it_back():
+    from collections import defaultdict
+
+    import torch
+
+    from affinage.training.rms_norm import _RMSNorm
+
+    profile = _benchmark_module("profile_step")
+    forward, backward = _RMSNorm.forward, _RMSNorm.backward
+    x = torch.randn(4, 8, requires_grad=True)
+    seconds: dict[str, float] = defaultdict(float)
+    with profile.timed_nodes(seconds):
+        _RMSNorm.apply(x, torch.ones(8), 1e-6).sum().backward()
+    assert set(seconds) == {"_RMSNorm forward", "_RMSNorm backward"} and all(s > 0 for s in seconds.values())
+    assert (_RMSNorm.forward, _RMSNorm.backward) == (forward, backward)
+    grad = x.grad.clone()
+    x.grad = None
+    _RMSNorm.apply(x, torch.ones(8), 1e-6).sum().backward()  # after: the same values, nothing clocked
+    assert torch.equal(x.grad, grad) and len(seconds) == 2
 
 
 def test_scaling_cells_hold_examples_of_exactly_the_cell_length(tmp_path, tokenizer):
