@@ -50,10 +50,6 @@ def _benchmark_module(name: str):
     return module
 
 
-def _scaling_module():
-    return _benchmark_module("scaling")
-
-
 def test_profile_parts_clock_a_node_and_put_it_back():
     from collections import defaultdict
 
@@ -79,7 +75,7 @@ def test_scaling_cells_hold_examples_of_exactly_the_cell_length(tmp_path, tokeni
     from affinage.data.formats import load_examples
     from affinage.data.template import encode_example
 
-    data = _scaling_module().long_prompt_data(tmp_path / "long.jsonl", rows=3, chars=300 * 6)
+    data = _benchmark_module("scaling").long_prompt_data(tmp_path / "long.jsonl", rows=3, chars=300 * 6)
     encoded = [encode_example(tokenizer, e, 300) for e in load_examples(data)]
     assert [len(e.input_ids) for e in encoded] == [300, 300, 300]
     assert all(
@@ -89,7 +85,7 @@ def test_scaling_cells_hold_examples_of_exactly_the_cell_length(tmp_path, tokeni
 
 @pytest.mark.integration
 def test_quick_scaling_grid_runs(capsys):
-    assert _scaling_module().main(["--quick", "--cells", "64x2", "--steps", "1", "--json"]) == 0
+    assert _benchmark_module("scaling").main(["--quick", "--cells", "64x2", "--steps", "1", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["rows"]
     assert row["seq_len"] == 64 and row["ratios"]["tokens_per_second"] > 0
     assert all(side["tokens_per_second"] > 0 for side in row["sides"].values())
