@@ -17,7 +17,12 @@ elementwise operators look 4-6x slower than a clock around them showed.
 
     python benchmarks/profile_step.py --seq-len 256 --batch 8 --precision fp32
     python benchmarks/profile_step.py --seq-len 512 --batch 4 --top 30
+``--budgets 512,2048`` trains with each token budget per forward (``trainer.max_tokens_per_forward``)
+in turn, switching every step in one process (same model, optimizer and rows), and prints each
+budget's step time and ceiling fraction: the machine's drift falls on all of them alike.
+
     python benchmarks/profile_step.py --seq-len 256 --batch 8 --profiled 0 --parts
+    python benchmarks/profile_step.py --seq-len 256 --batch 8 --profiled 0 --steps 16 --budgets 512,2048
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from affinage.training import BatchPlan, Listener, TrainState, lora_optimizer, r
 from affinage.training.block_attention import _BlockCausalAttention
 from affinage.training.gated_mlp import _GatedProduct
 from affinage.training.head_loss import _ChunkedHeadLoss
+from affinage.training.loop import StepOptions, run_steps
 from affinage.training.rms_norm import _RMSNorm
 
 NODES = (_LoRALinears, _MaskedProjection, _BlockCausalAttention, _RMSNorm, _GatedProduct, _ChunkedHeadLoss)
@@ -104,6 +110,43 @@ def print_parts(seconds: dict[str, float], step_seconds: float, steps: int) -> N
     print(f"  {rest * 1e3:8.0f} ms  {rest / step_seconds:6.1%}  the rest: stock operators, autograd, optimizer, loop")
 
 
+def alternate_budgets(
+    model: torch.nn.Module, plan: BatchPlan, cfg: TrainerConfig, budgets: list[int], dtype: torch.dtype
+) -> dict[int, list[tuple[float, float]]]:
+    """Train ``plan`` with ``budgets[i % len(budgets)]`` tokens per forward at step ``i``; per budget, each
+    step's (seconds, the ceiling measured right after it), the first step (a warm-up) left out."""
+    options = StepOptions(accumulation=cfg.gradient_accumulation, forward_budget=budgets[0])
+    timed: dict[int, list[tuple[float, float]]] = {budget: [] for budget in budgets}
+
+    class Alternate(Listener):
+        def on_step(self, state, report):
+            if state.step > 1:
+                timed[options.forward_budget].append((report.seconds, matmul_flops(dtype)))
+            options.forward_budget = budgets[state.step % len(budgets)]
+
+    optimizer = lora_optimizer(model, cfg)
+    run_steps(
+        model, plan.batches(), plan.train_loss_fn, optimizer, steps=plan.total_steps,
+        lr_at=lambda step: cfg.learning_rate, options=options, listeners=[Alternate()],
+    )  # fmt: skip
+    return timed
+
+
+def summary(timed: list[tuple[float, float]], tokens: int, shape: dict[str, int], seq_len: int) -> str:
+    """Median step time, tokens/s and fraction of the ceiling (model FLOPs, each step against its own ceiling)."""
+    fractions, base_only = (
+        sorted(tokens * flops_per_token(shape, seq_len, adapter) / (s * c) for s, c in timed)
+        for adapter in (True, False)
+    )
+    seconds = statistics.median(s for s, _ in timed)
+    ceiling = statistics.median(c for _, c in timed)
+    return (
+        f"{seconds:.3f} s/step, {tokens / seconds:.0f} tokens/s, {statistics.median(fractions):.1%} of the matmul "
+        f"ceiling (median of {len(timed)} steps, {fractions[0]:.1%}-{fractions[-1]:.1%}; ceiling "
+        f"{ceiling / 1e12:.3f} TFLOP/s; without the adapter's FLOPs {statistics.median(base_only):.1%})"
+    )
+
+
 def group_of(name: str) -> str:
     return next((group for group, keys in GROUPS if any(k in name for k in keys)), "other")
 
@@ -123,6 +166,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20, help="operators listed")
     parser.add_argument("--shapes", action="store_true", help="list operators by their input shapes too")
     parser.add_argument("--parts", action="store_true", help="time affinage's autograd nodes in the timed steps")
+    parser.add_argument("--budgets", help="tokens per forward to alternate step by step, e.g. 512,2048")
     args = parser.parse_args()
 
     threads = set_threads()
@@ -146,6 +190,13 @@ def main() -> None:
     )
     data = rows(len(loaded.tokenizer), args.seq_len, args.batch * (1 + args.steps + args.profiled), seed=0)
     plan = BatchPlan.build(model, data, [], cfg, pad_id=loaded.tokenizer.pad_token_id, device=torch.device("cpu"))
+    tokens = args.batch * args.seq_len
+    heading = f"{args.model}, {dtype}, {threads} threads, {args.batch} x {args.seq_len} tokens"
+    if args.budgets:
+        budgets = [int(budget) for budget in args.budgets.split(",")]
+        for budget, timed_steps in alternate_budgets(model, plan, cfg, budgets, dtype).items():
+            print(f"{heading}, {budget} tokens per forward: {summary(timed_steps, tokens, shape, args.seq_len)}")
+        return
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes)
     timed: list[tuple[float, float]] = []  # (seconds of a timed step, the ceiling measured right after it)
     parts: dict[str, float] = defaultdict(float)  # node -> seconds over the timed steps (--parts)
@@ -167,19 +218,7 @@ def main() -> None:
         run_plan(model, plan, lora_optimizer(model, cfg), cfg, state=TrainState(), listeners=[Profiled()])
     if args.profiled:
         profiler.stop()
-    tokens = args.batch * args.seq_len
-    fractions, base_only = (
-        sorted(tokens * flops_per_token(shape, args.seq_len, adapter) / (s * c) for s, c in timed)
-        for adapter in (True, False)
-    )
-    seconds = statistics.median(s for s, _ in timed)
-    ceiling = statistics.median(c for _, c in timed)
-    print(
-        f"{args.model}, {dtype}, {threads} threads, {args.batch} x {args.seq_len} tokens: {seconds:.3f} s/step, "
-        f"{tokens / seconds:.0f} tokens/s, {statistics.median(fractions):.1%} of the matmul ceiling "
-        f"(median of {len(timed)} steps, {fractions[0]:.1%}-{fractions[-1]:.1%}; ceiling {ceiling / 1e12:.3f} TFLOP/s; "
-        f"without the adapter's FLOPs {statistics.median(base_only):.1%})"
-    )
+    print(f"{heading}: {summary(timed, tokens, shape, args.seq_len)}")
     if args.parts:
         print_parts(parts, sum(s for s, _ in timed) / len(timed), len(timed))
     if not args.profiled:

@@ -104,3 +104,27 @@ def test_model_flops_count_the_adapter_as_trained_weights():
     attention = 6 * 10 * shape["hidden"] * shape["blocks"]
     assert flops_per_token(shape, 10) == 4 * shape["linear_weights"] + 6 * factors + attention
     assert flops_per_token(shape, 10, adapter=False) == 4 * shape["linear_weights"] + attention
+
+
+def test_alternate_budgets_switches_the_token_budget_every_step(tokenizer):
+    """Steps alternate 16 and 64 tokens per forward: four forwards of one 16-token row, then one of four."""
+    import torch
+
+    from affinage.config import TrainerConfig
+    from affinage.lora import mark_only_lora_as_trainable
+    from affinage.training import BatchPlan
+
+    from .conftest import adapted_tiny, tiny_llama
+
+    profile = _benchmark_module("profile_step")
+    model = adapted_tiny(tiny_llama, tokenizer)
+    mark_only_lora_as_trainable(model)
+    cfg = TrainerConfig(max_steps=5, batch_size=4, learning_rate=1e-3, lr_scheduler="constant", warmup_ratio=0.0)
+    plan = BatchPlan.build(model, profile.rows(len(tokenizer), 16, 20, seed=0), [], cfg, pad_id=0)
+    rows_per_forward: list[int] = []
+    model.get_decoder().register_forward_hook(lambda module, args, kwargs, out: rows_per_forward.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)  # fmt: skip
+    timed = profile.alternate_budgets(model, plan, cfg, [16, 64], torch.float32)
+    assert rows_per_forward == [1, 1, 1, 1, 4, 1, 1, 1, 1, 4, 1, 1, 1, 1]  # steps 1-5: 16, 64, 16, 64, 16
+    assert {budget: len(steps) for budget, steps in timed.items()} == {16: 2, 64: 2}  # the first step a warm-up
+    assert all(seconds > 0 and ceiling > 0 for steps in timed.values() for seconds, ceiling in steps)

@@ -226,7 +226,8 @@ class TrainerConfig(_Section):
     max_tokens_per_forward: int | Literal["auto"] | None = Field(
         "auto",
         description="Run a micro-batch with more padded tokens than this as several forward passes (same gradient, "
-        "lower peak memory). auto: 512 on CPU, no limit on GPU. None: no limit.",
+        "lower peak memory). auto: 512 on CPU, no limit on GPU. None: no limit. On some CPUs larger is faster "
+        "for more memory (2048 on a 2-vCPU Xeon: 0.74x the bf16 step time, +26% peak; docs/performance.md).",
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
