@@ -1,38 +1,15 @@
-"""mlx-lm's way of asking for a run: ``mlx_lm.lora``'s flags and its ``-c`` YAML, as an affinage config.
-
-Seed 003 trains with ``mlx_lm.lora --train --model M --data data --batch-size 2`` and no config
-file; ``affinage train --train --model M --data data --batch-size 2`` takes the same command. The
-names are mlx-lm's (``mlx_lm/lora.py``: its argparse and ``CONFIG_DEFAULTS``, ``mlx_lm/tuner``).
-A command that tunes mlx-lm's recipe (``--iters``, ``--learning-rate``, ``--num-layers``,
-``--optimizer``, or the -c YAML's ``lora_parameters``/``lr_schedule``) gets the rest of mlx-lm's
-recipe with it (rank 8, scale 20, the last 16 blocks, Adam at a constant 1e-5, 1000 iterations of
-batch 4, no clipping): its numbers were chosen against those. A command that only says which data,
-model and batch (seed 003's) gets affinage's defaults, the schema's, tuned for the CPU. A flag or
-key with no honest equivalent is refused, saying what it does in mlx-lm and what to use instead.
-Like ``ludwig``, this sits beside the schema and knows nothing above it.
-"""
+"""mlx-lm's options as an affinage config mapping: mlx-lm's recipe when the command tunes it, affinage's
+defaults when it only names data, model and batch; the options with no honest equivalent refused."""
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from affinage.config import (
-    DEFAULT_BASE_MODEL,
-    Config,
-    _read_yaml,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-)
+from affinage.config import DEFAULT_BASE_MODEL
 from affinage.errors import ConfigError
+from affinage.mlx.flags import flag_name, refuse
 
 # mlx-lm's CONFIG_DEFAULTS that apply when a key is given neither as a flag nor in the -c YAML. Not taken:
 # model (Qwen/Qwen3-0.6b: affinage never downloads, its embedded default is used), data (a Hub dataset),
@@ -77,130 +54,7 @@ PLAIN_TARGETS = {
     "fine_tune_type": ("adapter", "use_dora"),
 }
 
-# (flag, key, argparse options, help): mlx_lm.lora's command line. `-c/--config` is added apart.
-FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
-    ("--model", "model", {}, "base model: an embedded name, a local folder or a cached Hub id (→ base_model)"),
-    ("--train", "train", {"action": "store_true", "default": None}, "accepted: `affinage train` trains"),
-    ("--data", "data", {}, "a folder with train/valid/test.jsonl, or one JSONL file to split (→ data.train/dataset)"),
-    ("--fine-tune-type", "fine_tune_type", {"choices": ["lora", "dora", "full"]}, "lora, or dora (full: refused)"),
-    ("--optimizer", "optimizer", {"choices": ["adam", "adamw", "muon", "sgd", "adafactor"]}, "adam or adamw"),
-    ("--mask-prompt", "mask_prompt", {"action": "store_true", "default": None}, "accepted: affinage always masks"),
-    ("--num-layers", "num_layers", {"type": int}, "LoRA on the last N blocks, -1: all (mlx-lm default 16)"),
-    ("--batch-size", "batch_size", {"type": int}, "examples per batch (mlx-lm default 4)"),
-    ("--iters", "iters", {"type": int}, "training iterations (mlx-lm default 1000) (→ trainer.max_steps)"),
-    ("--val-batches", "val_batches", {"type": int}, "-1 only: affinage validates on the whole valid split"),
-    ("--learning-rate", "learning_rate", {"type": float}, "constant learning rate (mlx-lm default 1e-5)"),
-    ("--steps-per-report", "steps_per_report", {"type": int}, "accepted: affinage logs every step"),
-    ("--steps-per-eval", "steps_per_eval", {"type": int}, "validate every N iterations (→ trainer.eval_every)"),
-    ("--grad-accumulation-steps", "grad_accumulation_steps", {"type": int}, "iterations per optimizer update"),
-    ("--resume-adapter-file", "resume_adapter_file", {}, "refused: rerun the same command to resume"),
-    ("--adapter-path", "adapter_path", {}, "the run directory (same as --output); the adapter is DIR/adapter/"),
-    ("--save-every", "save_every", {"type": int}, "checkpoint every N iterations (→ trainer.save_every)"),
-    ("--test", "test", {"action": "store_true", "default": None}, "accepted: affinage always evaluates the test split"),
-    ("--test-batches", "test_batches", {"type": int}, "evaluate on N batches of test rows, -1: all"),
-    ("--max-seq-length", "max_seq_length", {"type": int}, "truncate longer examples (→ trainer.max_seq_len)"),
-    ("--grad-checkpoint", "grad_checkpoint", {"action": "store_true", "default": None}, "gradient checkpointing"),
-    ("--clear-cache-threshold", "clear_cache_threshold", {}, "MLX's allocator setting: refused unless 0"),
-    ("--report-to", "report_to", {}, "wandb (swanlab: refused) (→ trainer.report_to)"),
-    ("--project-name", "project_name", {}, "refused: set WANDB_PROJECT"),
-    ("--seed", "seed", {"type": int}, "seed of shuffling, dropout and initialisation (mlx-lm default 0)"),
-    ("--trust-remote-code", "trust_remote_code", {"action": "store_true", "default": None}, "run model code"),
-]
-KEYS = {key for _, key, _, _ in FLAGS}
-# keys of mlx-lm's -c YAML besides the flags' (`lora_layers` is num_layers' old name)
-YAML_ONLY = {"lora_parameters", "lr_schedule", "optimizer_config", "hf_dataset", "lora_layers", "config"}
-FEATURE_KEYS = {"prompt_feature", "completion_feature", "chat_feature", "text_feature"}
 ADAM_NEUTRAL = {"bias_correction", "weight_decay"}  # optimizer_config keys affinage can honour (see _optimizer)
-
-
-def refuse(key: str, what: str, fix: str) -> ConfigError:
-    """mlx-lm's option (a flag's name for what has one, else the YAML key) refused, saying why and what instead."""
-    flag = _flag(key) if key in KEYS else key
-    return ConfigError(f"mlx-lm's `{flag}` ({what}) is not supported by affinage", where=flag, fix=fix)
-
-
-def add_mlx_flags(parser: argparse.ArgumentParser) -> None:
-    """mlx_lm.lora's flags on ``affinage train`` (stored as ``mlx_<key>``; None when not given)."""
-    group = parser.add_argument_group("mlx-lm's flags (instead of CONFIG; see docs/mlx-lm.md)")
-    group.add_argument(
-        "-c", "--config", dest="mlx_config", metavar="FILE", help="mlx-lm's YAML config (lora_config.yaml)"
-    )
-    for flag, key, options, text in FLAGS:
-        metavar = {} if options.get("action") else {"metavar": key.upper()}
-        group.add_argument(flag, dest=f"mlx_{key}", help=text, **metavar, **options)
-
-
-def given_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """mlx-lm's keys set on the command line."""
-    return {key: getattr(args, f"mlx_{key}") for key in KEYS if getattr(args, f"mlx_{key}", None) is not None}
-
-
-def train_config(args: argparse.Namespace, *, echo: bool = True) -> tuple[Config, Path]:
-    """The config and run directory of ``affinage train``: from CONFIG, or from mlx-lm's flags / -c YAML."""
-    flags = given_flags(args)
-    if args.config and Path(args.config).is_dir() and "data" not in flags:  # `affinage train data/`, as data check
-        flags["data"], args.config = args.config, None
-    if args.config and (flags or args.mlx_config):
-        raise ConfigError(
-            "a CONFIG file and mlx-lm's flags together",
-            where=", ".join(["-c"] * bool(args.mlx_config) + [f"--{k.replace('_', '-')}" for k in sorted(flags)]),
-            fix="use one: the CONFIG file (override keys with --set, e.g. --set trainer.batch_size=2), or only "
-            "mlx-lm's flags",
-        )
-    if args.config:
-        if not args.output:
-            raise ConfigError("no run directory", where="--output", fix="pass --output DIR (e.g. runs/my-run)")
-        return load_config(args.config, args.set), Path(args.output)
-    if not flags and not args.mlx_config:
-        raise ConfigError(
-            "nothing to train: no CONFIG file and no mlx-lm flags",
-            fix="pass a YAML config (affinage train config.yaml --output runs/x), or mlx-lm's flags "
-            "(affinage train --model smollm2-135m-instruct --data data)",
-        )
-    options = {**(read_mlx_yaml(Path(args.mlx_config)) if args.mlx_config else {}), **flags}
-    raw = translate_mlx(options)
-    output = run_directory(options, args.output, raw)
-    source = args.mlx_config or "mlx-lm flags"
-    config = config_from_dict(apply_overrides(raw, args.set), source=source, base_dir=Path.cwd(), overrides=args.set)
-    if echo:
-        print(f"# affinage config of this mlx-lm command (also written to {output / 'config.yaml'});")
-        print(f"# `affinage train {output / 'config.yaml'} --output {output}` repeats the run")
-        print(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True), end="", flush=True)
-        for line in notes(options):
-            print(f"note: {line}", file=sys.stderr)
-    return config, output
-
-
-def read_mlx_yaml(path: Path) -> dict[str, Any]:
-    """mlx-lm's -c file; an affinage config passed there is pointed at CONFIG."""
-    raw = _read_yaml(path)
-    if "base_model" in raw or "trainer" in raw or "adapter" in raw:
-        raise ConfigError(
-            "this is an affinage config, not mlx-lm's", where=str(path), fix=f"pass it as CONFIG: affinage train {path}"
-        )
-    unknown = sorted(set(raw) - KEYS - YAML_ONLY - FEATURE_KEYS)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(KEYS | YAML_ONLY | FEATURE_KEYS), n=1)
-        raise ConfigError(
-            f"unknown mlx-lm key(s) {', '.join(unknown)}" + (f" (did you mean '{close[0]}'?)" if close else ""),
-            where=str(path),
-            fix="use mlx_lm.lora's keys (docs/mlx-lm.md lists them and what affinage makes of each)",
-        )
-    if "lora_layers" in raw:
-        raw.setdefault("num_layers", raw.pop("lora_layers"))
-    raw.pop("config", None)
-    return {key: _numbers(value) for key, value in raw.items() if value is not None}  # null: mlx-lm's default
-
-
-def _numbers(value: Any) -> Any:
-    """``1e-5`` is a float in mlx-lm's YAML (it adds the resolver YAML 1.1 lacks), a string in PyYAML's."""
-    if isinstance(value, dict):
-        return {key: _numbers(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_numbers(item) for item in value]
-    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d+)[eE][-+]?\d+", value.strip()):
-        return float(value.replace("_", ""))
-    return value
 
 
 def translate_mlx(options: dict[str, Any]) -> dict[str, Any]:
@@ -265,12 +119,8 @@ def _plain(raw: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
 def _positive(opts: dict[str, Any], key: str) -> int:
     value = opts[key]
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key} must be a positive whole number, got {value!r}", where=_flag(key), fix="e.g. 2")
+        raise ConfigError(f"{key} must be a positive whole number, got {value!r}", where=flag_name(key), fix="e.g. 2")
     return value
-
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
 
 
 def _num_layers(value: Any) -> int | None:
@@ -411,46 +261,3 @@ def _features(opts: dict[str, Any]) -> dict[str, Any]:
         raw["input_features"] = [{"name": opts.get("prompt_feature") or "prompt"}]
         raw["output_features"] = [{"name": opts.get("completion_feature") or "completion"}]
     return raw
-
-
-def run_directory(options: dict[str, Any], output: str | None, raw: dict[str, Any]) -> Path:
-    """--output, else mlx-lm's --adapter-path, else runs/<data folder>-<model>; the two flags must agree."""
-    adapter_path = options.get("adapter_path")
-    if output and adapter_path and Path(output).resolve() != (Path(adapter_path)).resolve():
-        raise ConfigError(
-            f"--output {output} and --adapter-path {adapter_path} name two run directories",
-            where="--adapter-path",
-            fix="keep one: in affinage --adapter-path is the run directory (its adapter is in DIR/adapter/)",
-        )
-    if output or adapter_path:
-        return Path(output or adapter_path)
-    data = Path(raw["data"].get("train") or raw["data"]["dataset"])
-    name = data.stem if data.name != "data" or not data.is_dir() else data.parent.name  # ./data: the project's name
-    model = Path(raw["base_model"]).name
-    return Path("runs") / re.sub(r"[^\w.-]+", "-", f"{name}-{model}").strip("-").lower()
-
-
-def notes(options: dict[str, Any]) -> list[str]:
-    """What differs from mlx-lm when this command runs in affinage, said once before training."""
-    masked = "the loss is on the completion only, as with mlx-lm's --mask-prompt: affinage always masks the prompt"
-    lines = [] if options.get("mask_prompt") else [masked]
-    if RECIPE_KEYS & set(options):
-        lines.append("torch's Adam corrects its moments' bias (mlx-lm's default does not: its first steps are larger)")
-        lines.append(
-            "mlx-lm's recipe: its defaults fill what the command leaves out (rank 8, scale 20, 16 blocks, ...)"
-        )
-    else:
-        lines.append(
-            "no recipe option (--iters, --learning-rate, --num-layers, ...): affinage's defaults (docs/mlx-lm.md)"
-        )
-    if options.get("adapter_path"):
-        path = options["adapter_path"]
-        lines.append(
-            f"--adapter-path {path} is the run directory: the adapter goes to {Path(path) / 'adapter'}/ (PEFT)"
-        )
-    if options.get("steps_per_report"):
-        lines.append("--steps-per-report: affinage logs every step to metrics.jsonl")
-    accumulation = options.get("grad_accumulation_steps") or 1
-    if accumulation > 1:
-        lines.append(f"--iters, --steps-per-eval and --save-every count iterations: divided by {accumulation}")
-    return lines
