@@ -59,10 +59,10 @@ def describe(side: str, args: argparse.Namespace) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in TRL[side].items())
         return (
             f"PEFT get_peft_model + TRL SFTTrainer: {settings}, padding_free={args.trl_padding_free}, "
-            "optim='adamw_torch'"
+            "optim='adamw_torch_fused'"
         )
     return (
-        "PEFT get_peft_model + a plain loop: model(**batch).loss (full logits), torch AdamW, "
+        "PEFT get_peft_model + a plain loop: model(**batch).loss (full logits), torch AdamW (fused), "
         "random padded batches, no Trainer, no checkpointing (bf16 autocast on GPU)"
     )
 
@@ -113,7 +113,7 @@ def _trl(side, model, tokenizer, train_data, args, dtype, workdir: Path, clock) 
         learning_rate=args.lr,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",
         weight_decay=0.0,
         max_grad_norm=1.0,
         logging_steps=1,
@@ -161,7 +161,7 @@ def _peft_loop(model, tokenizer, train_data, args, dtype, clock) -> tuple[Any, d
     peft_model = get_peft_model(model, lora_config(args))
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=True)
     shuffle, order, losses = random.Random(args.seed), [], []
     clock.start()
     for _ in range(args.steps):
