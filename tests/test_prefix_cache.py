@@ -31,7 +31,9 @@ def test_cached_frozen_blocks_give_the_same_loss_and_gradients(build, tokenizer)
     assert frozen_boundary(model) == 2
     data = _data(tokenizer)
     prefix = FrozenPrefix(model, 2)
-    cached_loss = prefix.wrap(causal_lm_loss, prefix.compute(data, 3, tokenizer.pad_token_id, torch.device("cpu")))
+    cached_loss = prefix.wrap(
+        causal_lm_loss, prefix.compute(data, tokenizer.pad_token_id, torch.device("cpu"), tokens=90)
+    )
     indices = [0, 5, 9, 2]  # a batch unlike the ones the cache was computed in
     batch = collate([data[i] for i in indices], tokenizer.pad_token_id, indices)
     results = []
@@ -78,3 +80,11 @@ def test_training_with_and_without_the_cache_ends_at_the_same_adapter(tokenizer,
     assert finals[0][0] == pytest.approx(finals[1][0], rel=1e-4)
     for key in finals[0][1]:
         torch.testing.assert_close(finals[0][1][key], finals[1][1][key], rtol=1e-3, atol=1e-5)
+
+
+def test_the_prefix_pass_groups_rows_by_length_within_a_token_budget():
+    from affinage.training.prefix_cache import length_groups
+
+    assert length_groups([5, 3, 9, 3, 4], tokens=10) == [[1, 3], [4, 0], [2]]  # 2 x 3, 2 x 5, then 9 alone
+    assert length_groups([20, 2], tokens=10) == [[1], [0]]  # a row over the budget runs alone
+    assert length_groups([], tokens=10) == []

@@ -150,9 +150,9 @@ class BatchPlan:
         """Run the frozen blocks once over both splits; the loss functions then start above them."""
         started = time.perf_counter()
         prefix = FrozenPrefix(model, boundary)
-        train_cache = prefix.compute(self.train_data, self.batch_size, self.pad_id, device)
+        train_cache = prefix.compute(self.train_data, self.pad_id, device)
         self.train_loss_fn = prefix.wrap(self.train_loss_fn, train_cache)
-        valid_cache = prefix.compute(self.valid_data, self.batch_size, self.pad_id, device)
+        valid_cache = prefix.compute(self.valid_data, self.pad_id, device)
         self.valid_loss_fn = prefix.wrap(self.valid_loss_fn, valid_cache)
         self.setup_seconds = time.perf_counter() - started
 

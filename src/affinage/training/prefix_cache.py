@@ -23,6 +23,11 @@ from affinage.data.batching import collate
 from affinage.data.template import Encoded
 from affinage.runtime import machine_memory_bytes
 
+# The prefix pass keeps no activations (no gradient): a forward's memory is transient, so it runs
+# fuller forwards than training's. Batches of the trainer's batch size (4 on the email router) ran
+# ~400 small forwards, whose fixed cost per call dominated on CPU.
+PREFIX_TOKENS_PER_FORWARD = 4096
+
 
 class _Inject(nn.Module):
     """Stands in for the first frozen block: returns the cached output of the last one."""
@@ -65,6 +70,18 @@ def frozen_boundary(model: nn.Module) -> int | None:
     return boundary
 
 
+def length_groups(lengths: Sequence[int], tokens: int) -> list[list[int]]:
+    """Indices by ascending length, in groups whose padded size (rows × the longest) stays within ``tokens``
+    (a longer row alone)."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and (len(groups[-1]) + 1) * lengths[index] <= tokens:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
 class FrozenPrefix:
     def __init__(self, model: nn.Module, boundary: int):
         self.model = model
@@ -73,9 +90,9 @@ class FrozenPrefix:
 
     @torch.no_grad()
     def compute(
-        self, data: Sequence[Encoded], batch_size: int, pad_id: int, device: torch.device
+        self, data: Sequence[Encoded], pad_id: int, device: torch.device, tokens: int = PREFIX_TOKENS_PER_FORWARD
     ) -> list[torch.Tensor]:
-        """Output of the last frozen block for every example (unpadded)."""
+        """Output of the last frozen block for every example (unpadded), ``tokens`` padded tokens a forward at most."""
         captured: dict[str, torch.Tensor] = {}
 
         def grab(module, args, output):
@@ -86,10 +103,8 @@ class FrozenPrefix:
         was_training = self.model.training
         self.model.eval()
         cache: list[torch.Tensor] = [torch.empty(0)] * len(data)
-        order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
         try:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
+            for chunk in length_groups([len(e.input_ids) for e in data], tokens):
                 batch = collate([data[i] for i in chunk], pad_id)
                 try:
                     self.model.get_decoder()(
