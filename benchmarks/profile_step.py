@@ -115,7 +115,11 @@ def alternate_budgets(
 ) -> dict[int, list[tuple[float, float]]]:
     """Train ``plan`` with ``budgets[i % len(budgets)]`` tokens per forward at step ``i``; per budget, each
     step's (seconds, the ceiling measured right after it), the first step (a warm-up) left out."""
-    options = StepOptions(accumulation=cfg.gradient_accumulation, forward_budget=budgets[0])
+    # run_plan's options but the budget; no recomputation: the plan's threshold is its own budget's, and
+    # under it a larger budget's forwards would recompute, measuring checkpointing instead
+    options = StepOptions(
+        accumulation=cfg.gradient_accumulation, max_grad_norm=cfg.max_grad_norm, forward_budget=budgets[0]
+    )
     timed: dict[int, list[tuple[float, float]]] = {budget: [] for budget in budgets}
 
     class Alternate(Listener):
