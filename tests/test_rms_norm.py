@@ -28,8 +28,11 @@ def test_values_and_input_gradient_are_the_stock_forms(build, dtype):
     with fused_rms_norms(holder) as count:
         got = stock(x)
         (got_grad,) = torch.autograd.grad(got, x, grad)
+        with torch.no_grad():  # the frozen-prefix pass, validation: the same forward, nothing kept
+            inferred = stock(x)
     assert count == 1 and "forward" not in vars(stock)  # swapped, then restored
     assert got.grad_fn.name() == "_RMSNormBackward"
+    assert torch.equal(inferred, got.detach())
     tolerance = {"rtol": 1.6e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(got, expected, **tolerance)
     torch.testing.assert_close(got_grad, expected_grad, **tolerance)

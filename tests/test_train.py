@@ -224,6 +224,30 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients(build, tokenizer):
         torch.testing.assert_close(results[1][2][key], grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma3])
+def test_widths_padded_to_a_multiple_give_the_same_loss_and_gradients(build, tokenizer):
+    """trainer.pad_to_multiple_of: the extra padding carries no loss and no attention, in the training forms too."""
+    from affinage.training.loop import training_forms
+
+    model = adapted_tiny(build, tokenizer)
+    data = _encoded(tokenizer, 6)
+    longest = max(len(e.input_ids) for e in data)
+    results = []
+    for multiple in (1, 16):
+        batch = collate(data, tokenizer.pad_token_id, multiple=multiple)
+        assert batch["input_ids"].shape[1] == (longest if multiple == 1 else -(-longest // 16) * 16)
+        model.zero_grad()
+        with training_forms(model):
+            loss, n = causal_lm_loss(model, batch)
+            (loss / n).backward()
+        results.append((loss.detach(), n, trainable_grads(model)))
+    assert longest % 16  # the padded batch is wider
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    assert results[0][1] == results[1][1]
+    for key, grad in results[0][2].items():
+        torch.testing.assert_close(results[1][2][key], grad, rtol=1e-4, atol=1e-6)
+
+
 def test_training_with_and_without_packing_gives_the_same_losses(tokenizer, tmp_path):
     _, plain = _train(tokenizer, tmp_path / "plain", packing=False)
     _, packed = _train(tokenizer, tmp_path / "packed", packing=True)
@@ -248,6 +272,10 @@ def test_split_rows_keeps_every_token_within_the_budget(tokenizer):
             n = len(data[index].input_ids)
             assert group["input_ids"][row, :n].tolist() == data[index].input_ids
             assert group["labels"][row, :n].tolist() == data[index].labels
+    padded = split_rows(batch, 3 * width, multiple=8)  # a group's width stays a multiple of 8 (or the batch's)
+    assert [g["input_ids"].shape[1] for g in padded] == [
+        min(width, -(-g["input_ids"].shape[1] // 8) * 8) for g in groups
+    ]
     assert split_rows(batch, None) == [batch]
     one_row = {key: value[:1] for key, value in batch.items()}
     assert split_rows(one_row, 1) == [one_row]  # a row is never cut

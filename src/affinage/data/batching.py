@@ -29,13 +29,25 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, bucket_
     return batches
 
 
-def collate(examples: Sequence[Encoded], pad_id: int, indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padded positions carry no loss and no attention.
+def padded_width(longest: int, multiple: int = 1) -> int:
+    """``longest`` rounded up to a multiple of ``multiple`` (``trainer.pad_to_multiple_of``).
+
+    Why: a batch's width sets the shapes of every product in the step. oneDNN (bf16 on CPU) compiles
+    a kernel for each new shape (~4 ms for one 640 x 2,048 product) and keeps 1,024 of them, so
+    widths that take every value from 1 to 128 keep compiling; multiples of 8 take 16."""
+    return -(-longest // multiple) * multiple
+
+
+def collate(
+    examples: Sequence[Encoded], pad_id: int, indices: Sequence[int] | None = None, multiple: int = 1
+) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example, rounded up to ``multiple`` (:func:`padded_width`); padded
+    positions carry no loss and no attention.
 
     ``indices`` (the examples' positions in their data set) travel with the batch for
     per-example caches (see ``affinage.training.prefix_cache``).
     """
-    width = max(len(e.input_ids) for e in examples)
+    width = padded_width(max(len(e.input_ids) for e in examples), multiple)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
@@ -101,8 +113,11 @@ def padding_share(lengths: Sequence[int], batch_size: int, seed: int = 0) -> flo
     return 1 - sum(lengths) / max(padded, 1)
 
 
-def split_rows(batch: dict[str, torch.Tensor], max_tokens: int | None) -> list[dict[str, torch.Tensor]]:
-    """Cut a batch into row groups of at most ``max_tokens`` padded tokens, each trimmed to its own width.
+def split_rows(
+    batch: dict[str, torch.Tensor], max_tokens: int | None, multiple: int = 1
+) -> list[dict[str, torch.Tensor]]:
+    """Cut a batch into row groups of at most ``max_tokens`` padded tokens, each trimmed to its own width
+    (rounded up to ``multiple``, as :func:`collate` pads).
 
     Activation memory grows with the tokens of one forward pass; a long micro-batch run as
     several forwards (gradients summed) peaks lower and gives the same gradient. Rows are
@@ -116,6 +131,6 @@ def split_rows(batch: dict[str, torch.Tensor], max_tokens: int | None) -> list[d
     groups = []
     for start in range(0, rows, per_group):
         group = {key: value[start : start + per_group] for key, value in batch.items()}
-        used = int(group["attention_mask"].sum(dim=1).max())
+        used = min(width, padded_width(int(group["attention_mask"].sum(dim=1).max()), multiple))
         groups.append({key: value[:, :used] if value.dim() == 2 else value for key, value in group.items()})
     return groups

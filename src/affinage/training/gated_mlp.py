@@ -123,7 +123,7 @@ class _GatedProduct(torch.autograd.Function):
 def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     if not torch.is_grad_enabled():
-        return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(_product(self.act_fn, gate, up))
     return self.down_proj(_GatedProduct.apply(gate, up, self.act_fn, activation_derivative(self.act_fn)))
 
 

@@ -114,6 +114,7 @@ class StepOptions:
     accumulation: int = 1  # micro-batches per optimizer step
     max_grad_norm: float | None = 1.0  # None: no clipping
     forward_budget: int | None = None  # tokens per forward pass; a bigger micro-batch runs as several
+    pad_multiple: int = 1  # a split micro-batch's row groups keep widths that are multiples of this
     recompute_above: int | None = None  # a forward with more tokens recomputes its blocks (0: all; None: none)
     device: torch.device = CPU
     max_nonfinite_steps: int | None = 10  # stop after this many skipped steps in a row (None: never)
@@ -146,7 +147,12 @@ def train_step(
     # A micro-batch over the token budget runs as several forwards: same gradient, lower peak.
     # (Under torchrun a micro-batch is this process's share of the global one; it may be empty.)
     budget = options.forward_budget
-    chunks = [to_device(c, options.device) for _, batch in micro if batch for c in split_rows(batch, budget)]
+    chunks = [
+        to_device(c, options.device)
+        for _, batch in micro
+        if batch
+        for c in split_rows(batch, budget, options.pad_multiple)
+    ]
     # Normalise by the labelled tokens of the whole step, summed over all processes, so every token
     # weighs the same and N processes compute the one-process gradient.
     labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in chunks)

@@ -61,15 +61,16 @@ def evaluate_loss(
     pad_id: int,
     device: torch.device,
     loss_fn: LossFn = causal_lm_loss,
+    multiple: int = 1,
 ) -> float:
-    """Mean per-token loss on ``data`` with dropout off."""
+    """Mean per-token loss on ``data`` with dropout off (batch widths rounded up to ``multiple``)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
     for start in distributed.shard(range(0, len(order), batch_size)):  # under torchrun, each process a share
         chunk = order[start : start + batch_size]
-        batch = to_device(collate([data[i] for i in chunk], pad_id, chunk), device)
+        batch = to_device(collate([data[i] for i in chunk], pad_id, chunk, multiple), device)
         loss, n = loss_fn(model, batch)
         total += float(loss)
         count += n

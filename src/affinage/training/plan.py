@@ -45,6 +45,7 @@ def micro_batches(
     pack_into: int | None = None,
     start: tuple[int, int] = (0, 0),
     share: tuple[int, int] = (0, 1),
+    multiple: int = 1,
 ) -> Iterator[tuple[int, dict]]:
     """Endless stream of (epoch, batch), reshuffled every epoch with a seed derived from it.
 
@@ -69,7 +70,9 @@ def micro_batches(
             examples = [data[i] for i in indices]
             yield (
                 epoch,
-                collate_packed(examples, pad_id, pack_into) if pack_into else collate(examples, pad_id, indices),
+                collate_packed(examples, pad_id, pack_into)
+                if pack_into
+                else collate(examples, pad_id, indices, multiple),
             )
         epoch, position = epoch + 1, 0
 
@@ -83,6 +86,7 @@ class BatchPlan:
     batch_size: int
     seed: int
     pad_id: int
+    pad_multiple: int  # batch widths rounded up to this (trainer.pad_to_multiple_of)
     pack_into: int | None  # packed rows of this many tokens (None: one example per row)
     prefix_cached: bool
     forward_budget: int | None  # tokens per forward pass (None: no limit)
@@ -131,6 +135,7 @@ class BatchPlan:
             batch_size=cfg.batch_size,
             seed=cfg.seed,
             pad_id=pad_id,
+            pad_multiple=cfg.pad_to_multiple_of,
             pack_into=cfg.max_seq_len if pack else None,
             prefix_cached=use_prefix_cache,
             forward_budget=budget,
@@ -150,9 +155,9 @@ class BatchPlan:
         """Run the frozen blocks once over both splits; the loss functions then start above them."""
         started = time.perf_counter()
         prefix = FrozenPrefix(model, boundary)
-        train_cache = prefix.compute(self.train_data, self.pad_id, device)
+        train_cache = prefix.compute(self.train_data, self.pad_id, device, multiple=self.pad_multiple)
         self.train_loss_fn = prefix.wrap(self.train_loss_fn, train_cache)
-        valid_cache = prefix.compute(self.valid_data, self.pad_id, device)
+        valid_cache = prefix.compute(self.valid_data, self.pad_id, device, multiple=self.pad_multiple)
         self.valid_loss_fn = prefix.wrap(self.valid_loss_fn, valid_cache)
         self.setup_seconds = time.perf_counter() - started
 
@@ -171,4 +176,6 @@ class BatchPlan:
         cursor = self.cursor(skip)
         start = (cursor["epoch"], cursor["position"])
         share = (distributed.rank(), distributed.world_size())
-        return micro_batches(self.train_data, self.batch_size, self.seed, self.pad_id, self.pack_into, start, share)
+        return micro_batches(
+            self.train_data, self.batch_size, self.seed, self.pad_id, self.pack_into, start, share, self.pad_multiple
+        )

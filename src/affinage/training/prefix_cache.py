@@ -22,6 +22,8 @@ from torch import nn
 from affinage.data.batching import collate
 from affinage.data.template import Encoded
 from affinage.runtime import machine_memory_bytes
+from affinage.training.gated_mlp import recompute_gated_activations
+from affinage.training.rms_norm import fused_rms_norms
 
 # The prefix pass keeps no activations (no gradient): a forward's memory is transient, so it runs
 # fuller forwards than training's. Batches of the trainer's batch size (4 on the email router) ran
@@ -90,9 +92,15 @@ class FrozenPrefix:
 
     @torch.no_grad()
     def compute(
-        self, data: Sequence[Encoded], pad_id: int, device: torch.device, tokens: int = PREFIX_TOKENS_PER_FORWARD
+        self,
+        data: Sequence[Encoded],
+        pad_id: int,
+        device: torch.device,
+        tokens: int = PREFIX_TOKENS_PER_FORWARD,
+        multiple: int = 1,
     ) -> list[torch.Tensor]:
-        """Output of the last frozen block for every example (unpadded), ``tokens`` padded tokens a forward at most."""
+        """Output of the last frozen block for every example (unpadded), ``tokens`` padded tokens a forward at
+        most, widths rounded up to ``multiple`` (``collate``)."""
         captured: dict[str, torch.Tensor] = {}
 
         def grab(module, args, output):
@@ -104,18 +112,20 @@ class FrozenPrefix:
         self.model.eval()
         cache: list[torch.Tensor] = [torch.empty(0)] * len(data)
         try:
-            for chunk in length_groups([len(e.input_ids) for e in data], tokens):
-                batch = collate([data[i] for i in chunk], pad_id)
-                try:
-                    self.model.get_decoder()(
-                        input_ids=batch["input_ids"].to(device),
-                        attention_mask=batch["attention_mask"].to(device),
-                        use_cache=False,
-                    )
-                except _Stop:
-                    pass
-                for row, index in enumerate(chunk):
-                    cache[index] = captured["hidden"][row, : len(data[index].input_ids)].clone()
+            # The training forms' norms and gated products, as the uncached forward of a step runs them.
+            with fused_rms_norms(self.model), recompute_gated_activations(self.model):
+                for chunk in length_groups([len(e.input_ids) for e in data], tokens):
+                    batch = collate([data[i] for i in chunk], pad_id, multiple=multiple)
+                    try:
+                        self.model.get_decoder()(
+                            input_ids=batch["input_ids"].to(device),
+                            attention_mask=batch["attention_mask"].to(device),
+                            use_cache=False,
+                        )
+                    except _Stop:
+                        pass
+                    for row, index in enumerate(chunk):
+                        cache[index] = captured["hidden"][row, : len(data[index].input_ids)].clone()
         finally:
             handle.remove()
             self.model.train(was_training)

@@ -92,7 +92,9 @@ def validation(plan: BatchPlan, device: torch.device, task_score: TaskScore | No
         return None
 
     def validate(model: nn.Module) -> dict[str, float]:
-        loss = evaluate_loss(model, plan.valid_data, plan.batch_size, plan.pad_id, device, plan.valid_loss_fn)
+        loss = evaluate_loss(
+            model, plan.valid_data, plan.batch_size, plan.pad_id, device, plan.valid_loss_fn, plan.pad_multiple
+        )
         result = {"valid_loss": loss}
         if task_score is not None:
             result["valid_score"] = round(task_score(model), 4)  # compared at the precision it is reported
@@ -119,6 +121,7 @@ def run_plan(
         accumulation=cfg.gradient_accumulation,
         max_grad_norm=cfg.max_grad_norm,
         forward_budget=plan.forward_budget,
+        pad_multiple=plan.pad_multiple,
         recompute_above=plan.recompute_above,
         device=device,
         max_nonfinite_steps=cfg.max_nonfinite_steps,
