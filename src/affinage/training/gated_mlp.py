@@ -130,8 +130,14 @@ def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _is_gated(module: nn.Module) -> bool:
     if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return False
+    return _gated_class(type(module))
+
+
+@functools.cache
+def _gated_class(cls: type) -> bool:
+    """Whether ``cls.forward`` is :data:`GATED_FORM`, read once per class (not once per block)."""
     try:
-        return GATED_FORM in inspect.getsource(type(module).forward)
+        return GATED_FORM in inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
 
