@@ -54,6 +54,8 @@ def micro_batches(
     (epoch, position in that epoch's order) begins mid-stream: a resumed run gets exactly the
     batches that remained, without collating the ones before.
 
+    ``multiple``: each batch's width rounded up to it (``collate``, ``trainer.pad_to_multiple_of``).
+
     ``share`` (rank, processes) keeps one process's part of each batch: the order and the batches
     stay global, so a step sees the same examples on 1 or N processes. A share can be empty (a
     batch smaller than the processes): that rank gets ``{}`` and contributes no tokens.
