@@ -99,8 +99,9 @@ class FrozenPrefix:
         tokens: int = PREFIX_TOKENS_PER_FORWARD,
         multiple: int = 1,
     ) -> list[torch.Tensor]:
-        """Output of the last frozen block for every example (unpadded), ``tokens`` padded tokens a forward at
-        most, widths rounded up to ``multiple`` (``collate``)."""
+        """Output of the last frozen block for every example (unpadded). Rows are grouped by
+        :func:`length_groups` within ``tokens`` (rows × the longest row), then each group's width is rounded
+        up to ``multiple`` (``collate``): a forward may hold up to ``multiple - 1`` more tokens a row."""
         captured: dict[str, torch.Tensor] = {}
 
         def grab(module, args, output):
