@@ -57,6 +57,7 @@ def test_gradcheck_in_double(monkeypatch):
 
 def test_bf16_is_as_close_to_fp32_as_the_stock_head(monkeypatch):
     monkeypatch.setattr(head_loss, "CHUNK_HALF", 300)  # several chunks in bf16 too
+    monkeypatch.setattr(head_loss, "CHUNK_HALF_MAX", 300)
     head = _head(2000, 64)
     rows, targets = torch.randn(12, 64), torch.randint(0, 2000, (12,))
     reference, reference_grad = _loss_and_grad(_stock, rows.double(), head.double(), targets)
@@ -151,3 +152,9 @@ def test_the_estimate_counts_chunk_buffers_on_the_heap_only_under_the_mmap_thres
 
     assert heap_served_head(20, 49152, 2, chunked=True, transient=1234) == 1234
     assert heap_served_head(8192, 49152, 2, chunked=True, transient=1234) == 0  # 128 MiB chunks are mapped
+
+
+def test_bf16_chunks_shrink_as_the_labelled_rows_grow():
+    sizes = [head_loss.chunk_rows(2, rows) for rows in (1, 3, 12, 13, 48, 256, 4096)]
+    assert sizes == [32768, 32768, 32768, 16384, 8192, 4096, 4096]
+    assert head_loss.chunk_rows(4, 3) == head_loss.chunk_rows(4, 4096) == head_loss.CHUNK

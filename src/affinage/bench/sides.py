@@ -130,7 +130,9 @@ def affinage_side(
         def on_step(self, state, report):
             clock.step(report.tokens)
 
-    plan = BatchPlan.build(model, train_data, [], config, pad_id=tokenizer.pad_token_id, device=device)
+    plan = BatchPlan.build(
+        model, train_data, [], config, pad_id=tokenizer.pad_token_id, device=device, prefix_up_front=True
+    )
     history = History()
     state = TrainState(seconds=plan.setup_seconds)
     trim = [HeapTrim()] if device.type == "cpu" else []  # as the recipe does on a CPU

@@ -297,7 +297,7 @@ def heap_served_head(labels: int, vocab: int, element: int, chunked: bool, trans
     head's ``transient`` bytes when one chunk's fp32 logits are under the mmap threshold."""
     if not chunked:
         return heap_served(labels * vocab, element)
-    return transient if labels * head_loss.chunk_rows(element) * 4 < MMAP_THRESHOLD_MAX else 0
+    return transient if labels * head_loss.chunk_rows(element, labels) * 4 < MMAP_THRESHOLD_MAX else 0
 
 
 def stored_dtype(model_path: Path | str) -> str | None:

@@ -144,8 +144,9 @@ def _gated_class(cls: type) -> bool:
 
 @contextmanager
 def recompute_gated_activations(model: nn.Module) -> Iterator[int]:
-    """Within the block, the model's gated MLPs recompute their activation in backward; yields how many."""
-    patched = [module for module in model.modules() if _is_gated(module)]
+    """Within the block, the model's gated MLPs recompute their activation in backward; yields how many it
+    switched. An MLP whose ``forward`` is already its own (switched by an outer block) is left alone."""
+    patched = [module for module in model.modules() if "forward" not in module.__dict__ and _is_gated(module)]
     for module in patched:
         module.forward = types.MethodType(_forward, module)
     try:

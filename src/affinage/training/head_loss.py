@@ -4,9 +4,9 @@ Why: at labelled positions only (``losses.causal_lm_loss``) the head multiplies 
 whole vocabulary matrix (SmolLM2: 49,152 x 576, 113 MB in fp32), once in forward and once in
 backward. With few rows neither product is compute-bound, and on CPU MKL runs them far below the
 rate of reading the matrix: 3 rows took 23 ms forward + 14 ms backward, 2.2 % of a 4 x 512-token
-LoRA step at fp32, work the model FLOPs do not count. Here the matrix is read once, in chunks of
-:func:`chunk_rows` rows that stay in cache for both products: each chunk's logits, then the softmax
-numerators times the same chunk, accumulated with an online softmax (the running maximum rescales
+LoRA step at fp32, work the model FLOPs do not count. Here the matrix is walked once, in chunks of
+:func:`chunk_rows` rows (fewer as the rows grow): each chunk's logits, then the softmax numerators
+times the same chunk, from cache where it fits, accumulated with an online softmax (the running maximum rescales
 what came before, as in flash attention). Forward thus returns the loss and keeps the gradient of
 its input (rows x hidden) for backward, which only scales it; the rows x vocabulary logits are
 never materialised (400 MB for 2,048 labelled fp32 tokens on SmolLM2). Measured on 2 cores,
@@ -29,15 +29,23 @@ from affinage.models import contiguous_first_input
 from affinage.module_hooks import bypassable
 
 # Vocabulary rows per chunk, measured best on 2 cores at 3-1,024 labelled rows: fp32 1,024 (2.4 MB;
-# 512-8,192 tried), bf16 4,096 (4.7 MB; 1,024-8,192 tried, oneDNN's products amortise a larger chunk).
+# 512-8,192 tried). In bf16 the best chunk shrinks as the rows grow, at about HALF_LOGITS logits a
+# chunk: Gemma 3's 262,144 x 640 head, forward + backward, 12 rows 75 ms at 4,096 -> 58 ms at 32,768,
+# 48 rows 111 -> 99 ms at 8,192, 256 rows 365 ms at 4,096 (16,384: 398 ms); SmolLM2's 49,152 x 576,
+# 3 rows 15.6 -> 10.1 ms. oneDNN's products amortise a larger chunk; each chunk is ~15 small ops.
 CHUNK = 1024
-CHUNK_HALF = 4096  # for 2-byte dtypes
+CHUNK_HALF = 4096  # for 2-byte dtypes, the fewest rows a chunk has
+CHUNK_HALF_MAX = 32768  # and the most
+HALF_LOGITS = 393_216  # labelled rows x chunk rows, for 2-byte dtypes
 FEW_ROWS = 8  # fp32 below this many rows: a chunk's logits run faster as (W_c xᵀ)ᵀ than as x W_cᵀ (MKL)
 
 
-def chunk_rows(element: int) -> int:
-    """Vocabulary rows per chunk for weights of ``element`` bytes."""
-    return CHUNK if element >= 4 else CHUNK_HALF
+def chunk_rows(element: int, rows: int = 1) -> int:
+    """Vocabulary rows per chunk for weights of ``element`` bytes and ``rows`` labelled rows."""
+    if element >= 4:
+        return CHUNK
+    fitted = 1 << (max(HALF_LOGITS // max(rows, 1), 1).bit_length() - 1)  # a power of two
+    return max(CHUNK_HALF, min(fitted, CHUNK_HALF_MAX))
 
 
 def chunked_head_applies(head: nn.Module, hidden: torch.Tensor) -> bool:
@@ -71,7 +79,7 @@ def transient_bytes(rows: int, vocab: int, hidden: int, element: int, chunked: b
     gradient (two of ``hidden``)."""
     if not chunked:
         return rows * vocab * (element + (3 if gradient else 2) * 4)
-    return rows * (min(chunk_rows(element), vocab) * (element + 12) + (2 * hidden * 4 if gradient else 0))
+    return rows * (min(chunk_rows(element, rows), vocab) * (element + 12) + (2 * hidden * 4 if gradient else 0))
 
 
 def _chunk_logits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -106,7 +114,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         running_max = rows.new_full((count, 1), float("-inf"), dtype=wide)
         total = rows.new_zeros((count, 1), dtype=wide)  # Σ exp(logit - running_max)
         weighted = rows.new_zeros(rows.shape, dtype=wide) if want_grad else None  # Σ that · dlogit/dz · W_v
-        step = chunk_rows(weight.element_size())
+        step = chunk_rows(weight.element_size(), count)
         for start in range(0, weight.shape[0], step):
             chunk = weight[start : start + step]
             chunk_bias = None if bias is None else bias[start : start + step]

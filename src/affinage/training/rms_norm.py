@@ -109,8 +109,15 @@ def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def fused_rms_norms(model: nn.Module) -> Iterator[int]:
-    """Within the block, the model's recognised RMSNorms run :class:`_RMSNorm`; yields how many."""
-    patched = [(module, form) for module in model.modules() if (form := _form(module)) is not None]
+    """Within the block, the model's recognised RMSNorms run :class:`_RMSNorm`; yields how many it switched.
+
+    Norms already switched (the block nested in another, as the frozen-prefix pass within the loop) are
+    left to the outer block, which restores them."""
+    patched = [
+        (module, form)
+        for module in model.modules()
+        if "_rms_form" not in module.__dict__ and (form := _form(module)) is not None
+    ]
     for module, form in patched:
         module._rms_form = form
         module.forward = types.MethodType(_forward, module)
