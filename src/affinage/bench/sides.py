@@ -139,7 +139,7 @@ def affinage_side(
     run_plan(model, plan, optimizer, config, state=state, listeners=[history, Clocked(), *trim], device=device)
     seconds, tokens = clock.timed()
     return model, {
-        "seconds": seconds + plan.setup_seconds,  # the one-off frozen-prefix pass counts, as in the recipe
+        "seconds": seconds + plan.setup_seconds,  # the frozen-prefix pass, run up front here, counts
         "tokens": tokens,
         "losses": [r["loss"] for r in history.records if "loss" in r],
         "packed": plan.packed,

@@ -195,10 +195,10 @@ def fine_tune(
         shard_model(model, device)
     optimizer = lora_optimizer(model, cfg)
     plan = BatchPlan.build(model, train_data, valid_data, cfg, pad_id=pad_id, device=device, loss_fn=loss_fn)
-    # Restored after the plan is built: the frozen-prefix pass must not move the restored RNG.
+    # Restored after the plan is built. The frozen-prefix pass, inside the steps, draws nothing from the RNG
+    # (its blocks run without dropout), so a resumed run's windows, computed at other steps, change no draw.
     saved = _newest_checkpoint(paths.checkpoint_dir) if resume else None
     state = _resume(saved, plan, model, optimizer) if saved else TrainState()
-    state.seconds += plan.setup_seconds  # honest speed: the one-off frozen-prefix pass counts as training time
     history = History()
     adapter = BestAdapter(
         model,

@@ -19,7 +19,7 @@ class TrainState:
     step: int = 0  # optimizer steps done (skipped non-finite steps included): the schedule's position
     batches: int = 0  # micro-batches taken from the stream: where a resumed run picks it up
     tokens: int = 0  # real (non-padding) tokens trained on
-    seconds: float = 0.0  # time spent in training steps (and the one-off frozen-prefix pass)
+    seconds: float = 0.0  # time spent in training steps (the frozen-prefix pass runs inside them)
     best_loss: float | None = None  # validation loss of the best adapter
     best_step: int | None = None
     best_score: float | None = None  # task score of the best adapter, when one is computed
