@@ -104,7 +104,12 @@ def test_the_pass_inside_the_training_forms_leaves_them_switched_and_trained_blo
     assert all("forward" not in m.__dict__ for m in layers.modules())  # and the forms undone once, by the loop
 
 
-def test_the_plan_computes_states_as_batches_need_them_or_up_front(tokenizer):
+def test_the_plan_computes_states_as_batches_need_them_or_up_front(tokenizer, monkeypatch):
+    import functools
+
+    from affinage.training import plan
+
+    monkeypatch.setattr(plan, "prefix_windows", functools.partial(prefix_windows, tokens=60))  # several windows
     data = _data(tokenizer)
     cfg = TrainerConfig(max_steps=2, batch_size=2, cache_frozen_blocks=True, packing=False)
     model = _adapted(tiny_llama, tokenizer)
@@ -118,6 +123,7 @@ def test_the_plan_computes_states_as_batches_need_them_or_up_front(tokenizer):
     _, batch = next(lazy.batches())
     lazy.train_loss_fn(model, batch)
     computed = {i for i, state in enumerate(train_states.states) if state is not None}
+    assert len(train_states.windows) > 1 and set(batch["indices"].tolist()) <= set(train_states.windows[0])
     assert computed == set(train_states.windows[0]) and all(s is None for s in valid_states.states)
     up_front = BatchPlan.build(
         _adapted(tiny_llama, tokenizer), data, data[:3], cfg, pad_id=tokenizer.pad_token_id, prefix_up_front=True
