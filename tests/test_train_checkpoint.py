@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import random
@@ -14,7 +15,10 @@ import torch
 
 from affinage.config import TrainerConfig
 from affinage.errors import AffinageError, TrainingStopped
+from affinage.lora import inject_lora
 from affinage.training import BatchPlan, History, Listener, causal_lm_loss, checkpoint, lora_optimizer, run_plan, train
+from affinage.training import plan as plan_module
+from tests.conftest import tiny_llama
 from tests.test_train import TINY_RUN, _encoded, _train
 from tests.test_train_parts import _model
 
@@ -77,8 +81,12 @@ class Crash(Exception):
     pass
 
 
-def _run(tokenizer, run_dir, loss_fn=causal_lm_loss, **overrides):
+def _run(tokenizer, run_dir, loss_fn=causal_lm_loss, upper=False, **overrides):
     model = _model(tokenizer, dropout=0.1)  # dropout: the RNG state matters
+    if upper:  # LoRA on blocks 2-3 of 4: blocks 0-1 frozen, their states computed as batches need them
+        model = tiny_llama(len(tokenizer), seed=0, layers=4)
+        torch.manual_seed(0)
+        inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.1, layers=2)
     return _train(tokenizer, run_dir, model=model, base=EXACT, loss_fn=loss_fn, **overrides)
 
 
@@ -87,10 +95,15 @@ def _step_records(run_dir):
     return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records if "loss" in r]
 
 
-@pytest.mark.parametrize("how", ["crash", "signal"])
-def test_a_run_stopped_mid_epoch_resumes_exactly(tokenizer, tmp_path, how):
-    """Stopped after step 5 (not a validation, mid-epoch) then resumed: same losses for 6-10, same adapter."""
-    straight, _ = _run(tokenizer, tmp_path / "straight")
+@pytest.mark.parametrize("how, upper", [("crash", False), ("signal", False), ("crash", True)])
+def test_a_run_stopped_mid_epoch_resumes_exactly(tokenizer, tmp_path, monkeypatch, how, upper):
+    """Stopped after step 5 (not a validation, mid-epoch) then resumed: same losses for 6-10, same adapter.
+
+    ``upper``: the frozen-prefix states come in windows of ~2 batches, so the resumed run computes
+    its windows at other steps than the straight one (and the windows of steps 1-5 not at all)."""
+    monkeypatch.setattr(plan_module, "prefix_windows", functools.partial(plan_module.prefix_windows, tokens=60))
+    straight, straight_result = _run(tokenizer, tmp_path / "straight", upper=upper)
+    assert straight_result.frozen_prefix_cached == upper
     calls = {"n": 0}
 
     def stops(model, batch):
@@ -102,11 +115,11 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(tokenizer, tmp_path, how):
         return causal_lm_loss(model, batch)
 
     with pytest.raises(TrainingStopped if how == "signal" else Crash) as stopped:
-        _run(tokenizer, tmp_path / "resumed", loss_fn=stops)
+        _run(tokenizer, tmp_path / "resumed", loss_fn=stops, upper=upper)
     if how == "signal":
         assert stopped.value.exit_code == 128 + signal.SIGTERM and "SIGTERM after step 5" in str(stopped.value)
     assert checkpoint.latest(tmp_path / "resumed" / "checkpoint").name == "step-000005"
-    resumed, result = _run(tokenizer, tmp_path / "resumed")
+    resumed, result = _run(tokenizer, tmp_path / "resumed", upper=upper)
     assert result.steps == 10 and [r["step"] for r in result.history if "loss" in r] == list(range(1, 11))
     assert _step_records(tmp_path / "resumed") == _step_records(tmp_path / "straight")
     for key, tensor in _lora(straight).items():
