@@ -36,7 +36,7 @@ from affinage.training.rms_norm import fused_rms_norms
 # fuller forwards than training's. Batches of the trainer's batch size (4 on the email router) ran
 # ~400 small forwards, whose fixed cost per call dominated on CPU.
 PREFIX_TOKENS_PER_FORWARD = 4096
-# Rows computed at a time, in tokens: four full forwards. The router's 1,450 training emails took
+# Rows computed at a time, in tokens: four full forwards. 1,450 of the router's emails took
 # 23-26 s in windows of 16k tokens, 25 s in 32k, 27.5 s all at once and 29-30 s in 8k (whose
 # groups of similar lengths are fewer and more padded).
 PREFIX_TOKENS_AHEAD = 4 * PREFIX_TOKENS_PER_FORWARD
