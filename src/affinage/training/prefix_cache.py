@@ -28,9 +28,7 @@ from torch import nn
 from affinage.data.batching import collate
 from affinage.data.template import Encoded
 from affinage.runtime import machine_memory_bytes
-from affinage.training.block_attention import blockwise_causal_attention
-from affinage.training.gated_mlp import recompute_gated_activations
-from affinage.training.rms_norm import fused_rms_norms
+from affinage.training.loop import training_forms
 
 # The prefix pass keeps no activations (no gradient): a forward's memory is transient, so it runs
 # fuller forwards than training's. Batches of the trainer's batch size (4 on the email router) ran
@@ -122,22 +120,21 @@ class FrozenPrefix:
         handle = self.layers[self.boundary - 1].register_forward_hook(grab)
         cache: list[torch.Tensor] = [torch.empty(0)] * len(data)
         try:
-            # The training forms (fused norms, gated products, blockwise attention), as the uncached forward
-            # of a step runs them; each form leaves alone what a caller (the loop) has already switched.
-            with self._frozen_in_eval(), fused_rms_norms(self.model), recompute_gated_activations(self.model):
-                with blockwise_causal_attention(self.model):
-                    for chunk in length_groups([len(e.input_ids) for e in data], tokens):
-                        batch = collate([data[i] for i in chunk], pad_id, multiple=multiple)
-                        try:
-                            self.model.get_decoder()(
-                                input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device),
-                                use_cache=False,
-                            )
-                        except _Stop:
-                            pass
-                        for row, index in enumerate(chunk):
-                            cache[index] = captured["hidden"][row, : len(data[index].input_ids)].clone()
+            # The training forms, as the uncached forward of a step runs them; each form leaves alone what a
+            # caller (the loop, when the pass runs inside a step) has already switched.
+            with self._frozen_in_eval(), training_forms(self.model):
+                for chunk in length_groups([len(e.input_ids) for e in data], tokens):
+                    batch = collate([data[i] for i in chunk], pad_id, multiple=multiple)
+                    try:
+                        self.model.get_decoder()(
+                            input_ids=batch["input_ids"].to(device),
+                            attention_mask=batch["attention_mask"].to(device),
+                            use_cache=False,
+                        )
+                    except _Stop:
+                        pass
+                    for row, index in enumerate(chunk):
+                        cache[index] = captured["hidden"][row, : len(data[index].input_ids)].clone()
         finally:
             handle.remove()
         return cache
