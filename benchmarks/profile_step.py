@@ -23,6 +23,12 @@ budget's step time and ceiling fraction: the machine's drift falls on all of the
 
     python benchmarks/profile_step.py --seq-len 256 --batch 8 --profiled 0 --parts
     python benchmarks/profile_step.py --seq-len 256 --batch 8 --profiled 0 --steps 16 --budgets 512,2048
+
+``--products`` clocks every matrix product of the timed steps by kind (:mod:`product_clock`) and
+prints the fraction of the ceiling the step would reach were everything else free: the cap the
+products' own rate sets.
+
+    python benchmarks/profile_step.py --seq-len 256 --batch 8 --profiled 0 --dropout 0 --products
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 
+import product_clock
 import torch
 
 from affinage.bench.machine import flops_per_token, matmul_flops, model_shape
@@ -170,6 +177,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20, help="operators listed")
     parser.add_argument("--shapes", action="store_true", help="list operators by their input shapes too")
     parser.add_argument("--parts", action="store_true", help="time affinage's autograd nodes in the timed steps")
+    parser.add_argument("--products", action="store_true", help="clock every matrix product of the timed steps")
     parser.add_argument("--budgets", help="tokens per forward to alternate step by step, e.g. 512,2048")
     args = parser.parse_args()
 
@@ -205,26 +213,46 @@ def main() -> None:
     timed: list[tuple[float, float]] = []  # (seconds of a timed step, the ceiling measured right after it)
     parts: dict[str, float] = defaultdict(float)  # node -> seconds over the timed steps (--parts)
     step_parts: dict[str, float] = defaultdict(float)  # the same for the step running now
+    clock = product_clock.for_model(model) if args.products else None
+    products: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # kind -> [seconds, FLOPs] (--products)
 
     class Profiled(Listener):
         def on_step(self, state, report):
+            step_products = {kind: list(total) for kind, total in clock.totals.items()} if clock else {}
             if 1 < state.step <= 1 + args.steps:
+                for kind, (seconds, flops) in step_products.items():
+                    products[kind][0] += seconds
+                    products[kind][1] += flops
                 # The machine's rate drifts by ±10 % over minutes here (shared cores): each step is
                 # set against a ceiling measured next to it, not one measured once.
                 timed.append((report.seconds, matmul_flops(dtype)))
                 for name, seconds in step_parts.items():
                     parts[name] += seconds
             step_parts.clear()
+            if clock:
+                clock.totals.clear()  # the ceiling's product just measured included
+                clock.on = state.step < 1 + args.steps
             if state.step == 1 + args.steps and args.profiled:
                 profiler.start()
 
-    with timed_nodes(step_parts) if args.parts else contextlib.nullcontext():
+    with contextlib.ExitStack() as scopes:
+        if args.parts:
+            scopes.enter_context(timed_nodes(step_parts))
+        if clock:
+            scopes.enter_context(clock)
+            scopes.enter_context(product_clock.in_backward(clock, NODES))
         run_plan(model, plan, lora_optimizer(model, cfg), cfg, state=TrainState(), listeners=[Profiled()])
     if args.profiled:
         profiler.stop()
     print(f"{heading}: {summary(timed, tokens, shape, args.seq_len)}")
     if args.parts:
         print_parts(parts, sum(s for s, _ in timed) / len(timed), len(timed))
+    if args.products:
+        step_seconds = sum(s for s, _ in timed) / len(timed)
+        ceiling = statistics.median(c for _, c in timed)
+        model_flops = tokens * flops_per_token(shape, args.seq_len)
+        expected = 4 * shape["linear_weights"] * tokens
+        print(product_clock.report(products, len(timed), step_seconds, model_flops, ceiling, expected))
     if not args.profiled:
         return
     events = profiler.key_averages(group_by_input_shape=args.shapes)
