@@ -128,3 +128,44 @@ def test_alternate_budgets_switches_the_token_budget_every_step(tokenizer):
     assert rows_per_forward == [1, 1, 1, 1, 4, 1, 1, 1, 1, 4, 1, 1, 1, 1]  # steps 1-5: 16, 64, 16, 64, 16
     assert {budget: len(steps) for budget, steps in timed.items()} == {16: 2, 64: 2}  # the first step a warm-up
     assert all(seconds > 0 and ceiling > 0 for steps in timed.values() for seconds, ceiling in steps)
+
+
+def test_product_clock_sorts_products_by_kind_and_counts_their_flops():
+    import product_clock
+    import torch
+    import torch.nn.functional as F
+
+    decoder, head = torch.randn(12, 8), torch.randn(20, 8)
+    factor_a = torch.randn(4, 8, requires_grad=True)
+    x = torch.randn(5, 8, requires_grad=True)
+    clock = product_clock.ProductClock([decoder], [head])
+
+    class Doubled(torch.autograd.Function):  # a node whose backward runs a product, as affinage's do
+        @staticmethod
+        def forward(ctx, rows):
+            return F.linear(rows, decoder)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad @ decoder
+
+    original = vars(Doubled)["backward"]
+    with clock, product_clock.in_backward(clock, [Doubled]):
+        F.linear(x, decoder)  # clock off: not counted
+        clock.on = True
+        F.linear(x, decoder.t().contiguous().t())  # another storage than the decoder's own: not a decoder product
+        F.linear(x, decoder[:6])  # a view of the decoder's weight is still the decoder's
+        x @ head.t()
+        torch.bmm(x[None], factor_a.t()[None])
+        torch.zeros(5, 4).addmm_(x, factor_a.t())
+        Doubled.apply(x).sum().backward()
+    assert vars(Doubled)["backward"] is original  # put back
+    totals = {kind: (round(seconds > 0), flops) for kind, (seconds, flops) in clock.totals.items()}
+    assert totals == {
+        "decoder linears": (1, 2 * 5 * 6 * 8 + 2 * (2 * 5 * 12 * 8)),  # the view, Doubled's forward and backward
+        "head": (1, 2 * 5 * 20 * 8),
+        "attention": (1, 2 * 5 * 4 * 8),  # batched: 3-D
+        "LoRA factors and the rest": (1, 2 * 5 * 12 * 8 + 2 * 5 * 4 * 8),  # the copy, then addmm_'s factors
+    }
+    text = product_clock.report(clock.totals, 1, 1.0, model_flops=1e3, ceiling=1e12, expected_decoder_flops=2400)
+    assert "decoder linears seen: 100.0% of their model FLOPs" in text
