@@ -218,9 +218,8 @@ def main() -> None:
 
     class Profiled(Listener):
         def on_step(self, state, report):
-            step_products = {kind: list(total) for kind, total in clock.totals.items()} if clock else {}
             if 1 < state.step <= 1 + args.steps:
-                for kind, (seconds, flops) in step_products.items():
+                for kind, (seconds, flops) in clock.totals.items() if clock else ():
                     products[kind][0] += seconds
                     products[kind][1] += flops
                 # The machine's rate drifts by ±10 % over minutes here (shared cores): each step is
@@ -245,10 +244,10 @@ def main() -> None:
     if args.profiled:
         profiler.stop()
     print(f"{heading}: {summary(timed, tokens, shape, args.seq_len)}")
+    step_seconds = sum(s for s, _ in timed) / len(timed)
     if args.parts:
-        print_parts(parts, sum(s for s, _ in timed) / len(timed), len(timed))
+        print_parts(parts, step_seconds, len(timed))
     if args.products:
-        step_seconds = sum(s for s, _ in timed) / len(timed)
         ceiling = statistics.median(c for _, c in timed)
         model_flops = tokens * flops_per_token(shape, args.seq_len)
         expected = 4 * shape["linear_weights"] * tokens
